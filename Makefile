@@ -1,0 +1,34 @@
+# ViRefSAM for QGIS. Two commands do everything on a fresh Debian 12 machine:
+#   make demo   - set up, then segment the bundled sample rasters from the bundled reference
+#   make test   - set up, then run the test suite against real QGIS, real rasters and the real embedded SAM
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+OUT ?= out
+export QT_QPA_PLATFORM ?= offscreen
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup test demo bench qgis screenshot train eval clean
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) -m core demo --out $(OUT)/demo
+
+bench: setup
+	$(PY) -m core bench --out $(OUT)/bench
+
+# The real QGIS desktop with this checkout loaded as the plugin `virefsam` (needs a screen).
+qgis: setup
+	@bash scripts/qgis.sh
+
+# The same under Xvfb; saves a PNG of the QGIS main window with the ViRefSAM dock open.
+screenshot: setup
+	@bash scripts/qgis.sh --screenshot $(OUT)/screenshot.png
+
+clean:
+	rm -rf $(OUT) .pytest_cache

