@@ -1,0 +1,162 @@
+"""Episode readers and sampling: synthetic folders for the rules, the shared data for the real layouts."""
+
+import itertools
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.errors import InputError
+from core.training import episodes as E
+
+
+@pytest.fixture()
+def tiny(tmp_path, monkeypatch):
+    """8 images 40x40; class 1 large in images 0-5, small (20 px) in image 6; class 2 in images 4-7;
+    value 9 marks unlabelled pixels (ignored)."""
+    monkeypatch.setenv("VIREFSAM_HOME", str(tmp_path / "cache"))
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    items = []
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        img = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+        lab = np.zeros((40, 40), np.uint8)
+        if i < 6:
+            lab[:20, :20] = 1
+        if i == 6:
+            lab[0, :20] = 1
+        if i >= 4:
+            lab[25:, 25:] = 2
+        lab[39, 0] = 9
+        Image.fromarray(img).save(root / "images" / f"{i}.png")
+        Image.fromarray(lab).save(root / "masks" / f"{i}.png")
+        items.append(E.Item(f"images/{i}.png", root / "images" / f"{i}.png", root / "masks" / f"{i}.png"))
+    return E.SegDataset("tiny", root, items, {1: "one", 2: "two"}, ignore_ids=(9,), folds=((1,), (2,)),
+                        min_pixels=100)
+
+
+def test_min_pixels_and_counts(tiny):
+    assert tiny.images_with(1) == [0, 1, 2, 3, 4, 5]
+    assert tiny.images_with(1, min_pixels=1) == [0, 1, 2, 3, 4, 5, 6]
+    assert tiny.images_with(2) == [4, 5, 6, 7]
+    assert tiny.pixel_counts()[6].tolist() == [20, 225]
+
+
+def test_episodes_are_deterministic_and_valid(tiny):
+    a = E.sample_episodes(tiny, n=10, shots=2, seed=3)
+    b = E.sample_episodes(tiny, n=10, shots=2, seed=3)
+    c = E.sample_episodes(tiny, n=10, shots=2, seed=4)
+    assert a == b and a != c
+    assert E.episodes_sha256(a) == E.episodes_sha256(b)
+    for ep in a:
+        assert ep.query not in ep.support and len(set(ep.support)) == 2
+        assert set(ep.support) | {ep.query} <= set(tiny.images_with(ep.class_id))
+    # balanced: 10 per class; queries run through permutations (6 eligible images of class 1: each once first)
+    ones = [e for e in a if e.class_id == 1]
+    assert len(ones) == 10 and sorted(e.query for e in ones[:6]) == [0, 1, 2, 3, 4, 5]
+    # one class's episodes do not depend on which other classes are sampled
+    only1 = E.sample_episodes(tiny, classes=[1], n=10, shots=2, seed=3)
+    assert only1 == ones
+    assert E.sample_episodes(tiny, classes=["two"], n=3) == E.sample_episodes(tiny, classes=[2], n=3)
+
+
+def test_fold_protocol_and_training_stream(tiny):
+    eps = E.sample_episodes(tiny, classes=[1, 2], n=25, per_class=False, seed=1)
+    assert len(eps) == 25 and {e.class_id for e in eps} == {1, 2}
+    stream = list(itertools.islice(E.iter_episodes(tiny, tiny.base_classes(1), seed=5), 12))
+    assert all(e.class_id == 1 for e in stream)
+    resumed = list(itertools.islice(E.iter_episodes(tiny, [1], seed=5, start=7), 5))
+    assert resumed == stream[7:12]
+    assert tiny.novel_classes(0) == [1] and tiny.base_classes(0) == [2]
+    assert tiny.novel_classes(None) == [1, 2] and tiny.base_classes(None) == []
+    with pytest.raises(InputError):
+        tiny.novel_classes(2)
+
+
+def test_too_few_images_is_a_clear_error(tiny):
+    with pytest.raises(InputError, match="needs 7"):
+        E.sample_episodes(tiny, classes=[1], n=2, shots=6)
+
+
+def test_load_episode_types_and_ignore(tiny):
+    ep = E.sample_episodes(tiny, classes=[2], n=1)[0]
+    data = E.load_episode(tiny, ep)
+    assert data.query_image.dtype == np.uint8 and data.query_image.shape == (40, 40, 3)
+    assert data.query_mask.dtype == bool and data.query_mask.sum() == 225
+    assert data.support_masks[0].dtype == bool
+    assert data.query_ignore is not None and data.query_ignore.sum() == 1
+    (img, mask), = data.references
+    assert img.shape == (40, 40, 3) and mask.shape == (40, 40)
+    assert E.Episode.from_dict(ep.to_dict()) == ep
+
+
+def test_rgb_palette_masks(tmp_path):
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[0, 0] = E.ISAID_PALETTE[14]
+    rgb[1, 1] = (1, 2, 3)  # not in the palette -> ignored
+    Image.fromarray(rgb).save(tmp_path / "m.png")
+    lab = E.read_label(tmp_path / "m.png", E.ISAID_PALETTE)
+    assert lab[0, 0] == 14 and lab[1, 1] == E.IGNORE and lab[2, 2] == 0
+    with pytest.raises(InputError):
+        E.read_label(tmp_path / "m.png")
+
+
+def test_isaid_and_loveda_layouts(tmp_path):
+    img = np.zeros((8, 8, 3), np.uint8)
+    lab = np.zeros((8, 8), np.uint8)
+    lab[:4] = 3
+    d = tmp_path / "iSAID" / "val"
+    (d / "images").mkdir(parents=True)
+    (d / "semantic_png").mkdir()
+    Image.fromarray(img).save(d / "images" / "P1_0_8_0_8.png")
+    Image.fromarray(lab).save(d / "semantic_png" / "P1_0_8_0_8_instance_color_RGB.png")
+    ds = E.open_dataset(tmp_path / "iSAID")
+    assert ds.name == "isaid_val" and len(ds) == 1 and ds.folds == E.ISAID_FOLDS
+    assert ds.class_mask(0, 3)[0].sum() == 32
+    d = tmp_path / "LoveDA" / "Val" / "Rural"
+    (d / "images_png").mkdir(parents=True)
+    (d / "masks_png").mkdir()
+    Image.fromarray(img).save(d / "images_png" / "5.png")
+    Image.fromarray(lab).save(d / "masks_png" / "5.png")
+    ds = E.open_dataset(tmp_path / "LoveDA", split="val")
+    assert ds.name == "loveda_val" and ds.novel_classes(0) == [2, 3, 4]
+    m, ign = ds.class_mask(0, 3)
+    assert m.sum() == 32 and ign.sum() == 32  # value 0 = no-data is ignored
+
+
+# --- the shared data -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,n,classes", [
+    ("nwpu_vhr10_dev", 412, [4, 5, 6, 7, 8, 9]),
+    ("dubai_landcover", 72, [1, 2, 3, 4, 5]),
+    ("oam_buildings", 48, [1]),
+    ("spacenet_atlanta", 9, [1]),
+    ("swiss_trees", 4, [1]),
+])
+def test_shared_datasets(shared_data, name, n, classes):
+    ds = E.open_dataset(shared_data / name)
+    assert len(ds) == n and list(ds.classes) == classes
+    ep = E.sample_episodes(ds, classes=[classes[0]], n=2, seed=0)[1]
+    data = E.load_episode(ds, ep)
+    assert data.query_image.dtype == np.uint8 and data.query_image.ndim == 3 and data.query_image.shape[2] == 3
+    assert data.query_mask.dtype == bool and data.query_mask.sum() >= ds.min_pixels
+    assert data.query_mask.shape == data.query_image.shape[:2]
+
+
+def test_nwpu_folds_partition_the_classes(shared_data):
+    ds = E.open_dataset(shared_data / "nwpu_vhr10_dev")
+    novel = [c for f in range(3) for c in ds.novel_classes(f)]
+    assert sorted(novel) == [4, 5, 6, 7, 8, 9]
+    assert ds.base_classes(2) == [4, 5, 6, 7]
+    eps = E.sample_episodes(ds, classes=ds.novel_classes(2), n=40, seed=0)
+    assert len(eps) == 80 and E.episodes_sha256(eps) == E.episodes_sha256(
+        E.sample_episodes(ds, classes=[8, 9], n=40, seed=0))
+
+
+def test_dubai_unlabelled_is_ignored(shared_data):
+    ds = E.open_dataset(shared_data / "dubai_landcover")
+    i = ds.images_with(1)[0]
+    m, ign = ds.class_mask(i, 1)
+    assert ign is not None and not (m & ign).any()
