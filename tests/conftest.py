@@ -34,3 +34,93 @@ def engine(embedded_sam):
     from core.modeling.engine import SamEngine
 
     return SamEngine(embedded_sam, device="cpu", precision="fp32")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# QGIS: one real QgsApplication (offscreen) per session, a real iface substitute, the plugin importable as
+# `virefsam`, Processing initialised. Used by tests/test_plugin_*.py, test_ui_*.py, test_processing*.py.
+# ---------------------------------------------------------------------------------------------------------------
+QGIS_PYTHON_PLUGINS = "/usr/share/qgis/python/plugins"  # Debian's Processing (and other core plugins)
+_QGIS_SESSION = {}
+
+
+@pytest.fixture(scope="session")
+def qgis_app(tmp_path_factory):
+    """The session's QgsApplication (GUI enabled, offscreen), with settings and profile in a temp folder."""
+    from qgis.core import QgsApplication
+    from qgis.PyQt.QtCore import QCoreApplication, QSettings
+
+    if "app" in _QGIS_SESSION:
+        return _QGIS_SESSION["app"]
+    base = tmp_path_factory.mktemp("qgis")
+    for fmt in (QSettings.NativeFormat, QSettings.IniFormat):
+        QSettings.setPath(fmt, QSettings.UserScope, str(base / "settings"))
+    QCoreApplication.setOrganizationName("ViRefSAM-tests")
+    QCoreApplication.setOrganizationDomain("tests.virefsam.invalid")
+    QCoreApplication.setApplicationName("QGIS3-tests")
+    app = QgsApplication([], True, str(base / "profile"))
+    app.initQgis()
+    _QGIS_SESSION["app"] = app  # kept alive until the process exits (exitQgis at exit tends to crash)
+    return app
+
+
+@pytest.fixture(scope="session")
+def qapp(qgis_app):
+    """pytest-qt's application fixture: the QgsApplication above."""
+    return qgis_app
+
+
+@pytest.fixture(scope="session")
+def plugin_parent(tmp_path_factory):
+    """A plugin folder holding `virefsam` -> the repository root (QGIS imports the plugin by folder name)."""
+    folder = tmp_path_factory.mktemp("plugins")
+    (folder / "virefsam").symlink_to(ROOT, target_is_directory=True)
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def qgis_iface(qgis_app, plugin_parent):
+    """A real-widget QgisInterface substitute (tests/qgis_iface.py), also set as qgis.utils.iface."""
+    import qgis.utils
+
+    from qgis_iface import RealWidgetIface
+
+    if "iface" not in _QGIS_SESSION:
+        _QGIS_SESSION["iface"] = RealWidgetIface()
+        _QGIS_SESSION["iface"].mainWindow().show()  # as in QGIS: docks and the canvas are really visible
+    iface = _QGIS_SESSION["iface"]
+    qgis.utils.iface = iface
+    return iface
+
+
+@pytest.fixture
+def qgis_project(qgis_iface):
+    """An empty QgsProject.instance() for the test; cleared again afterwards."""
+    from qgis.core import QgsProject
+
+    project = QgsProject.instance()
+    project.clear()
+    yield project
+    project.clear()
+    qgis_iface.message_bar.clearWidgets()
+
+
+@pytest.fixture(scope="session")
+def qgis_processing(qgis_app):
+    """QGIS Processing initialised (native + Python providers), as in the desktop."""
+    if QGIS_PYTHON_PLUGINS not in sys.path:
+        sys.path.append(QGIS_PYTHON_PLUGINS)
+    from processing.core.Processing import Processing
+
+    Processing.initialize()
+    return Processing
+
+
+@pytest.fixture(scope="session")
+def virefsam_pkg(plugin_parent):
+    """The plugin package imported under its QGIS name (``virefsam.ui...``, ``virefsam.core...``)."""
+    import importlib
+
+    return importlib.import_module("virefsam")

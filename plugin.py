@@ -1,0 +1,104 @@
+"""The QGIS plugin object: a toolbar button and a Raster-menu entry that toggle the ViRefSAM dock, and the
+Processing provider.
+
+``unload()`` takes away everything ``initGui()`` added (actions, menu entry, dock, map tools, rubber bands,
+provider, message-bar item), so loading and unloading repeatedly leaves QGIS as it was. A missing Python
+dependency (torch, segment_anything, ...) does not stop the plugin from loading: it is reported once in the
+message bar with the pip command that installs it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from qgis.core import Qgis, QgsApplication
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtGui import QIcon
+from qgis.PyQt.QtWidgets import QAction
+
+from .ui.deps import install_message, missing_dependencies
+
+PLUGIN_DIR = os.path.dirname(os.path.abspath(__file__))
+ICON = os.path.join(PLUGIN_DIR, "resources", "icon.svg")
+MENU = "&ViRefSAM"
+
+
+class ViRefSamPlugin:
+    def __init__(self, iface) -> None:
+        self.iface = iface
+        self.action = None
+        self.dock = None
+        self.provider = None
+        self.dependency_message = None
+        self.missing = []
+
+    # -- Processing (also called alone by qgis_process) ---------------------------------------------------------
+    def initProcessing(self) -> None:  # noqa: N802 (QGIS's name)
+        if self.provider is None:
+            from .ui.processing_provider import ViRefSamProvider
+
+            self.provider = ViRefSamProvider()
+            QgsApplication.processingRegistry().addProvider(self.provider)
+
+    # -- GUI ----------------------------------------------------------------------------------------------------
+    def initGui(self) -> None:  # noqa: N802
+        self.initProcessing()
+        self.action = QAction(QIcon(ICON), "ViRefSAM", self.iface.mainWindow())
+        self.action.setObjectName("virefsam_toggle_dock")
+        self.action.setToolTip("ViRefSAM: segment every object of a class from one marked example")
+        self.action.setCheckable(True)
+        self.action.toggled.connect(self.toggle_dock)
+        self.iface.addToolBarIcon(self.action)
+        self.iface.addPluginToRasterMenu(MENU, self.action)
+
+        self.missing = missing_dependencies()
+        if self.missing:
+            bar = self.iface.messageBar()
+            self.dependency_message = bar.createMessage("ViRefSAM", install_message(self.missing))
+            self.dependency_message.setLevel(Qgis.Warning)
+            bar.pushItem(self.dependency_message)
+
+    def toggle_dock(self, checked: bool) -> None:
+        if checked and self.dock is None:
+            from .ui.dock import ViRefSamDock
+
+            self.dock = ViRefSamDock(self.iface)
+            self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
+            self.dock.visibilityChanged.connect(self._dock_visibility_changed)
+        if self.dock is not None:
+            self.dock.setVisible(checked)
+            if checked:
+                self.dock.raise_()
+
+    def _dock_visibility_changed(self, visible: bool) -> None:
+        if self.action is not None and self.action.isChecked() != visible:
+            self.action.blockSignals(True)
+            self.action.setChecked(visible)
+            self.action.blockSignals(False)
+
+    def unload(self) -> None:
+        if self.dock is not None:
+            try:
+                self.dock.visibilityChanged.disconnect(self._dock_visibility_changed)
+            except (TypeError, RuntimeError):
+                pass
+            self.dock.shutdown()
+            self.iface.removeDockWidget(self.dock)
+            self.dock.setParent(None)
+            self.dock.deleteLater()
+            self.dock = None
+        if self.action is not None:
+            self.iface.removePluginRasterMenu(MENU, self.action)
+            self.iface.removeToolBarIcon(self.action)
+            self.action.setParent(None)
+            self.action.deleteLater()
+            self.action = None
+        if self.dependency_message is not None:
+            try:
+                self.iface.messageBar().popWidget(self.dependency_message)
+            except RuntimeError:  # already closed by the user (the C++ item is gone)
+                pass
+            self.dependency_message = None
+        if self.provider is not None:
+            QgsApplication.processingRegistry().removeProvider(self.provider)
+            self.provider = None

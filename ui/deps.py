@@ -1,0 +1,62 @@
+"""Which Python packages the engine needs, and the one sentence that says how to install the missing ones.
+
+Checked without importing (``importlib.util.find_spec``) so that QGIS starts fast; a package that is present
+but broken is reported when a run imports it (see :func:`describe_import_error`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import List, Tuple
+
+# (module imported by the engine, name on PyPI)
+REQUIRED: Tuple[Tuple[str, str], ...] = (
+    ("numpy", "numpy<2"),
+    ("torch", "torch"),
+    ("torchvision", "torchvision"),
+    ("segment_anything", "segment-anything"),
+    ("mobile_sam", "mobilesam-mirror"),
+    ("timm", "timm"),
+    ("rasterio", "rasterio"),
+    ("shapely", "shapely"),
+)
+
+PIP_NAME = dict(REQUIRED)
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules[module] is None or has no __spec__
+        return False
+
+
+def missing_dependencies() -> List[str]:
+    """The modules in :data:`REQUIRED` that cannot be imported, in order."""
+    return [module for module, _ in REQUIRED if not _importable(module)]
+
+
+def pip_command(modules: List[str]) -> str:
+    """``python3 -m pip install ...`` for the given modules (run it in the Python that QGIS uses)."""
+    names = [PIP_NAME.get(m, m) for m in modules]
+    return "python3 -m pip install " + " ".join(f'"{n}"' if "<" in n or ">" in n else n for n in names)
+
+
+def install_message(modules: List[str]) -> str:
+    """One sentence for the message bar: what is missing and the pip command that installs it."""
+    return (
+        f"ViRefSAM needs the Python package(s) {', '.join(modules)}, which QGIS's Python cannot import: install "
+        f"them with `{pip_command(modules)}` (on Windows in the OSGeo4W Shell), then restart QGIS."
+    )
+
+
+def describe_import_error(exc: ImportError) -> str:
+    """The install sentence for an ImportError raised while a run imported the engine."""
+    name = getattr(exc, "name", None) or ""
+    top = name.split(".")[0]
+    if top in PIP_NAME:
+        return install_message([top])
+    missing = missing_dependencies()
+    if missing:
+        return install_message(missing)
+    return f"ViRefSAM could not import a Python package it needs ({exc}); reinstall it with pip and restart QGIS."

@@ -1,0 +1,337 @@
+"""Processing provider ``virefsam`` with the algorithm ``virefsam:segment_from_reference``.
+
+"Segment rasters from a reference" takes a reference raster, a polygon or line layer that marks the class on
+it (selected features only, if the user asks), optional background marks, any number of target rasters, and
+writes the polygons found to one feature sink (memory, GeoPackage, Shapefile, ... chosen by Processing), in the
+CRS of the first target raster. It runs from the toolbox, the model designer, batch mode and ``qgis_process``;
+the engine runs in Processing's worker thread and only sees plain strings (paths, WKT).
+"""
+
+from __future__ import annotations
+
+import os
+
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsFeature,
+    QgsFeatureSink,
+    QgsGeometry,
+    QgsProcessing,
+    QgsProcessingAlgorithm,
+    QgsProcessingException,
+    QgsProcessingOutputNumber,
+    QgsProcessingParameterBoolean,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterFeatureSink,
+    QgsProcessingParameterFeatureSource,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterMultipleLayers,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterString,
+    QgsProcessingProvider,
+    QgsWkbTypes,
+)
+from qgis.PyQt.QtGui import QIcon
+
+from .deps import describe_import_error, install_message, missing_dependencies
+from .references import crs_string, raster_path, web_layer_reason
+
+ICON = os.path.join(os.path.dirname(os.path.dirname(__file__)), "resources", "icon.svg")
+
+MODEL_VALUES = ("embedded", "vit_t", "vit_b", "vit_l", "vit_h")
+MODEL_LABELS = (
+    "Embedded SAM (default, no download)",
+    "MobileSAM checkpoint (vit_t)",
+    "SAM ViT-B checkpoint (vit_b)",
+    "SAM ViT-L checkpoint (vit_l)",
+    "SAM ViT-H checkpoint (vit_h)",
+)
+MODE_VALUES = ("virefsam", "training_free")
+MODE_LABELS = ("ViRefSAM (VCP + DTA adapters)", "Training-free")
+DEVICE_VALUES = ("auto", "cpu", "cuda")
+DEVICE_LABELS = ("Automatic (CUDA if available)", "CPU", "CUDA GPU")
+
+
+class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
+    REFERENCE_RASTER = "REFERENCE_RASTER"
+    REFERENCE_VECTOR = "REFERENCE_VECTOR"
+    BACKGROUND_VECTOR = "BACKGROUND_VECTOR"
+    TARGETS = "TARGETS"
+    CLASS_NAME = "CLASS_NAME"
+    MODEL = "MODEL"
+    CHECKPOINT = "CHECKPOINT"
+    MODE = "MODE"
+    DEVICE = "DEVICE"
+    TILE_SIZE = "TILE_SIZE"
+    OVERLAP = "OVERLAP"
+    THRESHOLD = "THRESHOLD"
+    MIN_AREA = "MIN_AREA"
+    SIMPLIFY = "SIMPLIFY"
+    FILL_HOLES = "FILL_HOLES"
+    OUTPUT = "OUTPUT"
+    N_OBJECTS = "N_OBJECTS"
+
+    # -- identity -----------------------------------------------------------------------------------------------
+    def name(self) -> str:
+        return "segment_from_reference"
+
+    def displayName(self) -> str:
+        return "Segment rasters from a reference"
+
+    def group(self) -> str:
+        return ""
+
+    def groupId(self) -> str:
+        return ""
+
+    def icon(self) -> QIcon:
+        return QIcon(ICON)
+
+    def shortHelpString(self) -> str:
+        return (
+            "Finds every object of one class in the target rasters from one marked example (or a few).\n\n"
+            "Reference raster: the raster on which the example is marked. Reference marks: polygons (outlines) "
+            "or lines (scribbles) on one example of the class; use 'Selected features only' to take a few. "
+            "Background marks (optional): lines or polygons over things that are not the class.\n"
+            "Target rasters: searched tile by tile after resampling to the reference's resolution.\n"
+            "Model: the embedded SAM needs no download; vit_t/vit_b/vit_l/vit_h need their checkpoint file. "
+            "Mode ViRefSAM uses the trained VCP + DTA adapters, Training-free uses SAM alone.\n"
+            "Output: polygons with class_name, score, area, source raster, reference id and model, in the CRS of "
+            "the first target raster.\n\n"
+            "Needs the Python packages torch, segment-anything, mobilesam-mirror and timm: "
+            "python3 -m pip install torch torchvision segment-anything mobilesam-mirror timm"
+        )
+
+    def createInstance(self):
+        return SegmentFromReferenceAlgorithm()
+
+    # -- parameters ---------------------------------------------------------------------------------------------
+    def initAlgorithm(self, config=None) -> None:
+        self.addParameter(QgsProcessingParameterRasterLayer(self.REFERENCE_RASTER, "Reference raster"))
+        self.addParameter(
+            QgsProcessingParameterFeatureSource(
+                self.REFERENCE_VECTOR,
+                "Reference marks (polygons or lines on one example of the class)",
+                [QgsProcessing.TypeVectorPolygon, QgsProcessing.TypeVectorLine],
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterFeatureSource(
+                self.BACKGROUND_VECTOR,
+                "Background marks (not the class)",
+                [QgsProcessing.TypeVectorPolygon, QgsProcessing.TypeVectorLine],
+                optional=True,
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterMultipleLayers(self.TARGETS, "Target rasters", QgsProcessing.TypeRaster)
+        )
+        self.addParameter(QgsProcessingParameterString(self.CLASS_NAME, "Class name", defaultValue="building"))
+        self.addParameter(QgsProcessingParameterEnum(self.MODEL, "Model", options=list(MODEL_LABELS), defaultValue=0))
+        self.addParameter(
+            QgsProcessingParameterFile(
+                self.CHECKPOINT,
+                "SAM checkpoint (for vit_t / vit_b / vit_l / vit_h)",
+                behavior=QgsProcessingParameterFile.File,
+                fileFilter="PyTorch checkpoint (*.pth *.pt)",
+                optional=True,
+            )
+        )
+        self.addParameter(QgsProcessingParameterEnum(self.MODE, "Mode", options=list(MODE_LABELS), defaultValue=0))
+        advanced = [
+            QgsProcessingParameterEnum(self.DEVICE, "Device", options=list(DEVICE_LABELS), defaultValue=0),
+            QgsProcessingParameterNumber(
+                self.TILE_SIZE, "Tile size (pixels)", QgsProcessingParameterNumber.Integer, 1024, minValue=64
+            ),
+            QgsProcessingParameterNumber(
+                self.OVERLAP, "Tile overlap (pixels)", QgsProcessingParameterNumber.Integer, 128, minValue=0
+            ),
+            QgsProcessingParameterNumber(
+                self.THRESHOLD, "Probability threshold", QgsProcessingParameterNumber.Double, 0.5,
+                minValue=0.01, maxValue=0.99,
+            ),
+            QgsProcessingParameterNumber(
+                self.MIN_AREA, "Minimum area (pixels²)", QgsProcessingParameterNumber.Double, 16.0, minValue=0
+            ),
+            QgsProcessingParameterNumber(
+                self.SIMPLIFY, "Simplification tolerance (pixels)", QgsProcessingParameterNumber.Double, 1.0,
+                minValue=0,
+            ),
+            QgsProcessingParameterBoolean(self.FILL_HOLES, "Fill holes", defaultValue=True),
+        ]
+        for p in advanced:
+            p.setFlags(p.flags() | p.FlagAdvanced)
+            self.addParameter(p)
+        self.addParameter(
+            QgsProcessingParameterFeatureSink(self.OUTPUT, "Objects found", QgsProcessing.TypeVectorPolygon)
+        )
+        self.addOutput(QgsProcessingOutputNumber(self.N_OBJECTS, "Number of objects found"))
+
+    # -- run ----------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _marks(source):
+        if source is None:
+            return ()
+        out = []
+        for f in source.getFeatures():
+            g = f.geometry()
+            if g.isNull() or g.isEmpty() or g.type() not in (QgsWkbTypes.PolygonGeometry, QgsWkbTypes.LineGeometry):
+                continue
+            out.append(g.asWkt())
+        return tuple(out)
+
+    def build_params(self, parameters, context):
+        """The engine's RunParams from the algorithm's parameters (all copied to plain values)."""
+        from ..core.errors import VirefsamError
+        from ..core.params import ModelParams, ReferenceSpec, RunParams
+
+        ref_layer = self.parameterAsRasterLayer(parameters, self.REFERENCE_RASTER, context)
+        if ref_layer is None:
+            raise QgsProcessingException("The reference raster could not be opened.")
+        ref_path = raster_path(ref_layer)
+        if ref_path is None:
+            raise QgsProcessingException(web_layer_reason(ref_layer))
+        fg_source = self.parameterAsSource(parameters, self.REFERENCE_VECTOR, context)
+        if fg_source is None:
+            raise QgsProcessingException("The reference marks layer could not be opened.")
+        foreground = self._marks(fg_source)
+        if not foreground:
+            raise QgsProcessingException(
+                "The reference marks layer has no polygon or line (or none is selected): mark one example first."
+            )
+        bg_source = self.parameterAsSource(parameters, self.BACKGROUND_VECTOR, context)
+        background = self._marks(bg_source)
+        if bg_source is not None and background and bg_source.sourceCrs() != fg_source.sourceCrs():
+            # one ReferenceSpec has one CRS: bring the background marks into the foreground's CRS
+            ct = QgsCoordinateTransform(bg_source.sourceCrs(), fg_source.sourceCrs(), context.transformContext())
+            moved = []
+            for wkt in background:
+                g = QgsGeometry.fromWkt(wkt)
+                g.transform(ct)
+                moved.append(g.asWkt())
+            background = tuple(moved)
+
+        targets = []
+        for layer in self.parameterAsLayerList(parameters, self.TARGETS, context):
+            path = raster_path(layer)
+            if path is None:
+                raise QgsProcessingException(web_layer_reason(layer) or f"{layer.name()} is not a raster file.")
+            targets.append(path)
+        model_name = MODEL_VALUES[self.parameterAsEnum(parameters, self.MODEL, context)]
+        checkpoint = self.parameterAsFile(parameters, self.CHECKPOINT, context) or None
+        if model_name != "embedded" and not checkpoint:
+            raise QgsProcessingException(f"Choose the checkpoint file of {model_name}, or use the embedded model.")
+        mode = MODE_VALUES[self.parameterAsEnum(parameters, self.MODE, context)]
+        try:
+            return RunParams(
+                class_name=self.parameterAsString(parameters, self.CLASS_NAME, context).strip() or "object",
+                references=(
+                    ReferenceSpec(
+                        raster=ref_path,
+                        foreground=foreground,
+                        background=background,
+                        crs=crs_string(fg_source.sourceCrs()),
+                        ref_id="ref1",
+                    ),
+                ),
+                targets=tuple(dict.fromkeys(targets)),
+                model=ModelParams(
+                    name=model_name,
+                    checkpoint=checkpoint if model_name != "embedded" else None,
+                    adapters="default" if mode == "virefsam" else None,
+                    device=DEVICE_VALUES[self.parameterAsEnum(parameters, self.DEVICE, context)],
+                ),
+                mode=mode,
+                tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context),
+                overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
+                threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),
+                min_area=self.parameterAsDouble(parameters, self.MIN_AREA, context),
+                simplify=self.parameterAsDouble(parameters, self.SIMPLIFY, context),
+                fill_holes=self.parameterAsBool(parameters, self.FILL_HOLES, context),
+            )
+        except VirefsamError as exc:
+            raise QgsProcessingException(str(exc)) from None
+
+    def processAlgorithm(self, parameters, context, feedback):
+        missing = missing_dependencies()
+        if missing:
+            raise QgsProcessingException(install_message(missing))
+        params = self.build_params(parameters, context)
+        first_target_crs = self.parameterAsLayerList(parameters, self.TARGETS, context)[0].crs()
+
+        try:
+            from ..core import pipeline
+            from ..core.errors import CancelledError, VirefsamError
+        except ImportError as exc:
+            raise QgsProcessingException(describe_import_error(exc)) from None
+
+        def progress(fraction, message=""):
+            feedback.setProgress(max(0.0, min(100.0, 100.0 * float(fraction))))
+            if message:
+                feedback.setProgressText(message)
+
+        try:
+            result = pipeline.run(params, progress=progress, is_cancelled=feedback.isCanceled)
+        except CancelledError as exc:
+            raise QgsProcessingException(str(exc)) from None
+        except VirefsamError as exc:
+            raise QgsProcessingException(str(exc)) from None
+        except ImportError as exc:
+            raise QgsProcessingException(describe_import_error(exc)) from None
+
+        from .result_layers import result_fields
+        from ..core.results import FIELDS
+
+        processed = [t for t in result.targets if t.skipped is None]
+        crs = first_target_crs
+        if processed and processed[0].crs_wkt:
+            crs = QgsCoordinateReferenceSystem.fromWkt(processed[0].crs_wkt)
+        fields = result_fields()
+        sink, dest_id = self.parameterAsSink(parameters, self.OUTPUT, context, fields, QgsWkbTypes.MultiPolygon, crs)
+        if sink is None:
+            raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT))
+        names = [n for n, _ in FIELDS]
+        n = 0
+        for target in result.targets:
+            if target.skipped:
+                feedback.pushInfo(f"{os.path.basename(target.raster)} skipped: {target.skipped}")
+                continue
+            tcrs = QgsCoordinateReferenceSystem.fromWkt(target.crs_wkt) if target.crs_wkt else crs
+            ct = None
+            if tcrs.isValid() and crs.isValid() and tcrs != crs:
+                ct = QgsCoordinateTransform(tcrs, crs, context.transformContext())
+            for feat in target.features:
+                if feedback.isCanceled():
+                    break
+                g = QgsGeometry.fromWkt(feat.geometry.wkt)
+                if g.isNull() or g.isEmpty():
+                    continue
+                if ct is not None:
+                    g.transform(ct)
+                g.convertToMultiType()
+                f = QgsFeature(fields)
+                f.setGeometry(g)
+                f.setAttributes([feat.attributes.get(name) for name in names])
+                sink.addFeature(f, QgsFeatureSink.FastInsert)
+                n += 1
+        feedback.pushInfo(result.summary())
+        return {self.OUTPUT: dest_id, self.N_OBJECTS: n}
+
+
+class ViRefSamProvider(QgsProcessingProvider):
+    def id(self) -> str:
+        return "virefsam"
+
+    def name(self) -> str:
+        return "ViRefSAM"
+
+    def longName(self) -> str:
+        return "ViRefSAM: reference-guided segmentation with SAM"
+
+    def icon(self) -> QIcon:
+        return QIcon(ICON)
+
+    def loadAlgorithms(self) -> None:
+        self.addAlgorithm(SegmentFromReferenceAlgorithm())

@@ -1,0 +1,126 @@
+"""Result layers: one memory layer per target raster, grouped under the class name in the layer tree.
+
+Created in the main thread from a :class:`core.results.RunResult` (shapely polygons + attribute dicts, CRS as
+WKT). Fields follow :data:`core.results.FIELDS`; the style is a semi-transparent fill in a colour derived from
+the class name, so two classes are told apart at a glance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import List, Optional
+
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsFeature,
+    QgsField,
+    QgsFields,
+    QgsFillSymbol,
+    QgsGeometry,
+    QgsLayerTreeGroup,
+    QgsProject,
+    QgsSingleSymbolRenderer,
+    QgsVectorLayer,
+)
+from qgis.PyQt.QtCore import QVariant
+from qgis.PyQt.QtGui import QColor
+
+# set on every result layer, so that the dock (export) can find them again
+RESULT_PROPERTY = "virefsam/result"
+SOURCE_PROPERTY = "virefsam/source"
+
+_QVARIANT = {str: QVariant.String, float: QVariant.Double, int: QVariant.LongLong, bool: QVariant.Bool}
+
+
+def class_color(class_name: str) -> QColor:
+    h = int(hashlib.sha1(class_name.encode("utf-8")).hexdigest()[:6], 16)
+    return QColor.fromHsv(h % 360, 200, 235)
+
+
+def result_fields() -> QgsFields:
+    from ..core.results import FIELDS
+
+    fields = QgsFields()
+    for name, typ in FIELDS:
+        fields.append(QgsField(name, _QVARIANT.get(typ, QVariant.String)))
+    return fields
+
+
+def style_layer(layer: QgsVectorLayer, class_name: str) -> None:
+    c = class_color(class_name)
+    symbol = QgsFillSymbol.createSimple(
+        {
+            "color": f"{c.red()},{c.green()},{c.blue()},90",
+            "outline_color": f"{c.red()},{c.green()},{c.blue()},255",
+            "outline_width": "0.5",
+            "outline_style": "solid",
+        }
+    )
+    layer.setRenderer(QgsSingleSymbolRenderer(symbol))
+
+
+def result_group(class_name: str, project: Optional[QgsProject] = None) -> QgsLayerTreeGroup:
+    project = project or QgsProject.instance()
+    root = project.layerTreeRoot()
+    group = root.findGroup(class_name)
+    if group is None:
+        group = root.insertGroup(0, class_name)
+    return group
+
+
+def layer_for_target(target, class_name: str) -> QgsVectorLayer:
+    """A memory layer holding one TargetResult's polygons."""
+    from ..core.results import FIELDS
+
+    crs = QgsCoordinateReferenceSystem.fromWkt(target.crs_wkt) if target.crs_wkt else QgsCoordinateReferenceSystem()
+    if not crs.isValid() and target.crs_wkt:
+        crs = QgsCoordinateReferenceSystem(target.crs_wkt)  # an authority string
+    stem = os.path.splitext(os.path.basename(target.raster))[0]
+    layer = QgsVectorLayer("MultiPolygon", f"{class_name} - {stem}", "memory")
+    layer.setCrs(crs)
+    provider = layer.dataProvider()
+    provider.addAttributes(result_fields().toList())
+    layer.updateFields()
+    features = []
+    names = [n for n, _ in FIELDS]
+    for feat in target.features:
+        geom = QgsGeometry.fromWkt(feat.geometry.wkt)
+        if geom.isNull() or geom.isEmpty():
+            continue
+        geom.convertToMultiType()
+        f = QgsFeature(layer.fields())
+        f.setGeometry(geom)
+        f.setAttributes([feat.attributes.get(n) for n in names])
+        features.append(f)
+    provider.addFeatures(features)
+    layer.updateExtents()
+    layer.setCustomProperty(RESULT_PROPERTY, class_name)
+    layer.setCustomProperty(SOURCE_PROPERTY, target.raster)
+    style_layer(layer, class_name)
+    return layer
+
+
+def add_result_layers(result, project: Optional[QgsProject] = None) -> List[QgsVectorLayer]:
+    """Memory layers for every processed target of ``result``, added to the project under the class name."""
+    project = project or QgsProject.instance()
+    class_name = result.params.class_name
+    layers = [layer_for_target(t, class_name) for t in result.targets if t.skipped is None]
+    if not layers:
+        return []
+    group = result_group(class_name, project)
+    for layer in layers:
+        project.addMapLayer(layer, False)
+        group.addLayer(layer)
+    return layers
+
+
+def result_layers(project: Optional[QgsProject] = None) -> List[QgsVectorLayer]:
+    """Every ViRefSAM result layer in the project, in layer-tree order."""
+    project = project or QgsProject.instance()
+    out = []
+    for node in project.layerTreeRoot().findLayers():
+        layer = node.layer()
+        if isinstance(layer, QgsVectorLayer) and layer.customProperty(RESULT_PROPERTY):
+            out.append(layer)
+    return out

@@ -1,0 +1,45 @@
+"""The dock's choices, kept between QGIS sessions in QgsSettings under ``virefsam/``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qgis.core import QgsSettings
+
+PREFIX = "virefsam/"
+
+# key -> (default, type)
+DEFAULTS = {
+    "class_name": ("building", str),
+    "model": ("embedded", str),
+    "checkpoint": ("", str),
+    "mode": ("virefsam", str),
+    "device": ("auto", str),
+    "tile_size": (1024, int),
+    "overlap": (128, int),
+    "threshold": (0.5, float),
+    "min_area": (16.0, float),
+    "simplify": (1.0, float),
+    "output_to_file": (False, bool),
+    "output_path": ("", str),
+    "include_reference": (True, bool),
+    "export_dir": ("", str),
+}
+
+
+def get(key: str) -> Any:
+    default, typ = DEFAULTS[key]
+    value = QgsSettings().value(PREFIX + key, default, type=typ)
+    return typ(value) if value is not None else default
+
+
+def set(key: str, value: Any) -> None:  # noqa: A001 (module namespace: settings.set)
+    if key not in DEFAULTS:
+        raise KeyError(key)
+    QgsSettings().setValue(PREFIX + key, value)
+
+
+def reset() -> None:
+    """Forget every ViRefSAM setting (used by tests)."""
+    s = QgsSettings()
+    s.remove(PREFIX.rstrip("/"))
