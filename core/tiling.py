@@ -42,14 +42,18 @@ class Tile:
     out_shape: Tuple[int, int]
 
 
-def _starts(length: int, size: int, step: int) -> List[int]:
-    """Start offsets of windows of ``size`` along ``length``: every ``step``, the last one flush with the end."""
+def _starts(length: int, size: int, overlap: int) -> List[int]:
+    """Start offsets of windows of ``size`` along ``length``, overlapping by at least ``overlap``.
+
+    The first window starts at 0, the last one is flush with the end, and the ones between are spread evenly, so
+    the extra overlap is shared by all tiles instead of piling up in the last one. As few windows as a regular
+    step of ``size - overlap`` with a flush last window would need.
+    """
     if length <= size:
         return [0]
-    starts = list(range(0, length - size + 1, step))
-    if starts[-1] + size < length:
-        starts.append(length - size)
-    return starts
+    n = int(math.ceil((length - overlap) / float(size - overlap)))
+    n = max(n, 2)
+    return [int(round(i * (length - size) / (n - 1))) for i in range(n)]
 
 
 class TileGrid:
@@ -57,8 +61,9 @@ class TileGrid:
 
     tile_size, overlap: in tile pixels (the model's input size); ``0 <= overlap < tile_size / 2``.
     scale: target pixels per tile pixel (> 0). Windows are ``round(tile_size * scale)`` target pixels a side and
-    step by ``window - round(overlap * scale)``; the last row and column of tiles are flush with the raster's
-    edge; a raster smaller than one window gives one smaller tile (``out_shape`` then smaller than tile_size).
+    overlap by at least ``round(overlap * scale)``; the first and last rows and columns of tiles are flush with
+    the raster's edges and the ones between evenly spread; a raster smaller than one window gives one smaller
+    tile (``out_shape`` then smaller than tile_size).
     """
 
     def __init__(self, width: int, height: int, tile_size: int = 1024, overlap: int = 128, scale: float = 1.0):
@@ -72,9 +77,8 @@ class TileGrid:
         self.tile_size, self.overlap, self.scale = int(tile_size), int(overlap), float(scale)
         self.window_size = max(1, int(round(tile_size * scale)))
         self.overlap_px = min(int(round(overlap * scale)), (self.window_size - 1) // 2)
-        step = max(1, self.window_size - self.overlap_px)
-        cols = _starts(self.width, self.window_size, step)
-        rows = _starts(self.height, self.window_size, step)
+        cols = _starts(self.width, self.window_size, self.overlap_px)
+        rows = _starts(self.height, self.window_size, self.overlap_px)
         self.n_rows, self.n_cols = len(rows), len(cols)
         tiles = []
         for i, r in enumerate(rows):

@@ -1,0 +1,418 @@
+"""Reference geometries (WKT in any CRS) -> a reference crop and its masks on the reference raster's grid.
+
+``build_reference(spec)`` reads the reference raster around the marked objects and returns a
+:class:`Reference`: the crop (H x W x 3 uint8), the foreground mask, the background-marked mask, the crop's
+window, transform, CRS and ground pixel size.
+
+The crop: a square of ``crop_size`` pixels (default 1024, the model's input and tile size; the pipeline passes
+its ``tile_size``) at the raster's native resolution, centred on the foreground marks and shifted to stay inside
+the raster (a raster smaller than that gives the whole raster). Taking a crop of the tile size at native
+resolution means objects appear to the model at the same scale in the reference as in target tiles (which are
+resampled to the reference's ground resolution). When the marks plus ``margin`` pixels of context on each side
+do not fit in ``crop_size`` native pixels, the crop is enlarged to fit them and downsampled to ``crop_size``
+(``Reference.downsample`` > 1, and ``pixel_size`` grows accordingly, so targets are resampled to match).
+
+Geometries:
+
+* polygons (foreground or background) are rasterised as drawn (pixel centres inside; a polygon smaller than a
+  pixel centre gets the pixels it touches);
+* lines (scribbles) and points (clicks) are sparse. With ``densify`` (a callable
+  ``densify(image HxWx3 uint8, fg_points Nx2, bg_points Mx2) -> HxW bool`` given by the model layer, points as
+  ``(x, y)`` crop pixel coordinates), it is called once per foreground scribble with points sampled along it
+  (:func:`sample_points_along`) and with the points of every background mark, and the masks are united, together
+  with the pixels the scribbles touch. Without ``densify`` (or when it returns an empty mask), scribbles are
+  buffered by ``line_width`` pixels;
+* background lines are always buffered by ``line_width`` pixels; background pixels are removed from the
+  foreground, and so are the raster's nodata pixels.
+
+CRS: ``spec.crs`` empty = the raster's CRS (for a raster without georeferencing: its pixel coordinates, x =
+column, y = row); otherwise any WKT or authority string (``EPSG:4326``), transformed to the raster's CRS.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+from rasterio import Affine
+from rasterio.features import rasterize
+from rasterio.windows import Window
+from shapely import affinity, wkt
+from shapely.errors import ShapelyError
+from shapely.geometry import (
+    GeometryCollection,
+    LinearRing,
+    LineString,
+    MultiLineString,
+    MultiPoint,
+    MultiPolygon,
+    Point,
+    Polygon,
+    box,
+)
+
+from .errors import InputError
+from .params import ReferenceSpec
+from .raster import RasterSource, ground_pixel_size
+
+Densify = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+POINT_SPACING = 24.0  # crop pixels between points sampled along a scribble for densify
+MAX_POINTS_PER_SCRIBBLE = 16
+
+
+@dataclass
+class Reference:
+    """A reference crop and its masks.
+
+    image:      H x W x 3 uint8, the crop (H, W <= crop_size).
+    mask:       H x W bool, the foreground (the class), nodata and background marks removed.
+    background: H x W bool, pixels marked as background.
+    valid:      H x W bool, pixels with data.
+    window:     the crop in reference raster pixels (native resolution).
+    transform:  affine transform of the crop's pixels (map coordinates of the raster's CRS).
+    crs:        the raster's CRS (rasterio CRS) or None.
+    res:        (x, y) map units per crop pixel.
+    pixel_size: (x, y) ground metres per crop pixel at the crop's centre, or None without a usable CRS: what
+                target tiles are resampled to (``tiling.resolution_scale``).
+    downsample: native raster pixels per crop pixel (1.0 unless the marks did not fit in crop_size).
+    kind:       "polygon", "scribble" or "mixed" (foreground marks).
+    densified:  whether ``densify`` produced (part of) the foreground.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    background: np.ndarray
+    valid: np.ndarray
+    window: Window
+    transform: Affine
+    crs: object
+    res: Tuple[float, float]
+    pixel_size: Optional[Tuple[float, float]]
+    downsample: float
+    raster: str
+    ref_id: str
+    kind: str
+    densified: bool = False
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return self.mask.shape
+
+
+# -- geometry helpers -------------------------------------------------------------------------------------------
+def _flatten(g) -> List:
+    """Polygons, lines and points of any geometry (collections and multi-geometries exploded, empties dropped)."""
+    if g is None or g.is_empty:
+        return []
+    if isinstance(g, (MultiPolygon, MultiLineString, MultiPoint, GeometryCollection)):
+        out = []
+        for part in g.geoms:
+            out.extend(_flatten(part))
+        return out
+    if isinstance(g, LinearRing):
+        return [LineString(g.coords)]
+    if isinstance(g, (Polygon, LineString, Point)):
+        return [g]
+    return []
+
+
+def _lines_of(geoms) -> List:
+    return [g for g in geoms if isinstance(g, (LineString, Point))]
+
+
+def _polys_of(geoms) -> List:
+    return [g for g in geoms if isinstance(g, Polygon)]
+
+
+def sample_points_along(lines, n: int) -> np.ndarray:
+    """``n`` points spread evenly along ``lines`` (a geometry or a list: LineStrings, MultiLineStrings, rings,
+    polygon outlines; Points count as themselves). Returns an ``n x 2`` float64 array of ``(x, y)`` in the
+    lines' coordinates.
+
+    Every line gets at least one point when ``n`` >= the number of lines (otherwise the ``n`` longest get one);
+    the rest are shared in proportion to length, each line's points at the centres of equal pieces.
+    """
+    if hasattr(lines, "geom_type"):
+        lines = [lines]
+    parts = []
+    for g in lines:
+        for p in _flatten(g):
+            parts.append(LineString(p.exterior.coords) if isinstance(p, Polygon) else p)
+    n = int(n)
+    if n <= 0 or not parts:
+        return np.zeros((0, 2), np.float64)
+    lengths = np.array([p.length if isinstance(p, LineString) else 0.0 for p in parts])
+    order = np.argsort(-lengths, kind="stable")
+    counts = np.zeros(len(parts), int)
+    if n < len(parts):
+        counts[order[:n]] = 1
+    else:
+        counts[:] = 1
+        rest = n - len(parts)
+        total = lengths.sum()
+        if rest and total > 0:
+            share = rest * lengths / total
+            extra = np.floor(share).astype(int)
+            left = rest - extra.sum()
+            frac_order = np.argsort(-(share - extra), kind="stable")
+            extra[frac_order[:left]] += 1
+            counts += extra
+        elif rest:
+            counts[order[0]] += rest
+    pts = []
+    for p, k in zip(parts, counts):
+        if k == 0:
+            continue
+        if isinstance(p, Point) or p.length == 0:
+            xy = p.coords[0]
+            pts.extend([xy[:2]] * k)
+        else:
+            for j in range(k):
+                q = p.interpolate((j + 0.5) / k * p.length)
+                pts.append((q.x, q.y))
+    return np.asarray(pts, dtype=np.float64).reshape(-1, 2)
+
+
+def _parse(wkts: Sequence[str], ref_id: str, what: str) -> List:
+    out = []
+    for i, text in enumerate(wkts):
+        if text is None or not str(text).strip():
+            continue
+        try:
+            g = wkt.loads(str(text))
+        except (ShapelyError, ValueError, TypeError, AttributeError, IndexError) as e:  # noqa: F841
+            snippet = str(text).strip()
+            snippet = snippet if len(snippet) <= 60 else snippet[:57] + "..."
+            raise InputError(
+                f"The {what} geometry {i + 1} of reference '{ref_id}' is not valid WKT: '{snippet}'."
+            ) from None
+        parts = _flatten(g)
+        if not g.is_empty and not parts:
+            raise InputError(
+                f"The {what} geometry {i + 1} of reference '{ref_id}' is a {g.geom_type}; draw polygons, "
+                "lines or points."
+            )
+        out.extend(parts)
+    return out
+
+
+def _transformer(spec_crs: str, src: RasterSource, ref_id: str):
+    """A function (x, y) -> (x, y) from the geometries' CRS to the raster's, or None when they are the same."""
+    if not spec_crs or not spec_crs.strip():
+        return None
+    import pyproj
+
+    try:
+        gcrs = pyproj.CRS.from_user_input(spec_crs.strip())
+    except pyproj.exceptions.CRSError:
+        raise InputError(
+            f"The CRS '{spec_crs}' of reference '{ref_id}' is not a known coordinate reference system."
+        ) from None
+    if src.crs is None:
+        raise InputError(
+            f"The reference raster '{os.path.basename(src.path)}' has no CRS, so geometries in "
+            f"'{gcrs.to_string()}' cannot be placed on it; leave the CRS empty to give raster coordinates."
+        )
+    rcrs = pyproj.CRS.from_wkt(src.crs.to_wkt())
+    if gcrs == rcrs:
+        return None
+    try:
+        return pyproj.Transformer.from_crs(gcrs, rcrs, always_xy=True)
+    except pyproj.exceptions.ProjError:
+        raise InputError(
+            f"The geometries of reference '{ref_id}' are in '{gcrs.to_string()}', which cannot be transformed to "
+            f"the raster's CRS '{rcrs.to_string()}'."
+        ) from None
+
+
+def _apply(tr, geoms: List, ref_id: str, crs_name: str, raster_crs: str) -> List:
+    from shapely.ops import transform as shp_transform
+
+    out = []
+    for g in geoms:
+        try:
+            t = shp_transform(tr.transform, g)
+        except Exception:  # noqa: BLE001 - pyproj errors of many kinds
+            t = None
+        ok = t is not None and not t.is_empty and all(math.isfinite(v) for v in t.bounds)
+        if not ok:
+            raise InputError(
+                f"A geometry of reference '{ref_id}' cannot be transformed from '{crs_name}' to the raster's CRS "
+                f"'{raster_crs}' (check the CRS of the geometries)."
+            )
+        out.append(t)
+    return out
+
+
+# -- the reference ----------------------------------------------------------------------------------------------
+def _crop_window(bbox, width: int, height: int, crop_size: int, margin: int) -> Tuple[Window, float]:
+    """A square window (native pixels) around ``bbox`` and the downsampling factor to fit it in crop_size."""
+    minx, miny, maxx, maxy = bbox
+    need = max(maxx - minx, maxy - miny) + 2 * margin
+    f = max(1.0, need / crop_size)
+    side = int(math.ceil(crop_size * f - 1e-9))
+    cx, cy = (minx + maxx) / 2.0, (miny + maxy) / 2.0
+
+    def place(center: float, length: int) -> Tuple[int, int]:
+        size = min(side, length)
+        start = int(round(center - size / 2.0))
+        start = min(max(0, start), length - size)
+        return start, size
+
+    c0, w = place(cx, width)
+    r0, h = place(cy, height)
+    return Window(c0, r0, w, h), f
+
+
+def _rasterize(geoms, shape, all_touched=False) -> np.ndarray:
+    if not geoms:
+        return np.zeros(shape, bool)
+    return rasterize([(g, 1) for g in geoms], out_shape=shape, fill=0, dtype="uint8",
+                     all_touched=all_touched).astype(bool)
+
+
+def _polygon_mask(polys, shape) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    for p in polys:
+        pm = _rasterize([p], shape)
+        if not pm.any():  # thinner than a pixel centre: take what it touches
+            pm = _rasterize([p], shape, all_touched=True)
+        m |= pm
+    return m
+
+
+def _buffered(lines, shape, width: float) -> np.ndarray:
+    if not lines:
+        return np.zeros(shape, bool)
+    return _rasterize([g.buffer(max(0.5, width)) for g in lines], shape, all_touched=True)
+
+
+def _n_points(g) -> int:
+    if isinstance(g, Point):
+        return 1
+    return int(min(MAX_POINTS_PER_SCRIBBLE, max(2, round(g.length / POINT_SPACING))))
+
+
+def _points_of(geoms) -> np.ndarray:
+    pts = [sample_points_along(g, _n_points(g)) for g in geoms]
+    return np.concatenate(pts) if pts else np.zeros((0, 2), np.float64)
+
+
+def build_reference(
+    spec: ReferenceSpec,
+    densify: Optional[Densify] = None,
+    margin: int = 32,
+    crop_size: int = 1024,
+    line_width: float = 3.0,
+    bands: Optional[Sequence[int]] = None,
+) -> Reference:
+    """Build the reference crop and masks for ``spec`` (see the module docstring).
+
+    margin:     minimum context in native pixels kept around the foreground marks.
+    crop_size:  side of the crop in pixels (the model's tile size).
+    line_width: buffer radius in crop pixels for scribbles (without densify) and background lines.
+    bands:      band choice for the reference raster (as RasterSource).
+    Raises InputError for: no geometry, only background marks, unparsable WKT, an unknown or untransformable CRS,
+    geometries outside the raster, and marks that cover no valid pixel.
+    """
+    ref_id = spec.ref_id
+    fg = _parse(spec.foreground, ref_id, "foreground")
+    bg = _parse(spec.background, ref_id, "background")
+    if not fg:
+        if bg:
+            raise InputError(
+                f"Reference '{ref_id}' has only background marks; mark at least one example of the class itself."
+            )
+        raise InputError(
+            f"Reference '{ref_id}' has no geometry; draw at least one polygon or scribble on an example of the class."
+        )
+    with RasterSource(spec.raster, bands=bands) as src:
+        name = os.path.basename(src.path)
+        tr = _transformer(spec.crs, src, ref_id)
+        if tr is not None:
+            raster_crs = src.crs.to_string()
+            fg = _apply(tr, fg, ref_id, spec.crs, raster_crs)
+            bg = _apply(tr, bg, ref_id, spec.crs, raster_crs)
+        # to native pixel coordinates, clipped to the raster
+        inv = ~src.transform
+        to_px = [inv.a, inv.b, inv.d, inv.e, inv.c, inv.f]
+        frame = box(0, 0, src.width, src.height)
+
+        def clip(geoms):
+            out = []
+            for g in geoms:
+                p = affinity.affine_transform(g, to_px)
+                if isinstance(p, Point):
+                    if frame.covers(p):
+                        out.append(p)
+                    continue
+                p = p.intersection(frame) if not frame.covers(p) else p
+                out.extend(q for q in _flatten(p) if type(q) is type(g) or isinstance(g, LineString))
+            return out
+
+        fg_px, bg_px = clip(fg), clip(bg)
+        fg_px = [g for g in fg_px if not (isinstance(g, Polygon) and g.area == 0)]
+        if not fg_px:
+            raise InputError(
+                f"The foreground marks of reference '{ref_id}' lie outside the raster '{name}'; check that they "
+                "were drawn on this raster and that their CRS is right."
+            )
+        minx = min(g.bounds[0] for g in fg_px)
+        miny = min(g.bounds[1] for g in fg_px)
+        maxx = max(g.bounds[2] for g in fg_px)
+        maxy = max(g.bounds[3] for g in fg_px)
+        window, f = _crop_window((minx, miny, maxx, maxy), src.width, src.height, int(crop_size), int(margin))
+        out_shape = (max(1, int(round(window.height / f))), max(1, int(round(window.width / f))))
+        image, valid = src.read_rgb8(window, out_shape=out_shape)
+        transform = src.window_transform(window, out_shape)
+        sx, sy = out_shape[1] / window.width, out_shape[0] / window.height
+        to_crop = [sx, 0, 0, sy, -window.col_off * sx, -window.row_off * sy]
+        fg_c = [affinity.affine_transform(g, to_crop) for g in fg_px]
+        bg_c = [affinity.affine_transform(g, to_crop) for g in bg_px]
+        shape = out_shape
+        crs = src.crs
+        res = (abs(transform.a), abs(transform.e))
+        pixel_size = ground_pixel_size(crs, transform, out_shape[1], out_shape[0]) if crs is not None else None
+
+    fg_polys, fg_lines = _polys_of(fg_c), _lines_of(fg_c)
+    bg_polys, bg_lines = _polys_of(bg_c), _lines_of(bg_c)
+    background = _polygon_mask(bg_polys, shape) | _buffered(bg_lines, shape, line_width)
+    mask = _polygon_mask(fg_polys, shape)
+    densified = False
+    if fg_lines:
+        line_px = _rasterize([g for g in fg_lines if not isinstance(g, Point)], shape, all_touched=True)
+        line_px |= _rasterize([g.buffer(0.5) for g in fg_lines if isinstance(g, Point)], shape, all_touched=True)
+        dense = np.zeros(shape, bool)
+        if densify is not None:
+            bg_pts = _points_of(bg_lines + [p.representative_point() for p in bg_polys])
+            for g in fg_lines:
+                pts = _points_of([g])
+                inside = (pts[:, 0] >= 0) & (pts[:, 0] < shape[1]) & (pts[:, 1] >= 0) & (pts[:, 1] < shape[0])
+                if not inside.any():
+                    continue
+                m = np.asarray(densify(image, pts[inside], bg_pts))
+                if m.shape != tuple(shape):
+                    raise ValueError(f"densify returned a mask of shape {m.shape}, expected {tuple(shape)}")
+                dense |= m.astype(bool)
+        if dense.any():
+            densified = True
+            mask |= dense | line_px
+        else:
+            mask |= _buffered(fg_lines, shape, line_width) | line_px
+    mask &= ~background
+    mask &= valid
+    if not mask.any():
+        raise InputError(
+            f"The foreground marks of reference '{ref_id}' cover no valid pixel of '{name}' (nodata, or all "
+            "covered by background marks)."
+        )
+    kind = "mixed" if (fg_polys and fg_lines) else ("polygon" if fg_polys else "scribble")
+    return Reference(
+        image=image, mask=mask, background=background & valid, valid=valid, window=window, transform=transform,
+        crs=crs, res=res, pixel_size=pixel_size, downsample=f, raster=spec.raster, ref_id=ref_id, kind=kind,
+        densified=densified,
+    )
