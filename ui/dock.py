@@ -525,7 +525,7 @@ class ViRefSamDock(QgsDockWidget):
             self.overlay.clear_mask()
             return
         try:
-            geometry, self.mask_pixels = mask_geometry(ref.to_spec())
+            geometry, self.mask_pixels = mask_geometry(ref.to_spec(), crop_size=self.tile_spin.value())
         except ImportError:
             self.mask_error = "The mask preview needs the engine's reference module (core.reference)."
             self.overlay.clear_mask()
@@ -557,10 +557,7 @@ class ViRefSamDock(QgsDockWidget):
             previous[item.data(Qt.UserRole)] = item.checkState()
         self.target_list.clear()
         ref_ids = self._reference_layer_ids()
-        for node in self.project.layerTreeRoot().findLayers():
-            layer = node.layer()
-            if not isinstance(layer, QgsRasterLayer):
-                continue
+        for layer in self._project_rasters():
             item = QListWidgetItem(layer.name())
             item.setData(Qt.UserRole, layer.id())
             reason = web_layer_reason(layer)
@@ -576,6 +573,13 @@ class ViRefSamDock(QgsDockWidget):
                 item.setCheckState(previous.get(layer.id(), default))
                 item.setToolTip(raster_path(layer) or layer.source())
             self.target_list.addItem(item)
+
+    def _project_rasters(self) -> List[QgsRasterLayer]:
+        """Raster layers in layer-tree order, then any not (yet) in the tree (layersAdded comes first)."""
+        ordered = [n.layer() for n in self.project.layerTreeRoot().findLayers()]
+        seen = {lay.id() for lay in ordered if lay is not None}
+        ordered += [lay for lid, lay in self.project.mapLayers().items() if lid not in seen]
+        return [lay for lay in ordered if isinstance(lay, QgsRasterLayer)]
 
     def _reference_layer_ids(self) -> set:
         ids = {r.layer_id for r in self.references.references if r.layer_id}

@@ -19,7 +19,7 @@ from .map_tools import mark_color
 MASK_COLOR = QColor(255, 214, 0)
 
 
-def mask_geometry(spec, densify=None):
+def mask_geometry(spec, densify=None, crop_size=1024):
     """The dense reference mask of a ReferenceSpec as (QgsGeometry in the raster's CRS, n_pixels).
 
     Uses the engine's ``build_reference`` (same code as a run), then vectorises the mask on its grid.
@@ -33,7 +33,7 @@ def mask_geometry(spec, densify=None):
 
     from ..core.reference import build_reference
 
-    ref = build_reference(spec, densify=densify)
+    ref = build_reference(spec, densify=densify, crop_size=crop_size)
     mask = np.asarray(ref.mask, dtype=bool)
     if not mask.any():
         return QgsGeometry(), 0
