@@ -1,0 +1,219 @@
+"""SamEngine: a frozen SAM on a device and precision, split into preprocess / encode / decode / postprocess.
+
+The steps are those of segment_anything's ``SamPredictor`` made batch-friendly and prompt-open, so that
+ViRefSAM can encode an image once, add its own sparse prompt embeddings (``sparse_extra``) and decode:
+
+    x, input_size = engine.preprocess(image)          # HxWx3 uint8 -> 1x3x1024x1024, (h, w) after resizing
+    emb = engine.encode(x)                            # Bx3x1024x1024 -> Bx256x64x64
+    low, iou = engine.decode(emb, points=(coords, labels), boxes=None, mask_input=None, sparse_extra=None)
+    logits = engine.postprocess(low, input_size, original_size)   # BxKx256x256 -> BxKxHxW
+
+Coordinates given to ``decode`` are in the 1024 frame of the resized image (use :meth:`transform_coords` /
+:meth:`transform_boxes` to get there from original pixels), as ``x, y``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import nullcontext
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..device import resolve_device, resolve_precision, set_threads
+from ..errors import InputError
+
+Size = Tuple[int, int]
+ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
+
+
+class SamEngine:
+    """A frozen ``segment_anything.modeling.Sam`` ready for inference.
+
+    sam:        from :func:`core.modeling.registry.build_sam` (moved to ``device`` here).
+    device:     ``auto`` | ``cpu`` | ``cuda`` (see :mod:`core.device`).
+    precision:  ``fp32`` | ``bf16`` | ``fp16``: autocast dtype of the image encoder, which is where the time
+                goes; the prompt encoder and mask decoder always run in float32 (they are cheap, and their
+                logits are thresholded).
+    threads:    CPU threads for torch, 0 = torch's default.
+    """
+
+    def __init__(self, sam, device: str = "auto", precision: str = "fp32", threads: int = 0) -> None:
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        self.device = resolve_device(device)
+        self.dtype = resolve_precision(precision, self.device)
+        self.precision = precision
+        set_threads(threads)
+        self.sam = sam.to(self.device).eval()
+        self.img_size = int(sam.image_encoder.img_size)
+        self.transform = ResizeLongestSide(self.img_size)
+        self._cache_key: Optional[bytes] = None
+        self._cache: Optional[Tuple[torch.Tensor, Size]] = None
+
+    # -- geometry --------------------------------------------------------------------------------------------
+    def input_size(self, original_size: Size) -> Size:
+        """``(h, w)`` of an ``original_size`` image after resizing its longest side to 1024."""
+        return self.transform.get_preprocess_shape(int(original_size[0]), int(original_size[1]), self.img_size)
+
+    def transform_coords(self, points: ArrayLike, original_size: Size):
+        """Points ``(..., 2)`` as ``x, y`` in original pixels -> the 1024 frame (numpy in, numpy out)."""
+        if isinstance(points, torch.Tensor):
+            return self.transform.apply_coords_torch(points, tuple(original_size))
+        return self.transform.apply_coords(np.asarray(points, dtype=np.float64), tuple(original_size))
+
+    def transform_boxes(self, boxes: ArrayLike, original_size: Size):
+        """Boxes ``(..., 4)`` as ``x0, y0, x1, y1`` in original pixels -> ``(N, 4)`` in the 1024 frame."""
+        if isinstance(boxes, torch.Tensor):
+            return self.transform.apply_boxes_torch(boxes, tuple(original_size))
+        return self.transform.apply_boxes(np.asarray(boxes, dtype=np.float64), tuple(original_size))
+
+    # -- steps -----------------------------------------------------------------------------------------------
+    def preprocess(self, image: np.ndarray) -> Tuple[torch.Tensor, Size]:
+        """``image`` HxWx3 uint8 RGB -> (``1x3x1024x1024`` float32 on the device, ``(h, w)`` after resizing).
+
+        Longest side resized to 1024 (PIL bilinear, as ``ResizeLongestSide``), normalised with
+        ``sam.pixel_mean/std``, zero-padded at the bottom/right.
+        """
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise InputError(
+                f"The model needs an 8-bit RGB image (HxWx3 uint8), got shape {image.shape} of {image.dtype}."
+            )
+        if image.shape[0] < 1 or image.shape[1] < 1:
+            raise InputError("The image to segment is empty.")
+        resized = self.transform.apply_image(np.ascontiguousarray(image))
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None].float()
+        return self.sam.preprocess(x), (int(resized.shape[0]), int(resized.shape[1]))
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` Bx3x1024x1024 (from :meth:`preprocess`) -> image embeddings ``Bx256x64x64`` float32.
+
+        Runs under ``torch.inference_mode`` (and autocast for bf16/fp16); the result is an ordinary tensor
+        without grad, usable in later autograd graphs.
+        """
+        with torch.inference_mode(), self._autocast():
+            emb = self.sam.image_encoder(x.to(self.device))
+        return emb.float().clone()
+
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,
+        points: Optional[Tuple[ArrayLike, ArrayLike]] = None,
+        boxes: Optional[ArrayLike] = None,
+        mask_input: Optional[torch.Tensor] = None,
+        sparse_extra: Optional[torch.Tensor] = None,
+        multimask: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder.
+
+        image_embeddings: ``1x256x64x64`` (shared by all B prompts) or ``Bx256x64x64`` (one per prompt).
+        points:       ``(coords BxNx2, labels BxN)``, coords ``x, y`` in the 1024 frame; labels 1 = foreground,
+                      0 = background, -1 = padding.
+        boxes:        ``Bx4`` ``x0, y0, x1, y1`` in the 1024 frame.
+        mask_input:   ``Bx1x256x256`` low-res logits of an earlier prediction.
+        sparse_extra: ``BxMx256`` extra sparse prompt embeddings appended to the prompt encoder's sparse output.
+        multimask:    three masks (SAM's ambiguity outputs) instead of one.
+        Returns ``(low_res_logits BxKx256x256, iou_predictions BxK)``, K = 3 if multimask else 1.
+
+        Gradients flow to ``sparse_extra`` (and ``mask_input``) when they require grad; otherwise the decode runs
+        without autograd.
+        """
+        pe = self.sam.prompt_encoder
+        dev = self.device
+        emb = image_embeddings.to(dev, torch.float32)
+        pts = None
+        if points is not None:
+            coords, labels = points
+            coords = torch.as_tensor(coords, dtype=torch.float32, device=dev)
+            labels = torch.as_tensor(labels, device=dev).to(torch.int64)
+            if coords.ndim == 2:
+                coords, labels = coords[None], labels[None]
+            pts = (coords, labels)
+        box_t = None
+        if boxes is not None:
+            box_t = torch.as_tensor(boxes, dtype=torch.float32, device=dev).reshape(-1, 4)
+        masks_t = None if mask_input is None else mask_input.to(dev, torch.float32)
+        extra = None if sparse_extra is None else sparse_extra.to(dev, torch.float32)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (extra, masks_t)
+        )
+        with torch.enable_grad() if needs_grad else torch.no_grad():
+            sparse, dense = pe(points=pts, boxes=box_t, masks=masks_t)
+            if extra is not None:
+                batch = max(sparse.shape[0], extra.shape[0])
+                sparse = torch.cat([sparse.expand(batch, -1, -1), extra.expand(batch, -1, -1)], dim=1)
+                dense = dense.expand(batch, -1, -1, -1)
+            image_pe = pe.get_dense_pe()
+            batch, n_img = sparse.shape[0], emb.shape[0]
+            if n_img == 1:  # one image, B prompts: SAM's own batching
+                low, iou = self.sam.mask_decoder(emb, image_pe, sparse, dense, multimask)
+            else:  # SAM's decoder repeats one image per prompt; with B images, pair image i with prompt i
+                if batch == 1:
+                    sparse, dense = sparse.expand(n_img, -1, -1), dense.expand(n_img, -1, -1, -1)
+                    batch = n_img
+                if batch != n_img:
+                    raise ValueError(f"{n_img} image embeddings for {batch} prompts: give 1 or {batch}.")
+                outs = [
+                    self.sam.mask_decoder(emb[i : i + 1], image_pe, sparse[i : i + 1], dense[i : i + 1], multimask)
+                    for i in range(batch)
+                ]
+                low = torch.cat([o[0] for o in outs])
+                iou = torch.cat([o[1] for o in outs])
+        return low, iou
+
+    def postprocess(self, low_res: torch.Tensor, input_size: Size, original_size: Size) -> torch.Tensor:
+        """``low_res`` BxKx256x256 logits -> ``BxKxHxW`` logits at ``original_size`` (padding removed)."""
+        return self.sam.postprocess_masks(low_res, tuple(input_size), tuple(int(s) for s in original_size))
+
+    # -- all in one ------------------------------------------------------------------------------------------
+    def embed(self, image: np.ndarray) -> Tuple[torch.Tensor, Size]:
+        """``(1x256x64x64 embedding, input_size)`` of ``image``; the last image's embedding is reused."""
+        image = np.ascontiguousarray(image)
+        key = hashlib.blake2b(image.tobytes(), digest_size=16).digest() + repr(image.shape).encode()
+        if self._cache_key != key or self._cache is None:
+            x, input_size = self.preprocess(image)
+            self._cache = (self.encode(x), input_size)
+            self._cache_key = key
+        return self._cache
+
+    def predict(
+        self,
+        image: np.ndarray,
+        points: Optional[ArrayLike] = None,
+        labels: Optional[ArrayLike] = None,
+        box: Optional[ArrayLike] = None,
+        multimask: bool = False,
+        mask_input: Optional[ArrayLike] = None,
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Like ``SamPredictor.predict``, in original pixel coordinates.
+
+        points Nx2 ``x, y`` with labels N (1 fg, 0 bg); box ``x0, y0, x1, y1``; mask_input 1x256x256 logits.
+        Returns ``(masks KxHxW bool, iou K float32, low_res_logits Kx256x256 float32)``.
+        """
+        original_size = (int(image.shape[0]), int(image.shape[1]))
+        emb, input_size = self.embed(image)
+        pts = None
+        if points is not None:
+            if labels is None:
+                raise ValueError("points need labels (1 = foreground, 0 = background)")
+            coords = self.transform_coords(np.asarray(points, dtype=np.float64).reshape(-1, 2), original_size)
+            pts = (coords[None], np.asarray(labels).reshape(1, -1))
+        boxes = None
+        if box is not None:
+            boxes = self.transform_boxes(np.asarray(box, dtype=np.float64).reshape(1, 4), original_size)
+        masks_t = None
+        if mask_input is not None:
+            masks_t = torch.as_tensor(np.asarray(mask_input, dtype=np.float32)).reshape(1, 1, 256, 256)
+        low, iou = self.decode(emb, points=pts, boxes=boxes, mask_input=masks_t, multimask=multimask)
+        with torch.no_grad():
+            logits = self.postprocess(low, input_size, original_size)
+        masks = (logits[0] > self.sam.mask_threshold).cpu().numpy()
+        return masks, iou[0].float().cpu().numpy(), low[0].float().cpu().numpy()
+
