@@ -53,6 +53,12 @@ _RASTER_EXTENSIONS = {
 
 WindowLike = Union[Window, Tuple[int, int, int, int]]
 
+try:  # GDAL errors surfacing from reads: rasterio raises RasterioIOError (an OSError) or a CPLE_* error
+    from rasterio._err import CPLE_BaseError as _CPLE
+except ImportError:  # pragma: no cover
+    _CPLE = RasterioError
+_READ_ERRORS = (RasterioError, RasterioIOError, _CPLE, MemoryError)
+
 
 def _is_web_source(path: str) -> bool:
     p = path.strip()
@@ -240,7 +246,7 @@ class RasterSource:
         for col, row in ((0, 0), (self.width - 1, self.height - 1)):
             try:
                 self._ds.read(self.bands[0], window=Window(col, row, 1, 1))
-            except (RasterioError, MemoryError) as e:
+            except _READ_ERRORS as e:
                 raise InputError(
                     f"The raster '{os.path.basename(self.path)}' cannot be read: the file looks corrupted or "
                     f"truncated ({_short(e)})."
@@ -283,7 +289,7 @@ class RasterSource:
         for b in self.bands:
             try:
                 v = self._sample(b)
-            except RasterioError as e:
+            except _READ_ERRORS as e:
                 raise InputError(
                     f"The raster '{os.path.basename(self.path)}' cannot be read: the file looks corrupted "
                     f"({_short(e)})."
@@ -345,7 +351,7 @@ class RasterSource:
                 indexes=list(uniq), window=window, out_shape=(len(uniq), oh, ow),
                 resampling=Resampling.nearest, boundless=not inside,
             )
-        except (RasterioError, MemoryError) as e:
+        except _READ_ERRORS as e:
             raise InputError(
                 f"The raster '{os.path.basename(self.path)}' could not be read near pixel "
                 f"({int(window.col_off)}, {int(window.row_off)}): the file may be corrupted ({_short(e)})."
