@@ -225,6 +225,7 @@ class ProbabilityStitcher:
         self.feather = feather
         self.keep = keep
         self._finalized = False
+        self._closed = False
         self._files: List[str] = []
         if path is None:
             fd, path = tempfile.mkstemp(prefix="virefsam_prob_", suffix=".f32")
@@ -326,6 +327,9 @@ class ProbabilityStitcher:
 
     def close(self) -> None:
         """Release the memmaps and delete the files (unless ``keep``). Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
         # Drop our references; on POSIX a deleted file's space is freed once the last mapping goes away, so an
         # array returned by finalize() stays readable while the caller still holds it.
         for name in ("_acc", "_w"):
@@ -346,6 +350,7 @@ class ProbabilityStitcher:
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
-            self.close()
+            if not self.__dict__.get("_closed", True):
+                self.close()
         except Exception:  # noqa: BLE001
             pass
