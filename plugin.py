@@ -10,6 +10,7 @@ message bar with the pip command that installs it.
 from __future__ import annotations
 
 import os
+import sys
 
 from qgis.core import Qgis, QgsApplication
 from qgis.PyQt.QtCore import Qt
@@ -102,3 +103,15 @@ class ViRefSamPlugin:
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
+        _forget_submodules()
+
+
+def _forget_submodules() -> None:
+    """Drop the package's submodules from sys.modules. QGIS removes the modules its import hook saw; parent
+    packages reached only through ``from ..core.x import y`` (e.g. ``virefsam.core``) escape it and would make a
+    reload use stale code."""
+    package = __name__.rpartition(".")[0]
+    if not package:
+        return
+    for name in [m for m in sys.modules if m.startswith(package + ".") and m != __name__]:
+        sys.modules.pop(name, None)

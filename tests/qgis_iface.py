@@ -153,3 +153,12 @@ class RealWidgetIface:
             self.canvas.setDestinationCrs(layers[0].crs())
             self.canvas.setExtent(layers[0].extent())
             self.canvas.refresh()
+
+
+def flush_deletes(app=None) -> None:
+    """Run pending deleteLater() calls now (tests have no running event loop to do it)."""
+    from qgis.PyQt.QtCore import QCoreApplication, QEvent
+
+    for _ in range(3):
+        QCoreApplication.sendPostedEvents(None, QEvent.DeferredDelete)
+        QCoreApplication.processEvents()

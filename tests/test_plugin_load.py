@@ -23,16 +23,29 @@ def qgis_state(iface):
         "canvas_items": len(canvas.scene().items()),
         "map_tool": canvas.mapTool(),
         "messages": len(iface.messageBar().items()),
-        "modules": sorted(m for m in sys.modules if m == PLUGIN or m.startswith(PLUGIN + ".")),
     }
 
 
-def flush_deletes(app):
-    from qgis.PyQt.QtCore import QCoreApplication, QEvent
+def plugin_modules():
+    return {m for m in sys.modules if m == PLUGIN or m.startswith(PLUGIN + ".")}
 
-    for _ in range(3):
-        QCoreApplication.sendPostedEvents(None, QEvent.DeferredDelete)
-        app.processEvents()
+
+def flush_deletes(app):
+    from qgis_iface import flush_deletes as flush
+
+    flush()
+
+
+@pytest.fixture(autouse=True)
+def plugin_not_loaded(qgis_iface):
+    """Each test starts (and ends) with the plugin not loaded, even after a failure elsewhere."""
+    import qgis.utils
+
+    if qgis.utils.isPluginLoaded(PLUGIN):
+        qgis.utils.unloadPlugin(PLUGIN)
+    yield
+    if qgis.utils.isPluginLoaded(PLUGIN):
+        qgis.utils.unloadPlugin(PLUGIN)
 
 
 def load_use_unload(iface, app, plugin_parent):
@@ -86,9 +99,11 @@ def test_load_unload_twice_leaves_qgis_as_it_was(qgis_app, qgis_iface, qgis_proj
     assert layer.isValid()
     qgis_project.addMapLayer(layer)
     before = qgis_state(qgis_iface)
+    modules = plugin_modules()  # other tests may have imported virefsam.* already
     for _ in range(2):
         load_use_unload(qgis_iface, qgis_app, plugin_parent)
         assert qgis_state(qgis_iface) == before
+        assert plugin_modules() <= modules  # QGIS removed the modules the plugin imported
 
 
 def test_load_with_scribble_drawn_then_unload(qgis_app, qgis_iface, qgis_project, plugin_parent, shared_data):
@@ -141,7 +156,9 @@ MISSING_TORCH = textwrap.dedent(
     plugin.dock.run()
     run_texts = [item.text() for item in iface.messageBar().items()]
     unloaded = qgis.utils.unloadPlugin("virefsam")
-    print("RESULT" + json.dumps({{"ok": bool(ok), "texts": texts, "run_texts": run_texts, "unloaded": unloaded}}))
+    left = sorted(m for m in sys.modules if m.split(".")[0] == "virefsam")
+    print("RESULT" + json.dumps({{"ok": bool(ok), "texts": texts, "run_texts": run_texts, "unloaded": unloaded,
+                                  "left": left}}))
     sys.stdout.flush()
     os._exit(0)
     """
@@ -165,6 +182,7 @@ def test_missing_torch_plugin_still_loads_and_says_how_to_install(plugin_parent,
     assert lines, f"no result; stdout={proc.stdout[-2000:]} stderr={proc.stderr[-3000:]}"
     out = json.loads(lines[-1][len("RESULT"):])
     assert out["ok"] and out["unloaded"]
+    assert out["left"] == []  # a fresh QGIS: unloading removed every module of the plugin
     assert len(out["texts"]) == 1
     text = out["texts"][0]
     assert "torch" in text and "pip install" in text and "Couldn't load" not in text

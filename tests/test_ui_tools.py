@@ -19,6 +19,7 @@ from qgis.core import (  # noqa: E402
 )
 from qgis.PyQt.QtCore import QCoreApplication, QEvent, QPoint, QPointF, Qt  # noqa: E402
 from qgis.PyQt.QtGui import QMouseEvent  # noqa: E402
+from qgis_iface import flush_deletes  # noqa: E402
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ def dock(qgis_app, qgis_iface, virefsam_pkg, kampala, qtbot):
     qgis_iface.removeDockWidget(d)
     d.setParent(None)
     d.deleteLater()
-    qgis_app.processEvents()
+    flush_deletes()
 
 
 # -- scribbles ----------------------------------------------------------------------------------------------------
@@ -358,8 +359,9 @@ def test_settings_persist_between_docks(dock, qgis_iface, qgis_app):
         assert not again.include_reference_check.isChecked()
     finally:
         again.shutdown()
+        again.setParent(None)
         again.deleteLater()
-        qgis_app.processEvents()
+        flush_deletes()
 
 
 def test_reference_mask_preview(dock, kampala, qgis_iface, qtbot):
