@@ -87,7 +87,8 @@ class SamEngine:
         x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None].float()
         return self.sam.preprocess(x), (int(resized.shape[0]), int(resized.shape[1]))
 
-    def _autocast(self):
+    def autocast(self):
+        """Context manager: autocast to the engine's precision on its device (nothing for fp32)."""
         if self.dtype == torch.float32:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
@@ -98,7 +99,7 @@ class SamEngine:
         Runs under ``torch.inference_mode`` (and autocast for bf16/fp16); the result is an ordinary tensor
         without grad, usable in later autograd graphs.
         """
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self.autocast():
             emb = self.sam.image_encoder(x.to(self.device))
         return emb.float().clone()
 
