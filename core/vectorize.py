@@ -18,8 +18,8 @@ simplification (Douglas-Peucker, topology preserving, tolerance ``simplify`` pix
 transform to map coordinates -> area.
 
 Area (:class:`AreaCalculator`): geographic CRS -> geodesic area on the CRS's ellipsoid (m2); Mercator-family
-projected CRS (Web Mercator ...) -> geodesic area of the polygon taken back to longitude/latitude (m2), because
-their planar area is inflated by 1 / cos^2(latitude); other projected CRS with a known linear unit -> planar area
+projected CRS (normal-aspect Mercator: Web Mercator, EPSG:3395 ...) -> geodesic area of the polygon taken back to
+longitude/latitude (m2), because their planar area is inflated by 1 / cos^2(latitude); other projected CRS with a known linear unit -> planar area
 times unit^2 (m2); a CRS with an unknown unit -> planar area ("map_units2"); no CRS -> pixel count ("px2").
 """
 
@@ -37,7 +37,6 @@ from rasterio.features import rasterize, shapes
 from shapely import affinity
 from shapely.geometry import Polygon, shape
 from shapely.geometry.polygon import orient
-from shapely.strtree import STRtree
 
 from .errors import CancelledError
 from .results import Feature
@@ -91,7 +90,8 @@ class AreaCalculator:
                 method = (pcrs.coordinate_operation.method_name or "").lower()
             except Exception:  # noqa: BLE001
                 pass
-            if "mercator" in method and "transverse" not in method and geod_crs is not None:
+            normal_mercator = "mercator" in method and "transverse" not in method and "oblique" not in method
+            if normal_mercator and geod_crs is not None:
                 tr = pyproj.Transformer.from_crs(pcrs, geod_crs, always_xy=True)
                 self.unit, self._mode, self._geod = "m2", "geodesic", geod_crs.get_geod()
                 self._to_lonlat = tr
@@ -214,7 +214,7 @@ def vectorize(
             raise CancelledError()
 
     # 1. polygons with holes handled, small objects dropped
-    kept: List[Polygon] = []
+    kept: List[Tuple[Polygon, object]] = []
     filled_holes: List[Polygon] = []
     for i, poly in enumerate(_pixel_polygons(prob, threshold, tmp_dir)):
         if i % 256 == 0:
@@ -230,26 +230,28 @@ def vectorize(
                 filled_holes.append(hole)
             else:
                 holes_kept.append(ring)
+        inside = poly.representative_point()  # on the object itself, never in one of its own holes
         if len(holes_kept) != len(poly.interiors):
             poly = Polygon(poly.exterior, holes_kept)
         if poly.area < min_area:
             continue
-        kept.append(poly)
+        kept.append((poly, inside))
 
     # 2. objects lying in a filled hole now belong to the object around it
     if filled_holes and kept:
-        tree = STRtree(filled_holes)
+        hb = np.array([h.bounds for h in filled_holes])  # bounding boxes first, exact test on candidates
         merged = []
-        for poly in kept:
-            p = poly.representative_point()
-            if any(h.contains(p) for h in tree.query(p)):
+        for poly, p in kept:
+            x, y = p.x, p.y
+            cand = np.nonzero((hb[:, 0] <= x) & (hb[:, 2] >= x) & (hb[:, 1] <= y) & (hb[:, 3] >= y))[0]
+            if any(filled_holes[k].contains(p) for k in cand):
                 continue
-            merged.append(poly)
+            merged.append((poly, p))
         kept = merged
 
     # 3. score, simplification, map coordinates, area
     out: List[Detection] = []
-    for i, poly in enumerate(kept):
+    for i, (poly, _) in enumerate(kept):
         if i % 256 == 0:
             check_cancel()
         score = _mean_inside(prob, poly)
