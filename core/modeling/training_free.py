@@ -1,0 +1,212 @@
+"""Baselines without trained adapters: the training-free mode and static prompt reuse.
+
+Training-free (used when no trained adapters are given, and kept as a baseline), for one target:
+
+1. Eq. 3 pseudo-mask from the reference prototypes and the target's plain embedding (``1 x C x h x w``).
+2. One prompt per 8-connected component of the pseudo-mask: a positive point on the component's most
+   foreground-like cell, plus (``use_box``) the component's bounding box. Remote-sensing scenes hold dozens of
+   objects, so components are ranked by their summed decision value and capped at ``max_prompts``.
+3. All prompts go through SAM's prompt encoder and mask decoder in batches of ``chunk`` (one image embedding
+   broadcast over the prompts) -> ``N x 256 x 256`` low-res logits.
+4. Each SAM mask is kept when its mean embedding (mask-weighted pooling on the embedding grid) is more similar
+   to the foreground prototype than to every valid background prototype (no valid bg prototype: more similar
+   to the fg prototype than the image's mean similarity).
+5. The union of the kept masks: the element-wise max of their logits (= max of their probabilities).
+
+Static prompt reuse (the paper's ablation baseline): the reference masks' own prompts - per connected
+component its most interior pixel (distance-transform maximum) and its bounding box, in coordinates relative
+to the reference image - are replayed unchanged on the target; the union of SAM's masks is the prediction.
+
+All coordinates given to SAM are in the padded 1024-px input frame.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .prototypes import Prototypes, pseudo_mask, similarity_maps
+
+NO_MASK_LOGIT = -20.0  # the "nothing here" logit of an empty union (sigmoid ~ 2e-9)
+_EIGHT = np.ones((3, 3), dtype=bool)
+
+
+def component_prompts(
+    mask: np.ndarray, margin: np.ndarray, max_prompts: int = 32, img_size: int = 1024
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prompts from the pseudo-mask's 8-connected components.
+
+    mask, margin: h x w (bool, float). Returns ``points N x 2`` (x, y), ``boxes N x 4`` (x0, y0, x1, y1), both
+    in input-frame pixels, and ``scores N`` (summed margin of the component), best first, N <= max_prompts.
+    """
+    from scipy import ndimage
+
+    h, w = mask.shape
+    cell = img_size / w
+    labels, n = ndimage.label(mask, structure=_EIGHT)
+    if n == 0:
+        return np.zeros((0, 2), np.float32), np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+    ids = np.arange(1, n + 1)
+    pos_margin = np.where(mask, margin, 0.0)
+    scores = ndimage.sum_labels(pos_margin, labels, ids)
+    order = np.argsort(-scores, kind="stable")[:max_prompts]
+    peaks = ndimage.maximum_position(np.where(mask, margin, -np.inf), labels, ids[order])
+    slices = ndimage.find_objects(labels)
+    points, boxes = [], []
+    for k, (py, px) in zip(order, peaks):
+        sy, sx = slices[k]
+        points.append(((px + 0.5) * cell - 0.5, (py + 0.5) * cell - 0.5))
+        boxes.append((sx.start * cell, sy.start * cell, sx.stop * cell, sy.stop * cell))
+    return np.asarray(points, np.float32), np.asarray(boxes, np.float32), scores[order].astype(np.float32)
+
+
+def decode_prompts(
+    sam,
+    emb: torch.Tensor,
+    points: Optional[torch.Tensor],
+    boxes: Optional[torch.Tensor],
+    chunk: int = 16,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """N prompt sets on one image: emb 1 x C x h x w, points N x 2 (one positive point each) and/or boxes N x 4.
+    -> (low-res logits N x 256 x 256, iou N). Single-mask output (a box disambiguates the point)."""
+    n = (points if points is not None else boxes).shape[0]
+    pe = sam.prompt_encoder.get_dense_pe()
+    lows, ious = [], []
+    for s in range(0, n, chunk):
+        pts = None
+        if points is not None:
+            p = points[s : s + chunk].to(emb.device, emb.dtype)[:, None]
+            pts = (p, torch.ones(p.shape[:2], dtype=torch.int, device=emb.device))
+        bx = None if boxes is None else boxes[s : s + chunk].to(emb.device, emb.dtype)
+        sparse, dense = sam.prompt_encoder(points=pts, boxes=bx, masks=None)
+        low, iou = sam.mask_decoder(
+            image_embeddings=emb,
+            image_pe=pe.to(emb.dtype),
+            sparse_prompt_embeddings=sparse.to(emb.dtype),
+            dense_prompt_embeddings=dense.to(emb.dtype),
+            multimask_output=False,
+        )
+        lows.append(low[:, 0])
+        ious.append(iou[:, 0])
+    return torch.cat(lows), torch.cat(ious)
+
+
+def mask_prototype_match(
+    feats: torch.Tensor, low: torch.Tensor, protos: Prototypes, valid: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which SAM masks look like the class. feats 1 x C x h x w, low N x 256 x 256 logits.
+
+    Returns ``(keep N bool, fg_sim N, bg_sim N)``: cosine similarity of each mask's mean embedding to the fg
+    prototype and the largest one to a valid bg prototype (without valid bg prototypes: the image's mean
+    similarity to the fg prototype).
+    """
+    h, w = feats.shape[-2:]
+    cover = F.adaptive_avg_pool2d((low > 0).to(feats.dtype)[:, None], (h, w))[:, 0]  # N x h x w
+    if valid is not None:
+        cover = cover * valid.to(feats.dtype)
+    wsum = cover.sum(dim=(1, 2))
+    mean = torch.einsum("chw,nhw->nc", feats[0], cover) / wsum.clamp_min(1e-6)[:, None]
+    mean_n = F.normalize(mean, dim=-1)
+    fg_sim = mean_n @ F.normalize(protos.fg[0], dim=-1)
+    if bool(protos.bg_valid[0].any()):
+        bg = F.normalize(protos.bg[0][protos.bg_valid[0]], dim=-1)
+        bg_sim = (mean_n @ bg.t()).max(dim=1).values
+    else:
+        sim, _ = similarity_maps(feats, protos)
+        vv = torch.ones_like(sim[0], dtype=torch.bool) if valid is None else valid.to(torch.bool)
+        bg_sim = sim[0][vv].mean().expand_as(fg_sim)
+    keep = (fg_sim > bg_sim) & (wsum > 0)
+    return keep, fg_sim, bg_sim
+
+
+def union_logits(low: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Max of the kept masks' logits -> 1 x 1 x 256 x 256 (NO_MASK_LOGIT everywhere when none is kept)."""
+    if low.shape[0] == 0 or not bool(keep.any()):
+        size = low.shape[-2:] if low.dim() == 3 else (256, 256)
+        return torch.full((1, 1, *size), NO_MASK_LOGIT, device=low.device, dtype=low.dtype)
+    return low[keep].max(dim=0).values[None, None]
+
+
+def training_free_logits(
+    sam,
+    feats: torch.Tensor,
+    protos: Prototypes,
+    valid: Optional[torch.Tensor] = None,
+    max_prompts: int = 32,
+    use_box: bool = True,
+    chunk: int = 16,
+    emb: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Dict[str, object]]:
+    """The training-free mode for one target. feats 1 x C x 64 x 64 (plain embedding, used for matching and,
+    unless ``emb`` is given, for decoding), protos batch 1, valid 1 x 64 x 64 bool.
+    -> (low-res logits 1 x 1 x 256 x 256, info: pseudo_mask, n_prompts, n_kept, fg_sim, bg_sim)."""
+    emb = feats if emb is None else emb
+    protos = protos.to(device=feats.device, dtype=feats.dtype)
+    pmask, margin, _ = pseudo_mask(feats, protos, valid)
+    pts, bxs, _ = component_prompts(
+        pmask[0].cpu().numpy(),
+        margin[0].float().cpu().numpy(),
+        max_prompts,
+        img_size=int(sam.prompt_encoder.input_image_size[0]),
+    )
+    info: Dict[str, object] = {"pseudo_mask": pmask, "n_prompts": len(pts), "n_kept": 0}
+    if len(pts) == 0:
+        return union_logits(feats.new_zeros(0, 256, 256), torch.zeros(0, dtype=torch.bool)), info
+    points = torch.from_numpy(pts)
+    boxes = torch.from_numpy(bxs) if use_box else None
+    low, _ = decode_prompts(sam, emb, points, boxes, chunk)
+    keep, fg_sim, bg_sim = mask_prototype_match(feats, low, protos, valid)
+    info.update(n_kept=int(keep.sum()), fg_sim=fg_sim, bg_sim=bg_sim)
+    return union_logits(low, keep), info
+
+
+# --------------------------------------------------------------------------------------------------------------
+# static prompt reuse
+# --------------------------------------------------------------------------------------------------------------
+def static_prompts_from_mask(mask: np.ndarray, max_prompts: int = 32) -> Tuple[np.ndarray, np.ndarray]:
+    """Prompts of a reference mask (H x W bool) relative to its size: ``points N x 2`` (x/W, y/H, the most
+    interior pixel of each component) and ``boxes N x 4`` (x0/W, y0/H, x1/W, y1/H), largest components first."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    hh, ww = mask.shape
+    labels, n = ndimage.label(mask, structure=_EIGHT)
+    if n == 0:
+        return np.zeros((0, 2), np.float32), np.zeros((0, 4), np.float32)
+    ids = np.arange(1, n + 1)
+    areas = ndimage.sum_labels(mask, labels, ids)
+    order = np.argsort(-areas, kind="stable")[:max_prompts]
+    dist = ndimage.distance_transform_edt(mask)
+    peaks = ndimage.maximum_position(dist, labels, ids[order])
+    slices = ndimage.find_objects(labels)
+    points: List[Tuple[float, float]] = []
+    boxes: List[Tuple[float, float, float, float]] = []
+    for k, (py, px) in zip(order, peaks):
+        sy, sx = slices[k]
+        points.append(((px + 0.5) / ww, (py + 0.5) / hh))
+        boxes.append((sx.start / ww, sy.start / hh, sx.stop / ww, sy.stop / hh))
+    return np.asarray(points, np.float32), np.asarray(boxes, np.float32)
+
+
+def static_prompt_logits(
+    sam,
+    emb: torch.Tensor,
+    points_rel: np.ndarray,
+    boxes_rel: np.ndarray,
+    input_size: Tuple[int, int],
+    use_box: bool = True,
+    chunk: int = 16,
+) -> torch.Tensor:
+    """Replay relative reference prompts on a target whose resized size in the input frame is ``input_size``
+    (h, w) -> union of SAM's masks as low-res logits 1 x 1 x 256 x 256."""
+    if len(points_rel) == 0:
+        return union_logits(emb.new_zeros(0, 256, 256), torch.zeros(0, dtype=torch.bool))
+    h, w = input_size
+    scale = np.asarray([w, h], np.float32)
+    points = torch.from_numpy(points_rel * scale - 0.5)
+    boxes = torch.from_numpy(boxes_rel * np.concatenate([scale, scale])) if use_box else None
+    low, _ = decode_prompts(sam, emb, points, boxes, chunk)
+    return union_logits(low, torch.ones(low.shape[0], dtype=torch.bool, device=low.device))

@@ -1,0 +1,254 @@
+"""ViRefSAM = frozen SAM + VCP encoder + DTA adapters (Bi et al. 2025, arXiv 2507.02294).
+
+Order of the passes for one target tile and a reference set of K shots (CPU times: 2 cores, embedded TinyViT
+model, 1024x1024 input; measured in the tests / report):
+
+1. references -> frozen image encoder, once per reference set (K encoder passes, ~2-3 s each), then Eq. 1
+   prototypes (:func:`.prototypes.build_prototypes`, ms).
+2. target -> frozen image encoder ("plain" embedding, ~2-3 s). It does not depend on the class, so callers may
+   cache it per tile and reuse it across classes (``plain=`` argument). From it: Eq. 2 prototype refinement
+   (VCP, ms) and the Eq. 3 pseudo-mask + Eq. 6 assignment (ms).
+3. target -> adapted image encoder (the same frozen blocks + a DTA adapter per block driven by the refined
+   prototypes and the assignment; ~1.1x a plain pass). This is the second encoder pass per tile.
+4. VCP queries (Eq. 4) on the adapted embedding (ms).
+5. SAM's prompt encoder (points + box from the pseudo-mask, the pseudo-mask as ``mask_input``) + the VCP
+   queries as extra sparse tokens -> SAM's mask decoder (tens of ms per target).
+
+Only ``vcp`` and ``encoder.adapters`` are trainable; ``sam`` stays frozen (``requires_grad`` False, kept in
+eval mode even when the ViRefSAM module is put in train mode). No manual prompt reaches the decoder: every
+point, box and mask prompt is derived from the reference prototypes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from ..errors import ModelError
+from .dta import AdaptedEncoder, DTAContext, check_signature
+from .prototypes import GRID, Prototypes, build_prototypes, mask_to_grid, pseudo_mask
+from .vcp import VCPEncoder
+
+ADAPTER_FORMAT = "virefsam-adapters"
+ADAPTER_VERSION = 1
+
+
+def prompts_from_pseudo_mask(
+    mask: torch.Tensor, margin: torch.Tensor, valid: Optional[torch.Tensor] = None, img_size: int = 1024
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Point and box prompts derived from a pseudo-mask (batched, fixed shapes).
+
+    mask, margin: B x h x w. Returns ``coords B x 2 x 2`` (input-frame pixels: the most foreground-like cell,
+    a positive point, and the most background-like valid cell, a negative point), ``labels B x 2`` (1, 0),
+    ``boxes B x 4`` (x0, y0, x1, y1 of the pseudo-mask's extent) and ``has_box B`` (False for an empty mask).
+    """
+    b, h, w = mask.shape
+    cell = img_size / w
+    flat = margin.flatten(1)
+    if valid is None:
+        valid = torch.ones_like(mask)
+    vflat = valid.expand_as(mask).flatten(1).to(torch.bool)
+    pos = flat.masked_fill(~vflat, float("-inf")).argmax(dim=1)
+    neg = flat.masked_fill(~vflat, float("inf")).argmin(dim=1)
+    idx = torch.stack([pos, neg], dim=1)  # B x 2
+    ys, xs = (idx // w).float(), (idx % w).float()
+    coords = torch.stack([(xs + 0.5) * cell - 0.5, (ys + 0.5) * cell - 0.5], dim=-1)  # SAM adds 0.5 itself
+    labels = torch.tensor([1, 0], device=mask.device).expand(b, 2)
+    rows, cols = mask.any(dim=2), mask.any(dim=1)  # B x h, B x w
+    ar_h = torch.arange(h, device=mask.device)
+    ar_w = torch.arange(w, device=mask.device)
+    y0 = torch.where(rows, ar_h, h).min(dim=1).values
+    y1 = torch.where(rows, ar_h, -1).max(dim=1).values
+    x0 = torch.where(cols, ar_w, w).min(dim=1).values
+    x1 = torch.where(cols, ar_w, -1).max(dim=1).values
+    has_box = rows.any(dim=1)
+    boxes = torch.stack([x0 * cell, y0 * cell, (x1 + 1) * cell, (y1 + 1) * cell], dim=1).float()
+    boxes = torch.where(has_box[:, None], boxes, torch.zeros_like(boxes))
+    return coords, labels, boxes, has_box
+
+
+def decode_per_image(sam, emb: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, multimask=False):
+    """SAM's mask decoder for B images with one prompt set each (the decoder broadcasts a batch-1 embedding
+    over the prompts, so images go one at a time). -> (low-res logits B x K x 256 x 256, iou B x K)."""
+    pe = sam.prompt_encoder.get_dense_pe()
+    lows, ious = [], []
+    for i in range(emb.shape[0]):
+        low, iou = sam.mask_decoder(
+            image_embeddings=emb[i : i + 1],
+            image_pe=pe,
+            sparse_prompt_embeddings=sparse[i : i + 1],
+            dense_prompt_embeddings=dense[i : i + 1],
+            multimask_output=multimask,
+        )
+        lows.append(low)
+        ious.append(iou)
+    return torch.cat(lows), torch.cat(ious)
+
+
+class ViRefSAM(nn.Module):
+    """Frozen SAM + trainable VCP encoder and DTA adapters.
+
+    ``forward(target_x, protos, plain=None, valid=None)``:
+      target_x  B x 3 x 1024 x 1024 (SAM-preprocessed targets)
+      protos    :class:`Prototypes` of batch 1 (one reference set for all targets) or B (one per episode),
+                from :meth:`reference_prototypes`
+      plain     B x 256 x 64 x 64 frozen-encoder embedding of the targets (computed when None)
+      valid     B x 64 x 64 bool, cells inside the image (padding excluded); None = all
+    returns a dict: ``low_res_logits`` B x 1 x 256 x 256, ``iou`` B x 1, ``l_reg`` (scalar), ``pseudo_mask``
+    B x 64 x 64 bool, ``margin`` B x 64 x 64, ``mask_input`` B x 1 x 256 x 256.
+    """
+
+    def __init__(self, sam: nn.Module, n_queries: int = 64, n_bg: int = 5, dta_dim: int = 64, seed: int = 0):
+        super().__init__()
+        for p in sam.parameters():
+            p.requires_grad_(False)
+        sam.eval()
+        self.sam = sam
+        dim = int(sam.prompt_encoder.embed_dim)
+        self.encoder = AdaptedEncoder(sam.image_encoder, proto_dim=dim, hidden=dta_dim)
+        self.vcp = VCPEncoder(dim=dim, prompt_dim=dim, n_queries=n_queries)
+        self.n_bg, self.seed = n_bg, seed
+        self.config = {"n_queries": n_queries, "n_bg": n_bg, "dta_dim": dta_dim}
+
+    # -- training plumbing ------------------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.sam.eval()  # frozen SAM: BatchNorm statistics and TinyViT's cached attention biases stay fixed
+        return self
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        return list(self.vcp.parameters()) + list(self.encoder.adapters.parameters())
+
+    def adapter_state_dict(self) -> Dict[str, object]:
+        return {
+            "format": ADAPTER_FORMAT,
+            "version": ADAPTER_VERSION,
+            "signature": self.encoder.signature(),
+            "config": dict(self.config),
+            "vcp": {k: v.detach().cpu() for k, v in self.vcp.state_dict().items()},
+            "dta": {k: v.detach().cpu() for k, v in self.encoder.adapters.state_dict().items()},
+        }
+
+    def save_adapters(self, path: Union[str, Path]) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.adapter_state_dict(), tmp)
+        tmp.replace(path)
+
+    @staticmethod
+    def read_adapters(path: Union[str, Path, dict]) -> Dict[str, object]:
+        if isinstance(path, dict):
+            blob = path
+        else:
+            p = Path(path)
+            if not p.is_file():
+                raise ModelError(f"The adapter file {p} does not exist: choose a .pt file written by training.")
+            try:
+                blob = torch.load(p, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to replace
+                raise ModelError(f"The adapter file {p} cannot be read ({type(exc).__name__}); it is damaged.")
+        if not isinstance(blob, dict) or blob.get("format") != ADAPTER_FORMAT:
+            raise ModelError("This file holds no ViRefSAM adapters: choose a .pt file written by training.")
+        if int(blob.get("version", 0)) > ADAPTER_VERSION:
+            raise ModelError("These adapters were written by a newer version of the plugin: update the plugin.")
+        return blob
+
+    def load_adapters(self, path: Union[str, Path, dict]) -> "ViRefSAM":
+        """Load adapter weights; refuse (ModelError) adapters made for another backbone or configuration."""
+        blob = self.read_adapters(path)
+        check_signature(blob["signature"], self.encoder.signature())
+        if dict(blob["config"]) != self.config:
+            raise ModelError(
+                f"These adapters use another configuration ({blob['config']}, here {self.config}); "
+                "build the model with ViRefSAM.from_adapters."
+            )
+        try:
+            self.vcp.load_state_dict(blob["vcp"])
+            self.encoder.adapters.load_state_dict(blob["dta"])
+        except (RuntimeError, KeyError) as exc:
+            raise ModelError(f"The adapter weights do not fit this model ({exc.__class__.__name__}).") from None
+        return self
+
+    @classmethod
+    def from_adapters(cls, sam: nn.Module, path: Union[str, Path, dict], seed: int = 0) -> "ViRefSAM":
+        blob = cls.read_adapters(path)
+        cfg = dict(blob.get("config", {}))
+        try:
+            model = cls(sam, n_queries=int(cfg["n_queries"]), n_bg=int(cfg["n_bg"]), dta_dim=int(cfg["dta_dim"]),
+                        seed=seed)
+        except (KeyError, TypeError, ValueError):
+            raise ModelError("The adapter file has no valid configuration: it is damaged.") from None
+        return model.load_adapters(blob)
+
+    # -- passes 1 and 2 ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_plain(self, x: torch.Tensor) -> torch.Tensor:
+        """Frozen encoder: B x 3 x 1024 x 1024 -> B x 256 x 64 x 64 (no gradient: SAM is frozen)."""
+        return self.sam.image_encoder(x)
+
+    def reference_prototypes(
+        self, feats: torch.Tensor, masks: torch.Tensor, valid: Optional[torch.Tensor] = None
+    ) -> Prototypes:
+        """Eq. 1 over K shots. feats K x 256 x 64 x 64; masks K x 1024 x 1024 (or K x 64 x 64 coverage fractions)
+        in the padded input frame; valid K x 64 x 64 bool (padding excluded) -> Prototypes of batch 1."""
+        frac = masks.float() if masks.shape[-1] == feats.shape[-1] else mask_to_grid(masks, feats.shape[-1])
+        if frac.dim() == 4:
+            frac = frac[:, 0]
+        return build_prototypes(feats, frac, valid, self.n_bg, self.seed)
+
+    # -- passes 2-5 -------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        target_x: torch.Tensor,
+        protos: Prototypes,
+        plain: Optional[torch.Tensor] = None,
+        valid: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        b = target_x.shape[0]
+        if plain is None:
+            plain = self.encode_plain(target_x)
+        protos = protos.expand(b).to(device=plain.device, dtype=plain.dtype)
+        if valid is not None:
+            valid = valid.to(device=plain.device, dtype=torch.bool).expand(b, -1, -1)
+        pe = self.sam.prompt_encoder.get_dense_pe().to(plain.dtype)
+
+        # pass 2 (cont.): Eq. 2 refinement, Eq. 3 pseudo-mask, Eq. 6 assignment
+        table = self.vcp.refine(protos.table(), plain, pe, valid)
+        refined = Prototypes(table[:, 0], protos.fg_valid, table[:, 1:], protos.bg_valid)
+        pmask, margin, assign = pseudo_mask(plain, refined, valid)
+
+        # pass 3: adapted encoder
+        emb = self.encoder(target_x, DTAContext(table, assign))
+
+        # pass 4: VCP queries (Eq. 4)
+        queries, l_reg = self.vcp.queries(refined.fg, emb, pe, pmask, valid)
+
+        # pass 5: SAM's prompt encoder (prompts derived from the pseudo-mask) + queries -> mask decoder
+        penc = self.sam.prompt_encoder
+        coords, labels, boxes, has_box = prompts_from_pseudo_mask(pmask, margin.detach(), valid)
+        pts = penc._embed_points(coords.to(emb.dtype), labels, pad=False)
+        box = penc._embed_boxes(boxes.to(emb.dtype))
+        box = torch.where(has_box[:, None, None], box, penc.not_a_point_embed.weight.expand_as(box))
+        mask_input = self.vcp.mask_logits(margin, size=4 * GRID)
+        dense = penc._embed_masks(mask_input)
+        sparse = torch.cat([pts, box, queries.to(emb.dtype)], dim=1)
+        low, iou = decode_per_image(self.sam, emb, sparse, dense)
+        return {
+            "low_res_logits": low,
+            "iou": iou,
+            "l_reg": l_reg,
+            "pseudo_mask": pmask,
+            "margin": margin,
+            "mask_input": mask_input,
+        }
+
+
+def __getattr__(name: str):  # ARCHITECTURE.md names virefsam.ReferencePredictor; it lives in predictor.py
+    if name == "ReferencePredictor":
+        from .predictor import ReferencePredictor
+
+        return ReferencePredictor
+    raise AttributeError(name)
