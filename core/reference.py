@@ -133,8 +133,9 @@ def sample_points_along(lines, n: int) -> np.ndarray:
     polygon outlines; Points count as themselves). Returns an ``n x 2`` float64 array of ``(x, y)`` in the
     lines' coordinates.
 
-    Every line gets at least one point when ``n`` >= the number of lines (otherwise the ``n`` longest get one);
-    the rest are shared in proportion to length, each line's points at the centres of equal pieces.
+    Points are shared in proportion to length (largest remainders), every line getting at least one when ``n``
+    >= the number of lines (otherwise the ``n`` longest get one); each line's points sit at the centres of ``k``
+    equal pieces of it.
     """
     if hasattr(lines, "geom_type"):
         lines = [lines]
@@ -148,21 +149,23 @@ def sample_points_along(lines, n: int) -> np.ndarray:
     lengths = np.array([p.length if isinstance(p, LineString) else 0.0 for p in parts])
     order = np.argsort(-lengths, kind="stable")
     counts = np.zeros(len(parts), int)
+    total = lengths.sum()
     if n < len(parts):
         counts[order[:n]] = 1
-    else:
+    elif total <= 0:
         counts[:] = 1
-        rest = n - len(parts)
-        total = lengths.sum()
-        if rest and total > 0:
-            share = rest * lengths / total
-            extra = np.floor(share).astype(int)
-            left = rest - extra.sum()
-            frac_order = np.argsort(-(share - extra), kind="stable")
-            extra[frac_order[:left]] += 1
-            counts += extra
-        elif rest:
-            counts[order[0]] += rest
+        counts[order[0]] += n - len(parts)
+    else:
+        share = n * lengths / total
+        counts = np.maximum(1, np.floor(share).astype(int))
+        rem = share - np.floor(share)
+        while counts.sum() < n:  # largest remainders first
+            k = int(np.argmax(rem))
+            counts[k] += 1
+            rem[k] = -1.0
+        while counts.sum() > n:  # the minimum of one point each overshot: take from the most crowded
+            k = int(np.argmax(np.where(counts > 1, counts - share, -np.inf)))
+            counts[k] -= 1
     pts = []
     for p, k in zip(parts, counts):
         if k == 0:
