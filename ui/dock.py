@@ -46,6 +46,7 @@ from qgis.PyQt.QtWidgets import (
     QPushButton,
     QRadioButton,
     QScrollArea,
+    QSizePolicy,
     QSpinBox,
     QToolButton,
     QVBoxLayout,
@@ -127,6 +128,7 @@ class ViRefSamDock(QgsDockWidget):
         # -- class and reference -------------------------------------------------------------------------------
         ref_box = QgsCollapsibleGroupBox("1. Class and reference")
         form = QFormLayout(ref_box)
+        form.setRowWrapPolicy(QFormLayout.WrapLongRows)
         self.class_edit = QLineEdit()
         self.class_edit.setObjectName("class_name")
         self.class_edit.setPlaceholderText("e.g. building, tree, solar panel")
@@ -164,34 +166,39 @@ class ViRefSamDock(QgsDockWidget):
         tools.addStretch(1)
         form.addRow("Mark", tools)
 
-        sel = QHBoxLayout()
         self.vector_combo = QgsMapLayerComboBox()
         self.vector_combo.setObjectName("vector_layer")
         self.vector_combo.setFilters(QgsMapLayerProxyModel.PolygonLayer | QgsMapLayerProxyModel.LineLayer)
         self.vector_combo.setAllowEmptyLayer(True)
-        self.add_selected_button = QPushButton("Use selected")
+        self.vector_combo.setToolTip("A polygon or line layer whose selected features mark examples of the class.")
+        form.addRow("Features of", self.vector_combo)
+        sel = QHBoxLayout()
+        self.add_selected_button = QPushButton("Use selected features")
         self.add_selected_button.setToolTip("Add the selected features of this layer as marks (polygons or lines).")
         self.selected_background = QCheckBox("as background")
-        sel.addWidget(self.vector_combo, 1)
         sel.addWidget(self.add_selected_button)
         sel.addWidget(self.selected_background)
-        form.addRow("Features", sel)
+        sel.addStretch(1)
+        form.addRow("", sel)
 
         self.reference_list = QListWidget()
         self.reference_list.setObjectName("references")
         self.reference_list.setMaximumHeight(80)
         form.addRow("References", self.reference_list)
         ref_buttons = QHBoxLayout()
-        self.new_reference_button = QPushButton("New reference")
+        self.new_reference_button = QPushButton("New")
         self.new_reference_button.setToolTip("Start another example of the same class (K-shot).")
         self.remove_reference_button = QPushButton("Remove")
         self.undo_button = QPushButton("Undo")
         self.clear_button = QPushButton("Clear")
         self.clear_button.setToolTip("Remove every mark of the current reference (can be undone).")
         for b in (self.new_reference_button, self.remove_reference_button, self.undo_button, self.clear_button):
+            b.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Fixed)  # share the row, never widen the dock
+            b.setMinimumWidth(40)
             ref_buttons.addWidget(b)
         form.addRow("", ref_buttons)
-        self.show_mask_check = QCheckBox("Show the reference mask the engine will use")
+        self.show_mask_check = QCheckBox("Show the reference mask")
+        self.show_mask_check.setToolTip("Draw the dense mask the engine derives from the marks (yellow).")
         self.show_mask_check.setChecked(True)
         form.addRow("", self.show_mask_check)
         self.reference_status = QLabel()
@@ -207,18 +214,23 @@ class ViRefSamDock(QgsDockWidget):
         self.target_list.setMaximumHeight(110)
         tl.addWidget(self.target_list)
         trow = QHBoxLayout()
-        self.include_reference_check = QCheckBox("Include the reference raster(s)")
+        self.include_reference_check = QCheckBox("Include the reference raster")
         self.all_targets_button = QPushButton("All")
         self.no_targets_button = QPushButton("None")
+        for b in (self.all_targets_button, self.no_targets_button):
+            b.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Fixed)
+            b.setMinimumWidth(36)
+            b.setMaximumWidth(70)
         trow.addWidget(self.include_reference_check, 1)
-        trow.addWidget(self.all_targets_button)
-        trow.addWidget(self.no_targets_button)
+        trow.addWidget(self.all_targets_button, 1)
+        trow.addWidget(self.no_targets_button, 1)
         tl.addLayout(trow)
         layout.addWidget(target_box)
 
         # -- model -----------------------------------------------------------------------------------------------
         model_box = QgsCollapsibleGroupBox("3. Model")
         mf = QFormLayout(model_box)
+        mf.setRowWrapPolicy(QFormLayout.WrapLongRows)
         self.model_combo = QComboBox()
         self.model_combo.setObjectName("model")
         for label, value in MODELS:
@@ -244,6 +256,7 @@ class ViRefSamDock(QgsDockWidget):
         opt_box = QgsCollapsibleGroupBox("Options")
         opt_box.setCollapsed(True)
         of = QFormLayout(opt_box)
+        of.setRowWrapPolicy(QFormLayout.WrapLongRows)
         self.tile_spin = QSpinBox()
         self.tile_spin.setRange(64, 8192)
         self.tile_spin.setSingleStep(128)
@@ -274,6 +287,7 @@ class ViRefSamDock(QgsDockWidget):
         # -- output ----------------------------------------------------------------------------------------------
         out_box = QgsCollapsibleGroupBox("4. Output")
         ol = QFormLayout(out_box)
+        ol.setRowWrapPolicy(QFormLayout.WrapLongRows)
         self.memory_radio = QRadioButton("Temporary layers")
         self.file_radio = QRadioButton("File")
         group = QButtonGroup(out_box)
@@ -293,9 +307,14 @@ class ViRefSamDock(QgsDockWidget):
         ol.addRow("File", self.output_widget)
         layout.addWidget(out_box)
         layout.addStretch(1)
+        for combo in (self.model_combo, self.mode_combo, self.device_combo):
+            combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(12)
 
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.setMinimumWidth(330)
         scroll.setWidget(body)
 
         # -- run row ---------------------------------------------------------------------------------------------
