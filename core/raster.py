@@ -11,10 +11,11 @@ Band choice (``bands`` are 1-based indices in file order):
 * a tuple of 1, 2 or 3 band numbers: the same rules applied to those bands, in the order given.
 
 8-bit stretch: ``uint8`` bands pass through unchanged. Any other type (``uint16``, ``int16``, ``float32`` ...) is
-stretched linearly per band from its 2nd to its 98th percentile onto 0..255. The percentiles come from the
-smallest overview with at least 512 pixels on its longer side, or, without overviews, from a read decimated to at
-most ``STATS_SIZE`` pixels a side (small rasters) or from a grid of small windows spread over the raster (large
-rasters, so a 16384 x 16384 GeoTIFF is never decoded whole). Nodata, masked (alpha, internal mask) and NaN pixels
+stretched linearly per band from its 2nd to its 98th percentile onto 0..255. The percentiles come from one read
+decimated to at most ``STATS_SIZE`` pixels a side, served by GDAL from the coarsest overview that still has 512
+pixels on its longer side, when that overview (or the raster itself) has at most ``STATS_SAMPLE_ABOVE`` pixels;
+otherwise (a large raster without small overviews) from a grid of ``STATS_GRID`` x ``STATS_GRID`` small windows
+spread over the raster, so a 16384 x 16384 GeoTIFF is never decoded whole. Nodata, masked (alpha, internal mask) and NaN pixels
 are ignored.
 
 Validity: a pixel is valid when at least one of the chosen bands is valid there (GDAL's mask: nodata value, alpha
@@ -257,16 +258,15 @@ class RasterSource:
         ds = self._ds
         w, h = self.width, self.height
         ovr = ds.overviews(band)
-        if ovr or w * h <= STATS_SAMPLE_ABOVE:
-            if ovr:
-                # the smallest overview that still has >= 512 pixels on its longer side
-                f = max([o for o in ovr if max(w, h) / o >= 512] or [1])
-                s = 1.0 / f
-            else:
-                s = min(1.0, STATS_SIZE / max(w, h))
+        # the coarsest overview that keeps >= 512 pixels on the longer side (1 = the full-resolution band)
+        f = max([o for o in ovr if max(w, h) / o >= 512] or [1])
+        if (w / f) * (h / f) <= STATS_SAMPLE_ABOVE:
+            # one decimated read of at most STATS_SIZE pixels a side; GDAL serves it from that overview
+            s = min(1.0, STATS_SIZE / max(w, h))
             shape = (max(1, int(round(h * s))), max(1, int(round(w * s))))
-            arrs = [self._ds.read(band, out_shape=shape, masked=True, resampling=Resampling.nearest)]
+            arrs = [ds.read(band, out_shape=shape, masked=True, resampling=Resampling.nearest)]
         else:
+            # large and without a small overview: a grid of small windows, never decoding the whole raster
             arrs = []
             n = STATS_GRID
             for i in range(n):

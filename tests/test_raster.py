@@ -242,3 +242,18 @@ def test_huge_raster_is_never_read_whole(tmp_path, atlanta):
     with RasterSource(atlanta) as one, RasterSource(vrt) as src:
         (lo1, hi1), (lo2, hi2) = one.stretch[0], src.stretch[0]
         assert abs(lo1 - lo2) < 0.1 * (hi1 - lo1) and abs(hi1 - hi2) < 0.1 * (hi1 - lo1)
+
+
+def test_stretch_from_overviews(tmp_path, atlanta):
+    """A uint16 raster with overviews: percentiles from the overview agree with the full-resolution ones."""
+    with rasterio.open(atlanta) as ds:
+        data = np.tile(ds.read(1), (3, 3))
+        t, crs = ds.transform, ds.crs
+    path = write_tif(tmp_path / "ovr.tif", data, t, crs, nodata=0, tiled=True, blockxsize=256, blockysize=256)
+    with rasterio.open(path, "r+") as ds:
+        ds.build_overviews([2, 4], Resampling.nearest)
+    with RasterSource(path) as src:
+        assert src._ds.overviews(1) == [2, 4]
+        lo, hi = np.percentile(data[data != 0].astype(float), (2, 98))
+        (slo, shi), = src.stretch
+        assert abs(slo - lo) < 0.03 * (hi - lo) and abs(shi - hi) < 0.03 * (hi - lo)

@@ -17,6 +17,8 @@ from core.raster import RasterSource
 from core.reference import build_reference, sample_points_along
 from core.vectorize import vectorize
 
+pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+
 
 @pytest.fixture(scope="module")
 def zanzibar(shared_data):

@@ -243,3 +243,46 @@ def test_read_tiles_skips_all_nodata_tiles(tmp_path, shared_data):
     assert 0 < len(got) < len(g)
     assert all(t.window.col_off + t.window.width > 300 for t, _, _ in got)
     assert all(v.any() for _, _, v in got)
+
+
+def test_end_to_end_chain_with_a_coarser_reference(shared_data, tmp_path):
+    """The pipeline's chain without a model: a 0.5 m reference (SpaceNet, EPSG:32616) searched in a 7.5 cm
+    EPSG:3857 target: tiles read at the reference's resolution, 'predictions' (the real labels, read the same
+    way) stitched at the target's resolution, vectorised once and written; polygons land on the buildings."""
+    from osgeo import ogr
+
+    from core.vectorize import to_features
+    from core.writers import LayerData, write_layers
+
+    target = shared_data / "oam_mosaics" / "kampala.tif"
+    labels = shared_data / "oam_mosaics" / "kampala_buildings.tif"
+    with RasterSource(str(shared_data / "spacenet_atlanta" / "full" / "sample_geotiff.tif")) as ref, \
+            RasterSource(str(target)) as src, rasterio.open(labels) as lab:
+        scale = resolution_scale(src.ground_pixel_size(), ref.ground_pixel_size())
+        assert scale == pytest.approx(0.5 / 0.0742, rel=0.01)
+        g = TileGrid(src.width, src.height, tile_size=128, overlap=16, scale=scale)
+        with ProbabilityStitcher(src.width, src.height, feather=g.feather) as st:
+            n = 0
+            for tile, rgb, valid in read_tiles(src, g):
+                assert rgb.shape == tile.out_shape + (3,)
+                pred = lab.read(1, window=tile.window, out_shape=tile.out_shape, resampling=Resampling.average,
+                                out_dtype="float32")
+                st.add(tile.window, pred, valid)
+                n += 1
+            assert n == len(g)
+            dets = vectorize(st.finalize(), src.transform, src.crs, min_area=16 * scale**2, simplify=scale)
+        truth = lab.read(1).astype(bool)
+        t, crs = src.transform, src.crs
+    feats = to_features(dets, class_name="building", source=str(target), ref_id="sn", model="oracle")
+    out = write_layers(str(tmp_path / "kampala.gpkg"), [LayerData(str(target), crs.to_wkt(), feats)])[0]
+    ds = ogr.Open(out)
+    lyr = ds.GetLayer(0)
+    assert lyr.GetName() == "kampala" and lyr.GetFeatureCount() == len(dets) > 10
+    from shapely import wkb
+
+    geoms = [wkb.loads(bytes(f.GetGeometryRef().ExportToWkb())) for f in lyr]
+    ds = None
+    from rasterio.features import rasterize
+
+    back = rasterize([(g_, 1) for g_ in geoms], out_shape=truth.shape, transform=t).astype(bool)
+    assert (back & truth).sum() / (back | truth).sum() > 0.8
