@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Tuple
 
 import numpy as np
 import rasterio
 from rasterio import Affine
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.features import rasterize, shapes
 from shapely import affinity
 from shapely.geometry import Polygon, shape
@@ -144,13 +146,19 @@ def _pixel_polygons(prob, threshold: float, tmp_dir: Optional[str]) -> Iterable[
         profile = dict(driver="GTiff", width=w, height=h, count=1, dtype="uint8", compress="deflate",
                        ZLEVEL=1, BIGTIFF="IF_SAFER", blockysize=16)
         any_fg = False
-        with rasterio.open(path, "w", **profile) as dst:
+        with warnings.catch_warnings():  # pixel space on purpose: no georeferencing in the temporary file
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            dst = rasterio.open(path, "w", **profile)
+        with dst:
             for r, m in _threshold_blocks(prob, threshold):
                 any_fg = any_fg or bool(m.any())
                 dst.write(m, 1, window=rasterio.windows.Window(0, r, w, m.shape[0]))
         if not any_fg:
             return
-        with rasterio.open(path) as ds:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            ds = rasterio.open(path)
+        with ds:
             band = rasterio.band(ds, 1)
             for geom, _ in shapes(band, mask=band, connectivity=4, transform=Affine.identity()):
                 yield shape(geom)

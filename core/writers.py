@@ -23,7 +23,7 @@ import os
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 from osgeo import ogr, osr
 
@@ -80,7 +80,7 @@ def _unique_names(names: Sequence[str]) -> List[str]:
     return out
 
 
-def _resolve_format(path: str, fmt: Optional[str]) -> (str, str):
+def _resolve_format(path: str, fmt: Optional[str]) -> Tuple[str, str]:
     ext = os.path.splitext(path)[1].lower()
     by_ext = {".gpkg": "gpkg", ".shp": "shp"}.get(ext)
     if fmt is None:

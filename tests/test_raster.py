@@ -1,14 +1,12 @@
 """RasterSource on real rasters: CRS kept, band choice, 8-bit stretch, nodata, clear refusals, bounded memory."""
 
 import os
-import shutil
 import tracemalloc
 
 import numpy as np
 import pytest
 import rasterio
 from rasterio.enums import ColorInterp, Resampling
-from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from core.errors import InputError
