@@ -104,7 +104,7 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, object]:
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only load failed" in str(exc).lower() and "invalid load key" not in str(exc).lower():
+        if "unsupported global" in str(exc).lower():  # a pickled class or function, not just tensors
             raise ModelError(
                 f"{p} contains Python objects besides tensors, so it is not loaded (for safety only plain "
                 "state dicts are accepted)."
