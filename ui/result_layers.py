@@ -101,11 +101,57 @@ def layer_for_target(target, class_name: str) -> QgsVectorLayer:
     return layer
 
 
+def _file_uris(result) -> List[Optional[str]]:
+    """The OGR URI of each target's layer in the written output (None where it cannot be found)."""
+    from ..core.writers import layer_name, output_paths
+
+    params = result.params
+    rasters = [t.raster for t in result.targets]
+    if params.output_format == "shp":
+        paths = output_paths(params.output, rasters, "shp")
+        return [p if os.path.exists(p) else None for p in paths]
+    # GeoPackage: one table per target, named like core.writers names them (file stem, _2, _3 for repeats)
+    seen, names = {}, []
+    for r in rasters:
+        base = layer_name(r)
+        k = seen.get(base.lower(), 0) + 1
+        seen[base.lower()] = k
+        names.append(base if k == 1 else f"{base}_{k}")
+    path = result.output
+    try:
+        from osgeo import ogr
+
+        ds = ogr.Open(path)
+        present = {ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount())} if ds is not None else set()
+        ds = None
+    except Exception:  # noqa: BLE001
+        present = set()
+    return [f"{path}|layername={n}" if n in present else None for n in names]
+
+
 def add_result_layers(result, project: Optional[QgsProject] = None) -> List[QgsVectorLayer]:
-    """Memory layers for every processed target of ``result``, added to the project under the class name."""
+    """Layers for every processed target of ``result``, added to the project under the class name.
+
+    When the run wrote a file, the layers are that file's layers (they stay with the project); otherwise they are
+    memory layers (temporary: export them to keep them)."""
     project = project or QgsProject.instance()
     class_name = result.params.class_name
-    layers = [layer_for_target(t, class_name) for t in result.targets if t.skipped is None]
+    uris = _file_uris(result) if result.output else [None] * len(result.targets)
+    layers = []
+    for target, uri in zip(result.targets, uris):
+        if target.skipped is not None:
+            continue
+        layer = None
+        if uri:
+            stem = os.path.splitext(os.path.basename(target.raster))[0]
+            layer = QgsVectorLayer(uri, f"{class_name} - {stem}", "ogr")
+            if layer.isValid():
+                layer.setCustomProperty(RESULT_PROPERTY, class_name)
+                layer.setCustomProperty(SOURCE_PROPERTY, target.raster)
+                style_layer(layer, class_name)
+            else:
+                layer = None
+        layers.append(layer or layer_for_target(target, class_name))
     if not layers:
         return []
     group = result_group(class_name, project)
