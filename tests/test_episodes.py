@@ -160,3 +160,21 @@ def test_dubai_unlabelled_is_ignored(shared_data):
     i = ds.images_with(1)[0]
     m, ign = ds.class_mask(i, 1)
     assert ign is not None and not (m & ign).any()
+
+
+def test_generic_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIREFSAM_HOME", str(tmp_path / "cache"))
+    root = tmp_path / "my_data"
+    (root / "im").mkdir(parents=True)
+    rows = ["image,mask"]
+    for i in range(3):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "im" / f"{i}.png")
+        lab = np.zeros((8, 8), np.uint8)
+        lab[:4] = 7
+        Image.fromarray(lab).save(root / "im" / f"{i}_m.png")
+        rows.append(f"im/{i}.png,im/{i}_m.png")
+    (root / "index.csv").write_text("\n".join(rows) + "\n")
+    (root / "classes.json").write_text('{"classes": {"7": "pond"}, "folds": [[7]], "min_pixels": 10}')
+    ds = E.open_dataset(root)
+    assert ds.name == "my_data" and ds.classes == {7: "pond"} and ds.images_with(7) == [0, 1, 2]
+    assert ds.novel_classes(0) == [7]

@@ -34,6 +34,10 @@ many as possible, and every class is novel in exactly one fold):
 
 Datasets without folds are evaluation-only here (every class is novel; train on another dataset).
 
+Any other folder (``kind="folder"``): ``index.csv`` with columns ``image``, ``mask`` (relative paths) and
+``classes.json`` = ``{"classes": {"1": "name", ...}, "folds": [[1], [2]], "ignore": [255], "min_pixels": 1024}``
+(only ``classes`` is required).
+
 Public benchmarks a user may own (not in the repository, not downloaded by it):
 
 **iSAID-5i** (``open_dataset(path, kind="isaid", split="val")``): 15 classes, 3 folds of 5 consecutive ids
@@ -344,6 +348,21 @@ def swiss_trees(root) -> SegDataset:
                       note="4 tiny tiles: a smoke test, not a benchmark")
 
 
+def generic_folder(root) -> SegDataset:
+    """Any folder with ``index.csv`` (columns ``image``, ``mask``: paths relative to the folder) and
+    ``classes.json``: ``{"classes": {"1": "name", ...}, "folds": [[1, 2], [3]], "ignore": [255],
+    "min_pixels": 1024}`` (only ``classes`` is required)."""
+    root = Path(root)
+    cj = root / "classes.json"
+    if not cj.is_file():
+        raise InputError(f"No classes.json in {root}: it names the class ids of the masks.")
+    meta = json.loads(cj.read_text())
+    classes = {int(k): str(v) for k, v in meta["classes"].items()}
+    return SegDataset(str(meta.get("name", root.name)), root, _index_items(root), classes,
+                      ignore_ids=tuple(meta.get("ignore", ())), folds=meta.get("folds") or None,
+                      min_pixels=int(meta.get("min_pixels", 1024)))
+
+
 def _split_dir(root: Path, split: str, names: Sequence[str]) -> Path:
     for n in names:
         if (root / n).is_dir():
@@ -391,6 +410,7 @@ READERS = {
     "swiss_trees": swiss_trees,
     "isaid": isaid,
     "loveda": loveda,
+    "folder": generic_folder,
 }
 
 
@@ -401,11 +421,13 @@ def open_dataset(path, kind: Optional[str] = None, split: str = "val") -> SegDat
         raise InputError(f"The dataset folder {path} does not exist.")
     if kind is None:
         name = path.name.lower()
-        kind = next((k for k in READERS if name.startswith(k) or k.startswith(name)), None)
+        kind = next((k for k in READERS if name.startswith(k)), None)
         if kind is None and "isaid" in name:
             kind = "isaid"
         if kind is None and "loveda" in name:
             kind = "loveda"
+        if kind is None and (path / "index.csv").is_file() and (path / "classes.json").is_file():
+            kind = "folder"
         if kind is None:
             raise InputError(f"Cannot tell which dataset {path} is; name it with one of: {', '.join(READERS)}.")
     if kind not in READERS:

@@ -1,0 +1,174 @@
+"""``python -m core eval``: few-shot evaluation with the standard FSS protocol.
+
+For each shot count (``--shots 1,5``) the same deterministic episodes (:func:`.episodes.sample_episodes`) are run
+through :class:`core.modeling.predictor.ReferencePredictor` -- the exact inference path of the plugin -- in
+each mode:
+
+* ``virefsam``       frozen SAM + the trained VCP/DTA adapters (``--adapters``)
+* ``training_free``  prototype matching -> SAM prompts, nothing trained
+* ``static_prompt``  the reference masks' own points/boxes replayed on the target (baseline)
+* ``vcp_no_dta``     the ablation "VCP without DTA": adapters trained with ``train --no-dta``
+                     (``--ablation-adapters``), or else, labelled as such, the ``--adapters`` with every DTA
+                     branch switched off at test time
+
+A pixel is foreground where the predicted probability exceeds 0.5. Per novel class, intersections and unions
+are summed over its episodes; mIoU is the mean over classes and FB-IoU the mean of foreground and background
+IoU over all episodes (:mod:`.metrics`). Episodes: ``--episodes N`` per class (balanced, default), or
+``--per-fold N`` in all (the iSAID-5i protocol: 1,000 per fold; a query image is drawn, then a class it holds).
+
+Frozen-encoder outputs go through the on-disk feature cache (see :mod:`.feature_cache`), so every image is
+encoded once for all modes and shot counts (and later runs). A table goes to stdout; ``--json`` writes the
+per-class numbers, seed, episode count and fingerprint, model and adapter sha256, and seconds per episode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from ..errors import InputError
+
+MODES = ("virefsam", "training_free", "static_prompt", "vcp_no_dta")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--kind", default=None, help="dataset reader (default: from the folder name)")
+    p.add_argument("--split", default="val", help="split for iSAID / LoveDA (default val)")
+    p.add_argument("--fold", type=int, default=None, help="evaluate this fold's novel classes (default: all classes)")
+    p.add_argument("--classes", default=None, help="comma-separated class names or ids (overrides --fold)")
+    p.add_argument("--shots", default="1,5", help="comma-separated shot counts (default 1,5)")
+    p.add_argument("--episodes", type=int, default=40, help="episodes per class (default 40)")
+    p.add_argument("--per-fold", type=int, default=None, help="N episodes in all, PASCAL-5i/iSAID-5i style")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-pixels", type=int, default=None)
+    p.add_argument("--modes", default="virefsam,training_free,static_prompt,vcp_no_dta")
+    p.add_argument("--adapters", default=None, help="trained adapters (.pt from train)")
+    p.add_argument("--ablation-adapters", default=None, help="adapters trained with --no-dta")
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--feature-cache", default=None, help="frozen-feature cache (default cache_dir()/features)")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _predictors(args, engine):
+    """mode -> (ReferencePredictor, note) for the requested modes; skipped modes -> (None, reason)."""
+    from ..modeling.predictor import ReferencePredictor
+    from ..modeling.virefsam import ViRefSAM
+
+    out = OrderedDict()
+    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        if mode not in MODES:
+            raise InputError(f"Unknown mode '{mode}': choose from {', '.join(MODES)}.")
+        if mode in ("training_free", "static_prompt"):
+            out[mode] = (ReferencePredictor(engine, mode=mode, seed=args.seed), "")
+        elif mode == "virefsam":
+            if not args.adapters:
+                out[mode] = (None, "skipped: no --adapters")
+                continue
+            model = ViRefSAM.from_adapters(engine.sam, args.adapters, seed=args.seed)
+            out[mode] = (ReferencePredictor(engine, mode="virefsam", adapters=model, seed=args.seed), "")
+        else:  # vcp_no_dta
+            if args.ablation_adapters:
+                model = ViRefSAM.from_adapters(engine.sam, args.ablation_adapters, seed=args.seed)
+                note = f"adapters trained with --no-dta: {args.ablation_adapters}"
+            elif args.adapters:
+                model = ViRefSAM.from_adapters(engine.sam, args.adapters, seed=args.seed)
+                note = "test-time ablation: the DTA branches of --adapters switched off"
+            else:
+                out[mode] = (None, "skipped: no --adapters / --ablation-adapters")
+                continue
+            disable_dta(model)
+            out[mode] = (ReferencePredictor(engine, mode="virefsam", adapters=model, seed=args.seed), note)
+    return out
+
+
+def disable_dta(model) -> None:
+    """Zero every DTA adapter's (zero-initialised) output projection: the adapted encoder pass then returns the
+    plain embedding exactly, and VCP works alone."""
+    import torch
+
+    with torch.no_grad():
+        for ad in model.encoder.adapters:
+            ad.up.weight.zero_()
+            ad.up.bias.zero_()
+
+
+def run(args) -> int:
+    from .episodes import episodes_sha256, load_episode, sample_episodes
+    from .metrics import FewShotMeter, format_table
+    from .train import build_engine, file_sha256, open_data
+
+    shots = [int(s) for s in str(args.shots).split(",") if s.strip()]
+    ds = open_data(args)
+    if args.classes:
+        classes = [ds.class_id(c.strip()) for c in args.classes.split(",") if c.strip()]
+    else:
+        classes = ds.novel_classes(args.fold)
+    engine, backbone = build_engine(args)
+    preds = _predictors(args, engine)
+    report = OrderedDict(
+        dataset=ds.name, data=str(Path(args.data).resolve()), fold=args.fold,
+        classes={str(c): ds.classes[c] for c in classes}, seed=args.seed, threshold=args.threshold,
+        protocol="per_fold" if args.per_fold else "per_class",
+        model=backbone, device=str(engine.device), precision=args.precision,
+        adapters=({"path": str(Path(args.adapters).resolve()), "sha256": file_sha256(args.adapters)}
+                  if args.adapters else None),
+        ablation_adapters=({"path": str(Path(args.ablation_adapters).resolve()),
+                            "sha256": file_sha256(args.ablation_adapters)} if args.ablation_adapters else None),
+        modes={m: (note or "ok") for m, (_, note) in preds.items()},
+        results=OrderedDict(),
+    )
+    active = [(m, p) for m, (p, _) in preds.items() if p is not None]
+    if not active:
+        raise InputError("No mode can run: give --adapters or choose training_free / static_prompt.")
+    for k in shots:
+        if args.per_fold:
+            eps = sample_episodes(ds, classes, n=args.per_fold, shots=k, seed=args.seed,
+                                  min_pixels=args.min_pixels, per_class=False)
+        else:
+            eps = sample_episodes(ds, classes, n=args.episodes, shots=k, seed=args.seed, min_pixels=args.min_pixels)
+        meters = OrderedDict((m, FewShotMeter()) for m, _ in active)
+        seconds = {m: 0.0 for m, _ in active}
+        bar = None
+        if not args.quiet:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(eps), desc=f"{k}-shot", unit="ep", dynamic_ncols=True)
+        t0 = time.time()
+        for n, ep in enumerate(eps, 1):
+            data = load_episode(ds, ep)
+            for m, pred in active:
+                t = time.time()
+                pred.set_references(data.references)
+                prob = pred.predict(data.query_image)
+                seconds[m] += time.time() - t
+                meters[m].update(ep.class_name, prob > args.threshold, data.query_mask, data.query_ignore)
+            if bar is not None:
+                bar.set_postfix({m: f"{meters[m].miou():.1f}" for m, _ in active})
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        print()
+        print(format_table(meters, title=f"{ds.name} {k}-shot, {len(eps)} episodes, seed {args.seed}: IoU %"))
+        report["results"][f"{k}-shot"] = OrderedDict(
+            episodes=len(eps), episodes_sha256=episodes_sha256(eps), wall_s=round(time.time() - t0, 1),
+            modes=OrderedDict((m, dict(meters[m].summary(), s_per_episode=round(seconds[m] / max(len(eps), 1), 3)))
+                              for m, _ in active))
+    report["feature_cache"] = {"hits": engine.hits, "misses": engine.misses}
+    for m, (p, note) in preds.items():
+        if p is None or note:
+            print(f"{m}: {note}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"results: {args.json}")
+    return 0
