@@ -170,6 +170,25 @@ def test_mobile_sam_with_its_classifier_head_loads(tmp_path, embedded_state_dict
     assert "image_encoder.head.weight" not in sam.state_dict()
 
 
+def test_unknown_vit_b_file_loads_without_a_random_init(tmp_path):
+    """A complete ViT-B-shaped file (random values, 94 M parameters) is checked, then loaded as it is."""
+    gen = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(shape, generator=gen) * 0.02 for k, shape in checkpoints.expected_shapes("vit_b").items()}
+    p = tmp_path / "finetuned_vit_b.pth"
+    torch.save(sd, p)
+    sam = build_sam("vit_b", checkpoint=p)
+    assert not sam.training and all(not q.requires_grad for q in sam.parameters())
+    assert all(not t.is_meta for t in list(sam.parameters()) + list(sam.buffers()))
+    assert torch.equal(sam.image_encoder.blocks[11].attn.qkv.weight, sd["image_encoder.blocks.11.attn.qkv.weight"])
+    assert torch.allclose(sam.pixel_mean.flatten(), torch.tensor([123.675, 116.28, 103.53]))
+    with torch.no_grad():  # the prompt side runs (the 1024 ViT-B encoder itself is too slow for this test)
+        sparse, dense = sam.prompt_encoder(points=None, boxes=torch.tensor([[10.0, 10.0, 200.0, 300.0]]), masks=None)
+        low, iou = sam.mask_decoder(torch.randn(1, 256, 64, 64), sam.prompt_encoder.get_dense_pe(), sparse, dense, True)
+    assert low.shape == (1, 3, 256, 256) and torch.isfinite(low).all()
+    del sd, sam
+    assert "looks like a SAM ViT-B (vit_b) checkpoint, not SAM ViT-L" in _refusal(p, "vit_l")
+
+
 def test_known_hash_of_another_model_is_named(vit_t_file, monkeypatch):
     digest = checkpoints.sha256_file(vit_t_file)
     monkeypatch.setitem(checkpoints.KNOWN_CHECKPOINTS, digest, ("vit_h", "sam_vit_h_4b8939.pth"))

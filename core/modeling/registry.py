@@ -18,6 +18,7 @@ SAM's forward; it is replaced by ``nn.Identity`` so that the model holds only we
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -158,10 +159,31 @@ def build_sam(name: str = "embedded", checkpoint: Optional[Union[str, Path]] = N
                 f"The model '{name}' needs its checkpoint file: choose the file, or use the model 'embedded'."
             )
         state_dict = checkpoints.load_checkpoint(checkpoint, name)
-    sam = build_architecture(name)
-    missing, unexpected = sam.load_state_dict(state_dict, strict=False, assign=True)  # no second copy in memory
-    if missing or unexpected:  # checkpoints.load_checkpoint has checked this already; a bug if reached
+    return freeze(assemble(name, state_dict))
+
+
+def assemble(name: str, state_dict):
+    """The architecture of ``name`` holding exactly the tensors of ``state_dict`` (already checked).
+
+    Meta's ViT models are built on the meta device and take the checkpoint's tensors as they are
+    (``assign=True``): no random initialisation of up to 636 M parameters and no second copy in memory. Their
+    only non-persistent buffers, ``pixel_mean``/``pixel_std``, are then made again. TinyViT computes index
+    tables while it is built, so it is built on the CPU (it is small).
+    """
+    import torch
+
+    on_meta = name in VIT_CONFIGS
+    with torch.device("meta") if on_meta else nullcontext():
+        sam = build_architecture(name)
+    missing, unexpected = sam.load_state_dict(state_dict, strict=False, assign=True)
+    if missing or unexpected:  # checkpoints.check_state_dict has ruled this out; a bug if reached
         raise ModelError(
             f"The weights for '{name}' do not fit the model ({len(missing)} missing, {len(unexpected)} unexpected)."
         )
-    return freeze(sam)
+    if on_meta:
+        sam.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
+        sam.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
+    left = [k for k, t in list(sam.named_parameters()) + list(sam.named_buffers()) if t.is_meta]
+    if left:
+        raise ModelError(f"The model '{name}' was left without the tensor {left[0]}; this is a bug.")
+    return sam

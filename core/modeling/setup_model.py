@@ -200,7 +200,9 @@ def load_embedded_state_dict(log: Log = None):
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception:
-        raise ModelError(f"The converted weights {path} cannot be read: run python -m core setup-model --force.") from None
+        raise ModelError(
+            f"The converted weights {path} cannot be read: run python -m core setup-model --force."
+        ) from None
 
 
 # -- command line ----------------------------------------------------------------------------------------------
