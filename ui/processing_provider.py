@@ -113,7 +113,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(
             QgsProcessingParameterFeatureSource(
                 self.REFERENCE_VECTOR,
-                "Reference marks (polygons or lines on one example of the class)",
+                "Reference marks (polygons or lines on one example of the class; role=background: background)",
                 [QgsProcessing.TypeVectorPolygon, QgsProcessing.TypeVectorLine],
             )
         )
@@ -172,15 +172,19 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
     # -- run ----------------------------------------------------------------------------------------------------
     @staticmethod
     def _marks(source):
+        """(foreground WKTs, background WKTs) of a source. As in ``python -m core segment``, a feature whose
+        attribute ``role`` is ``background`` marks background; every other polygon or line marks the class."""
         if source is None:
-            return ()
-        out = []
+            return (), ()
+        role = source.fields().lookupField("role")
+        fg, bg = [], []
         for f in source.getFeatures():
             g = f.geometry()
             if g.isNull() or g.isEmpty() or g.type() not in (QgsWkbTypes.PolygonGeometry, QgsWkbTypes.LineGeometry):
                 continue
-            out.append(g.asWkt())
-        return tuple(out)
+            is_bg = role >= 0 and str(f.attribute(role) or "").strip().lower() == "background"
+            (bg if is_bg else fg).append(g.asWkt())
+        return tuple(fg), tuple(bg)
 
     def build_params(self, parameters, context):
         """The engine's RunParams from the algorithm's parameters (all copied to plain values)."""
@@ -196,22 +200,24 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
         fg_source = self.parameterAsSource(parameters, self.REFERENCE_VECTOR, context)
         if fg_source is None:
             raise QgsProcessingException("The reference marks layer could not be opened.")
-        foreground = self._marks(fg_source)
+        foreground, background = self._marks(fg_source)
         if not foreground:
             raise QgsProcessingException(
                 "The reference marks layer has no polygon or line (or none is selected): mark one example first."
             )
         bg_source = self.parameterAsSource(parameters, self.BACKGROUND_VECTOR, context)
-        background = self._marks(bg_source)
-        if bg_source is not None and background and bg_source.sourceCrs() != fg_source.sourceCrs():
+        more_fg, more_bg = self._marks(bg_source)
+        extra = more_fg + more_bg  # everything in the background layer marks background
+        if bg_source is not None and extra and bg_source.sourceCrs() != fg_source.sourceCrs():
             # one ReferenceSpec has one CRS: bring the background marks into the foreground's CRS
             ct = QgsCoordinateTransform(bg_source.sourceCrs(), fg_source.sourceCrs(), context.transformContext())
             moved = []
-            for wkt in background:
+            for wkt in extra:
                 g = QgsGeometry.fromWkt(wkt)
                 g.transform(ct)
                 moved.append(g.asWkt())
-            background = tuple(moved)
+            extra = tuple(moved)
+        background = background + extra
 
         targets = []
         for layer in self.parameterAsLayerList(parameters, self.TARGETS, context):

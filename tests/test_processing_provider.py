@@ -1,0 +1,162 @@
+"""The Processing algorithm "Segment rasters from a reference": registry, parameters, processing.run with the
+real engine, refusals as QgsProcessingException sentences, and qgis_process."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("qgis.core")
+
+from qgis.core import (  # noqa: E402
+    QgsApplication,
+    QgsFeature,
+    QgsGeometry,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsVectorLayer,
+)
+
+ALG = "virefsam:segment_from_reference"
+REF_TILE = "area2_OAM-1238452-1046530-21"
+TARGET_TILES = ("area2_OAM-1238449-1046529-21", "area2_OAM-1238454-1046535-21")
+
+
+@pytest.fixture(scope="module")
+def provider(qgis_processing, virefsam_pkg):
+    from virefsam.ui.processing_provider import ViRefSamProvider
+
+    registry = QgsApplication.processingRegistry()
+    if registry.providerById("virefsam") is not None:
+        registry.removeProvider(registry.providerById("virefsam"))
+    p = ViRefSamProvider()
+    assert registry.addProvider(p)
+    yield p
+    registry.removeProvider(p)
+
+
+@pytest.fixture
+def paths(shared_data):
+    base = shared_data / "oam_buildings"
+    return {
+        "ref": str(base / "images" / f"{REF_TILE}.tif"),
+        "labels": str(base / "labels_geojson" / f"{REF_TILE}.geojson"),
+        "targets": [str(base / "images" / f"{t}.tif") for t in TARGET_TILES],
+    }
+
+
+def base_params(paths, out):
+    return {
+        "REFERENCE_RASTER": paths["ref"],
+        "REFERENCE_VECTOR": paths["labels"],
+        "TARGETS": paths["targets"],
+        "CLASS_NAME": "building",
+        "MODEL": 0,
+        "MODE": 1,  # training-free
+        "DEVICE": 1,  # cpu
+        "TILE_SIZE": 256,
+        "OVERLAP": 32,
+        "OUTPUT": out,
+    }
+
+
+def test_algorithm_is_registered_with_its_parameters(provider):
+    alg = QgsApplication.processingRegistry().algorithmById(ALG)
+    assert alg is not None and alg.displayName() == "Segment rasters from a reference"
+    names = [p.name() for p in alg.parameterDefinitions()]
+    for n in ("REFERENCE_RASTER", "REFERENCE_VECTOR", "BACKGROUND_VECTOR", "TARGETS", "CLASS_NAME", "MODEL",
+              "CHECKPOINT", "MODE", "DEVICE", "TILE_SIZE", "OVERLAP", "THRESHOLD", "MIN_AREA", "SIMPLIFY", "OUTPUT"):
+        assert n in names
+    assert "pip install" in alg.shortHelpString()
+    assert [o.name() for o in alg.outputDefinitions()] == ["OUTPUT", "N_OBJECTS"]
+
+
+def test_parameters_become_plain_run_params(provider, paths, qgis_project):
+    """Reference marks with a `role` attribute: background features go to ReferenceSpec.background."""
+    labels = QgsVectorLayer(paths["labels"], "labels", "ogr")
+    marks = QgsVectorLayer("Polygon?crs=EPSG:4326&field=role:string", "marks", "memory")
+    feats = []
+    for i, f in enumerate(labels.getFeatures()):
+        nf = QgsFeature(marks.fields())
+        nf.setGeometry(QgsGeometry(f.geometry()))
+        nf["role"] = "background" if i == 0 else "object"
+        feats.append(nf)
+    marks.dataProvider().addFeatures(feats)
+    qgis_project.addMapLayer(marks)
+    alg = QgsApplication.processingRegistry().createAlgorithmById(ALG)
+    context = QgsProcessingContext()
+    context.setProject(qgis_project)
+    params = base_params(paths, "TEMPORARY_OUTPUT")
+    params["REFERENCE_VECTOR"] = marks.id()
+    run = alg.build_params(params, context)
+    ref = run.references[0]
+    assert len(ref.background) == 1 and len(ref.foreground) == len(feats) - 1
+    assert ref.crs == "EPSG:4326" and ref.raster == paths["ref"]
+    assert run.targets == tuple(paths["targets"]) and run.mode == "training_free"
+    assert run.model.device == "cpu" and run.model.adapters is None and run.tile_size == 256
+
+
+def test_refusals_are_processing_exceptions_with_one_sentence(provider, paths, qgis_project, qgis_processing):
+    import processing
+
+    params = base_params(paths, "TEMPORARY_OUTPUT")
+    params["MODEL"] = 2  # vit_b without its checkpoint
+    with pytest.raises(QgsProcessingException, match="checkpoint"):
+        processing.run(ALG, params)
+    params = base_params(paths, "TEMPORARY_OUTPUT")
+    params["TILE_SIZE"], params["OVERLAP"] = 128, 100
+    with pytest.raises(QgsProcessingException, match="overlap"):
+        processing.run(ALG, params)
+
+
+def test_processing_run_with_the_real_engine(provider, paths, qgis_processing, tmp_path):
+    import processing
+
+    from virefsam.core.results import FIELDS
+
+    out = str(tmp_path / "buildings.gpkg")
+    feedback = QgsProcessingFeedback()
+    progress = []
+    feedback.progressChanged.connect(progress.append)
+    result = processing.run(ALG, base_params(paths, out), feedback=feedback)
+    assert result["OUTPUT"].startswith(out)
+    layer = QgsVectorLayer(result["OUTPUT"], "out", "ogr")
+    assert layer.isValid() and layer.crs().authid() == "EPSG:4326"
+    assert [f.name() for f in layer.fields() if f.name() != "fid"] == [n for n, _ in FIELDS]
+    assert layer.featureCount() == result["N_OBJECTS"] > 0
+    sources = {Path(f["source"]).stem for f in layer.getFeatures()}
+    assert sources <= set(TARGET_TILES)
+    for f in layer.getFeatures():
+        assert f["class_name"] == "building" and f.geometry().isGeosValid()
+    assert progress and max(progress) >= 99
+
+
+def test_qgis_process_runs_the_algorithm(plugin_parent, paths, tmp_path):
+    """The command-line runner of QGIS finds the provider (metadata hasProcessingProvider=yes) and runs it."""
+    exe = shutil.which("qgis_process.bin") or shutil.which("qgis_process")
+    if exe is None:
+        pytest.skip("qgis_process is not installed")
+    home = tmp_path / "home"
+    ini = home / ".local/share/QGIS/QGIS3/profiles/default/QGIS/QGIS3.ini"
+    ini.parent.mkdir(parents=True)
+    ini.write_text("[PythonPlugins]\nvirefsam=true\n")
+    site = next(Path(sys.prefix).glob("lib/python3*/site-packages"))
+    env = dict(os.environ, HOME=str(home), QT_QPA_PLATFORM="offscreen", QGIS_PLUGINPATH=str(plugin_parent),
+               PYTHONPATH=str(site), XDG_RUNTIME_DIR=str(tmp_path / "run"))
+    (tmp_path / "run").mkdir(mode=0o700)
+    listing = subprocess.run([exe, "plugins"], capture_output=True, text=True, env=env, timeout=300)
+    assert "* virefsam" in listing.stdout, listing.stdout + listing.stderr
+    out = tmp_path / "qp.gpkg"
+    cmd = [exe, "run", ALG, "--",
+           f"REFERENCE_RASTER={paths['ref']}", f"REFERENCE_VECTOR={paths['labels']}",
+           f"TARGETS={paths['targets'][0]}", "CLASS_NAME=building", "MODE=1", "DEVICE=1",
+           "TILE_SIZE=256", "OVERLAP=32", f"OUTPUT={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "N_OBJECTS" in proc.stdout
+    layer = QgsVectorLayer(str(out), "qp", "ogr")
+    assert layer.isValid() and layer.featureCount() > 0
