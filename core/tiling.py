@@ -18,6 +18,7 @@ Typical use (what ``core.pipeline`` does)::
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -180,6 +181,13 @@ def resize_nearest(a: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
     return a[r][:, c]
 
 
+@functools.lru_cache(maxsize=8)
+def _feather_cached(h: int, w: int, feather: int) -> np.ndarray:
+    a = feather_weights((h, w), feather)
+    a.flags.writeable = False
+    return a
+
+
 def feather_weights(shape: Tuple[int, int], feather: int) -> np.ndarray:
     """Separable blending weight of a window: a linear ramp from ~0 to 1 over ``feather`` pixels at each border.
 
@@ -266,7 +274,7 @@ class ProbabilityStitcher:
             v = resize_nearest(np.asarray(valid, dtype=bool), (wh, ww))
             p = np.where(v, p, np.float32(0.0))
         feather = self.feather if self.feather is not None else max(1, min(wh, ww) // 4)
-        wt = feather_weights((wh, ww), feather)
+        wt = _feather_cached(wh, ww, int(feather))
         sl = (slice(r0, r0 + wh), slice(c0, c0 + ww))
         self._acc[sl] += wt * p
         self._w[sl] += wt

@@ -38,7 +38,6 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.features import rasterize, shapes
 from shapely import affinity
 from shapely.geometry import Polygon, shape
-from shapely.geometry.polygon import orient
 
 from .errors import CancelledError
 from .results import Feature
@@ -112,13 +111,35 @@ class AreaCalculator:
             return float(pixel_area)
         if self._mode == "planar":
             return float(geom.area) * self._factor
-        g = geom
-        if self._to_lonlat is not None:
-            from shapely.ops import transform as shp_transform
+        polys = list(geom.geoms) if hasattr(geom, "geoms") else [geom]
+        total = 0.0
+        for p in polys:
+            total += self._ring_area(p.exterior) - sum(self._ring_area(r) for r in p.interiors)
+        return abs(total)
 
-            g = shp_transform(self._to_lonlat.transform, g)
-        g = orient(g, 1.0) if isinstance(g, Polygon) else g
-        return abs(float(self._geod.geometry_area_perimeter(g)[0]))
+    def _ring_area(self, ring) -> float:
+        """Unsigned geodesic area enclosed by one ring (vectorised coordinate transform)."""
+        xy = np.asarray(ring.coords, dtype=np.float64)
+        x, y = xy[:, 0], xy[:, 1]
+        if self._to_lonlat is not None:
+            x, y = self._to_lonlat.transform(x, y)
+        return abs(float(self._geod.polygon_area_perimeter(x, y)[0]))
+
+
+def _signed_area(xy: np.ndarray) -> float:
+    x, y = xy[:, 0], xy[:, 1]
+    return 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))
+
+
+def _orient_ccw(p: Polygon) -> Polygon:
+    """The polygon with a counter-clockwise exterior and clockwise holes (the OGC / GeoJSON convention)."""
+    ext = np.asarray(p.exterior.coords)
+    holes = [np.asarray(r.coords) for r in p.interiors]
+    ext_ok = _signed_area(ext) > 0
+    holes_ok = [_signed_area(h) < 0 for h in holes]
+    if ext_ok and all(holes_ok):
+        return p
+    return Polygon(ext if ext_ok else ext[::-1], [h if ok else h[::-1] for h, ok in zip(holes, holes_ok)])
 
 
 def _threshold_blocks(prob, threshold: float) -> Iterable[Tuple[int, np.ndarray]]:
@@ -214,6 +235,11 @@ def vectorize(
     """
     if prob.ndim != 2:
         raise ValueError(f"prob must be 2-D, got shape {prob.shape}")
+    with rasterio.Env():  # one GDAL environment, not one per rasterize() call
+        return _vectorize(prob, transform, crs, threshold, min_area, simplify, fill_holes, is_cancelled, tmp_dir)
+
+
+def _vectorize(prob, transform, crs, threshold, min_area, simplify, fill_holes, is_cancelled, tmp_dir):
     area_of = AreaCalculator(crs)
     params = [transform.a, transform.b, transform.d, transform.e, transform.c, transform.f]
 
@@ -269,7 +295,7 @@ def vectorize(
             s = poly.simplify(float(simplify), preserve_topology=True)
             if isinstance(s, Polygon) and not s.is_empty and s.is_valid and s.area > 0:
                 g = s
-        g = orient(affinity.affine_transform(g, params), 1.0)
+        g = _orient_ccw(affinity.affine_transform(g, params))
         out.append(Detection(g, float(score), area_of(g, px_area), area_of.unit, px_area))
     return out
 
