@@ -21,6 +21,7 @@ point, box and mask prompt is derived from the reference prototypes.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -112,6 +113,9 @@ class ViRefSAM(nn.Module):
         self.vcp = VCPEncoder(dim=dim, prompt_dim=dim, n_queries=n_queries)
         self.n_bg, self.seed = n_bg, seed
         self.config = {"n_queries": n_queries, "n_bg": n_bg, "dta_dim": dta_dim}
+        # optional callable returning a context for the encoder passes (e.g. SamEngine.autocast for bf16/fp16);
+        # everything else runs in the parameters' dtype, like SamEngine's decoder
+        self.encoder_autocast = None
 
     # -- training plumbing ------------------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -184,10 +188,15 @@ class ViRefSAM(nn.Module):
         return model.load_adapters(blob)
 
     # -- passes 1 and 2 ---------------------------------------------------------------------------------------
+    def _encoder_context(self):
+        return self.encoder_autocast() if callable(self.encoder_autocast) else nullcontext()
+
     @torch.no_grad()
     def encode_plain(self, x: torch.Tensor) -> torch.Tensor:
         """Frozen encoder: B x 3 x 1024 x 1024 -> B x 256 x 64 x 64 (no gradient: SAM is frozen)."""
-        return self.sam.image_encoder(x)
+        with self._encoder_context():
+            emb = self.sam.image_encoder(x)
+        return emb.to(next(self.vcp.parameters()).dtype)
 
     def reference_prototypes(
         self, feats: torch.Tensor, masks: torch.Tensor, valid: Optional[torch.Tensor] = None
@@ -221,7 +230,9 @@ class ViRefSAM(nn.Module):
         pmask, margin, assign = pseudo_mask(plain, refined, valid)
 
         # pass 3: adapted encoder
-        emb = self.encoder(target_x, DTAContext(table, assign))
+        with self._encoder_context():
+            emb = self.encoder(target_x, DTAContext(table, assign))
+        emb = emb.to(plain.dtype)
 
         # pass 4: VCP queries (Eq. 4)
         queries, l_reg = self.vcp.queries(refined.fg, emb, pe, pmask, valid)

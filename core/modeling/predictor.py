@@ -1,0 +1,219 @@
+"""The one inference API used by the pipeline and the evaluation.
+
+    pred = ReferencePredictor(engine, mode="virefsam" | "training_free" | "static_prompt", adapters=None | path | ViRefSAM)
+    pred.set_references([(image HxWx3 uint8, mask HxW bool), ...])    # K shots, encoded once
+    prob = pred.predict(tile)                                           # HxW float32 in [0, 1]
+    probs = pred.predict_batch([tile, ...])                             # one batched encoder pass
+
+Modes:
+
+* ``virefsam`` - frozen SAM + trained VCP/DTA adapters (:class:`.virefsam.ViRefSAM`). Without adapters
+  (``adapters=None``) there is nothing trained to run, so the predictor runs ``training_free`` instead and
+  says so in :attr:`ReferencePredictor.mode` (``requested_mode`` keeps what was asked).
+* ``training_free`` - prototype matching -> per-component prompts -> SAM -> prototype filter -> union
+  (:mod:`.training_free`).
+* ``static_prompt`` - the reference masks' own points and boxes replayed on the target (ablation baseline).
+
+The engine (``core.modeling.engine.SamEngine``) supplies the model (``engine.sam``), the device and the
+pre/post-processing (``preprocess``, ``encode``, ``postprocess``). Each target's plain (frozen-encoder)
+embedding does not depend on the class; the last ``cache_size`` of them are kept, keyed by the tile's bytes,
+so the same tile predicted for another reference set skips that encoder pass (``cache=`` shares them
+between predictors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError, ModelError
+from .prototypes import GRID, Prototypes, build_prototypes, valid_grid
+from .training_free import static_prompt_logits, static_prompts_from_mask, training_free_logits
+
+MODES = ("virefsam", "training_free", "static_prompt")
+
+
+@dataclass
+class _Target:
+    x: torch.Tensor  # 1 x 3 x 1024 x 1024
+    input_size: Tuple[int, int]
+    original_size: Tuple[int, int]
+    plain: torch.Tensor  # 1 x 256 x 64 x 64
+    valid: torch.Tensor  # 1 x 64 x 64 bool
+
+
+def _check_image(image, what: str = "image") -> np.ndarray:
+    a = np.asarray(image)
+    if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
+        raise InputError(f"The {what} must be an RGB array of shape HxWx3 and type uint8, got {a.shape} {a.dtype}.")
+    if a.shape[0] < 2 or a.shape[1] < 2:
+        raise InputError(f"The {what} is too small ({a.shape[1]}x{a.shape[0]} pixels).")
+    return a
+
+
+def _digest(image: np.ndarray) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(image.shape).encode())
+    h.update(np.ascontiguousarray(image).tobytes())
+    return h.hexdigest()
+
+
+def mask_fraction_grid(
+    mask: np.ndarray, input_size: Tuple[int, int], img_size: int = 1024, grid: int = GRID
+) -> torch.Tensor:
+    """Reference mask (H x W bool) -> fraction of each embedding cell it covers (grid x grid), in the padded
+    input frame: resized like the image to ``input_size`` (antialiased), padded bottom/right, area-pooled."""
+    h, w = input_size
+    m = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None]
+    m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    m = F.pad(m, (0, img_size - w, 0, img_size - h))
+    return F.adaptive_avg_pool2d(m, grid)[0, 0].clamp(0.0, 1.0)
+
+
+class ReferencePredictor:
+    """Segment a class, given by K reference (image, mask) pairs, in target tiles (see the module doc)."""
+
+    def __init__(
+        self,
+        engine,
+        mode: str = "virefsam",
+        adapters: Union[None, str, Path, "torch.nn.Module"] = None,
+        n_bg: int = 5,
+        seed: int = 0,
+        max_prompts: int = 32,
+        use_box: bool = True,
+        cache_size: int = 2,
+        cache: "Optional[OrderedDict]" = None,
+    ) -> None:
+        if mode not in MODES:
+            raise InputError(f"Unknown mode '{mode}': choose one of {', '.join(MODES)}.")
+        self.engine = engine
+        self.sam = engine.sam
+        self.requested_mode = mode
+        self.n_bg, self.seed = n_bg, seed
+        self.max_prompts, self.use_box = max_prompts, use_box
+        self.cache_size = cache_size
+        # tile digest -> plain embedding; pass one OrderedDict to several predictors (other classes, other modes
+        # on the same engine) to share the frozen-encoder passes
+        self._cache: "OrderedDict[str, _Target]" = OrderedDict() if cache is None else cache
+        self.model = None
+        if mode == "virefsam" and adapters is None:
+            mode = "training_free"
+        self.mode = mode
+        if mode == "virefsam":
+            from .virefsam import ViRefSAM
+
+            if isinstance(adapters, ViRefSAM):
+                model = adapters
+            elif isinstance(adapters, (str, Path)):
+                model = ViRefSAM.from_adapters(self.sam, adapters, seed=seed)
+            else:
+                raise ModelError("Adapters must be a path to a .pt file or a ViRefSAM model.")
+            dtype = next(self.sam.parameters()).dtype
+            self.model = model.to(device=self._device(), dtype=dtype).eval()
+            self.model.encoder_autocast = getattr(engine, "autocast", None)  # bf16/fp16 for the encoder pass only
+            self.n_bg = model.n_bg
+        self._protos: Optional[Prototypes] = None
+        self._static: Optional[Tuple[np.ndarray, np.ndarray]] = None
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        dev = getattr(self.engine, "device", None)
+        return torch.device(dev) if dev is not None else next(self.sam.parameters()).device
+
+    def _encode(self, images: Sequence[np.ndarray]) -> List[_Target]:
+        """Preprocess and run the frozen encoder once for all images not in the cache (one batched pass)."""
+        keys = [f"{id(self.sam):x}:{_digest(im)}" for im in images]  # the model is part of the key
+        todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        fresh = {}
+        if todo:
+            pre = [self.engine.preprocess(images[i]) for i in todo]
+            xs = torch.cat([p[0] for p in pre])
+            plain = self.engine.encode(xs)
+            for j, i in enumerate(todo):
+                input_size = tuple(int(v) for v in pre[j][1])
+                valid = valid_grid(input_size, int(xs.shape[-1]), int(plain.shape[-1]), device=plain.device)
+                fresh[keys[i]] = _Target(
+                    pre[j][0], input_size, tuple(images[i].shape[:2]), plain[j : j + 1], valid[None]
+                )
+        out = []
+        for k in keys:
+            t = fresh.get(k) or self._cache[k]
+            out.append(t)
+            if self.cache_size > 0:
+                self._cache[k] = t
+                self._cache.move_to_end(k)
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return out
+
+    # -- references -------------------------------------------------------------------------------------------
+    def set_references(self, references: Sequence[Tuple[np.ndarray, np.ndarray]]) -> None:
+        """K shots of (image HxWx3 uint8, mask HxW bool); each is encoded once, here."""
+        refs = list(references)
+        if not refs:
+            raise InputError("No reference was given: mark at least one example of the class first.")
+        images, masks = [], []
+        for i, (image, mask) in enumerate(refs, 1):
+            image = _check_image(image, f"reference image {i}")
+            mask = np.asarray(mask).astype(bool)
+            if mask.shape != image.shape[:2]:
+                raise InputError(
+                    f"Reference {i}: the mask ({mask.shape[1]}x{mask.shape[0]}) does not match its image "
+                    f"({image.shape[1]}x{image.shape[0]})."
+                )
+            if not mask.any():
+                raise InputError(f"Reference {i} marks nothing: draw at least one object of the class.")
+            images.append(image)
+            masks.append(mask)
+        with torch.inference_mode():
+            if self.mode == "static_prompt":
+                pts, bxs = zip(*(static_prompts_from_mask(m, self.max_prompts) for m in masks))
+                self._static = (np.concatenate(pts)[: self.max_prompts], np.concatenate(bxs)[: self.max_prompts])
+                self._protos = None
+                return
+            targets = [self._encode([im])[0] for im in images]  # one at a time: K x 12 MB inputs at most
+            feats = torch.cat([t.plain for t in targets])
+            grid = feats.shape[-1]
+            frac = torch.stack(
+                [mask_fraction_grid(m, t.input_size, int(t.x.shape[-1]), grid) for m, t in zip(masks, targets)]
+            ).to(feats.device, feats.dtype)
+            valid = torch.cat([t.valid for t in targets])
+            self._protos = build_prototypes(feats, frac, valid, self.n_bg, self.seed)
+
+    # -- prediction -------------------------------------------------------------------------------------------
+    def _low_res(self, t: _Target) -> torch.Tensor:
+        if self.mode == "static_prompt":
+            pts, bxs = self._static
+            return static_prompt_logits(self.sam, t.plain, pts, bxs, t.input_size, self.use_box)
+        if self.mode == "training_free":
+            low, _ = training_free_logits(
+                self.sam, t.plain, self._protos, t.valid, self.max_prompts, self.use_box
+            )
+            return low
+        out = self.model(t.x, self._protos, plain=t.plain, valid=t.valid)
+        return out["low_res_logits"][:, :1]
+
+    def predict_batch(self, images: Sequence[np.ndarray]) -> List[np.ndarray]:
+        """HxW float32 probabilities in [0, 1] for each tile (one batched frozen-encoder pass for the batch)."""
+        if self._protos is None and self._static is None:
+            raise InputError("Set the references before predicting.")
+        images = [_check_image(im, "target tile") for im in images]
+        outs = []
+        with torch.inference_mode():
+            for t in self._encode(images):
+                low = self._low_res(t)
+                logits = self.engine.postprocess(low.float(), t.input_size, t.original_size)
+                outs.append(torch.sigmoid(logits[0, 0].float()).cpu().numpy().astype(np.float32))
+        return outs
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """HxW float32 probability in [0, 1] that each pixel of the tile belongs to the class."""
+        return self.predict_batch([image])[0]
