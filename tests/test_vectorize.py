@@ -197,6 +197,12 @@ def test_area_calculator_units():
     ft = AreaCalculator("EPSG:2263")  # NAD83 / New York Long Island (US survey feet)
     assert ft.unit == "m2" and ft(sq) == pytest.approx(10000 * 0.3048006096**2)
     assert AreaCalculator(None)(sq, 7) == 7
+    # geodesic areas subtract holes
+    geo = AreaCalculator("EPSG:4326")
+    outer, inner = box(36.0, -1.3, 36.001, -1.299), box(36.0002, -1.2998, 36.0006, -1.2994)
+    holed = Polygon(outer.exterior.coords, [inner.exterior.coords])
+    assert geo.unit == "m2" and geo(holed) == pytest.approx(geo(outer) - geo(inner), rel=1e-9)
+    assert geo(outer) == pytest.approx(111_320 * 111_320 * 1e-6 * np.cos(np.radians(1.3)), rel=0.01)
     eng = AreaCalculator('ENGCRS["local",EDATUM["x"],CS[Cartesian,2],AXIS["x",east,LENGTHUNIT["unknown",1]],'
                          'AXIS["y",north,LENGTHUNIT["unknown",1]]]')
     assert eng.unit in ("map_units2", "m2")

@@ -177,3 +177,31 @@ def test_write_results_and_layer_names(tmp_path, layers):
                  attributes=dict(layers[0].features[0].attributes))
     out = write_layers(str(tmp_path / "mp.gpkg"), [LayerData("mp", layers[0].crs_wkt, [mp])])
     assert len(_read_back(out[0])[0]) == len(getattr(mp.geometry, "geoms", [mp.geometry]))
+
+
+@pytest.mark.parametrize(
+    "rel,epsg",
+    [("oam_mosaics/kampala_buildings.tif", 3857), ("oam_buildings/masks/area4_OAM-1772465-966380-21.tif", 4326),
+     ("spacenet_atlanta/tiles/masks/sn_tile_r1_c1.tif", 32616), ("swiss_trees/masks/1091-322_05.tif", 2056)],
+)
+@pytest.mark.parametrize("fmt", ["gpkg", "shp"])
+def test_crs_and_positions_kept(tmp_path, shared_data, rel, epsg, fmt):
+    path = shared_data / rel
+    with rasterio.open(path) as ds:
+        win = rasterio.windows.Window(0, 0, min(512, ds.width), min(512, ds.height))
+        arr, t, crs = ds.read(1, window=win).astype(np.float32), ds.window_transform(win), ds.crs
+    feats = to_features(vectorize(arr, t, crs, fill_holes=False), class_name="c", source=str(path), ref_id="r",
+                        model="m")
+    assert feats
+    out = write_layers(str(tmp_path / f"o.{fmt}"), [LayerData(str(path), crs.to_wkt(), feats)])[0]
+    ds = ogr.Open(out)
+    lyr = ds.GetLayer(0)
+    srs = lyr.GetSpatialRef()
+    srs.AutoIdentifyEPSG()
+    assert int(srs.GetAuthorityCode(None)) == epsg
+    xmin, xmax, ymin, ymax = lyr.GetExtent()
+    left, bottom, right, top = rasterio.transform.array_bounds(arr.shape[0], arr.shape[1], t)
+    eps = 1e-9 * max(abs(left), abs(top), 1)
+    assert left - eps <= xmin and xmax <= right + eps and bottom - eps <= ymin and ymax <= top + eps
+    total = sum(f.GetGeometryRef().GetArea() for f in lyr)
+    assert total == pytest.approx(arr.sum() * abs(t.a * t.e), rel=1e-6)
