@@ -123,8 +123,8 @@ class SamEngine:
         multimask:    three masks (SAM's ambiguity outputs) instead of one.
         Returns ``(low_res_logits BxKx256x256, iou_predictions BxK)``, K = 3 if multimask else 1.
 
-        Gradients flow to ``sparse_extra`` (and ``mask_input``) when they require grad; otherwise the decode runs
-        without autograd.
+        Gradients flow to ``image_embeddings``, ``sparse_extra`` and ``mask_input`` when they require grad (SAM's
+        own weights stay frozen); otherwise the decode runs without autograd.
         """
         pe = self.sam.prompt_encoder
         dev = self.device
@@ -142,9 +142,7 @@ class SamEngine:
             box_t = torch.as_tensor(boxes, dtype=torch.float32, device=dev).reshape(-1, 4)
         masks_t = None if mask_input is None else mask_input.to(dev, torch.float32)
         extra = None if sparse_extra is None else sparse_extra.to(dev, torch.float32)
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (extra, masks_t)
-        )
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (emb, extra, masks_t))
         with torch.enable_grad() if needs_grad else torch.no_grad():
             sparse, dense = pe(points=pts, boxes=box_t, masks=masks_t)
             if extra is not None:
