@@ -31,8 +31,10 @@ KNOWN_CHECKPOINTS: Dict[str, Tuple[str, str]] = {
 }
 OFFICIAL_FILE_NAMES = {fname: name for name, fname in KNOWN_CHECKPOINTS.values()}
 
-# Tensors a checkpoint may carry that the model does not use (TinyViT's ImageNet classifier).
+# Tensors a checkpoint may carry that the model does not take from it: TinyViT's ImageNet classifier, and
+# TinyViT's attention index tables / cached biases (the model computes them itself) if a file has them.
 OPTIONAL_PREFIXES = ("image_encoder.head.", "image_encoder.norm_head.")
+OPTIONAL_SUFFIXES = (".attention_bias_idxs", ".attn.ab")
 
 # Image encoder width -> model, for telling what a file is.
 _VIT_WIDTHS = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
@@ -170,7 +172,9 @@ def check_state_dict(state_dict: Dict[str, object], name: str, path: Union[str, 
     want = expected_shapes(name)
     missing = [k for k in want if k not in state_dict]
     wrong = [k for k in want if k in state_dict and tuple(state_dict[k].shape) != want[k]]
-    extra = [k for k in state_dict if k not in want and not k.startswith(OPTIONAL_PREFIXES)]
+    extra = [
+        k for k in state_dict if k not in want and not k.startswith(OPTIONAL_PREFIXES) and not k.endswith(OPTIONAL_SUFFIXES)
+    ]
     if len(missing) == len(want):
         raise ModelError(f"{path} is not a {_describe(name)} checkpoint: none of its tensors has the model's names.")
     if missing or wrong or extra:

@@ -130,7 +130,11 @@ def _layer_norm_eps6(dim: int):
 
 def freeze(sam):
     """eval() and requires_grad False everywhere. eval() also rebuilds TinyViT's cached attention biases
-    (``Attention.ab``) from the loaded ``attention_biases``, so call it after every load."""
+    (``Attention.ab``) from the loaded ``attention_biases``, so call it after every load.
+
+    Keep SAM in eval() when training adapters around it: the embedded model's BatchNorms hold identity
+    statistics (the real ones are folded into the convolutions), which train mode would replace by batch
+    statistics."""
     sam.eval()
     for p in sam.parameters():
         p.requires_grad_(False)
