@@ -66,7 +66,7 @@ class DTAAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def position_encoding(self, table: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
-        """Each pixel gets its assigned prototype, projected to C_d: table B x P x D, assign B x H x W -> B x H x W x C_d."""
+        """Each pixel gets its assigned prototype, projected: table B x P x D, assign B x H x W -> B x H x W x C_d."""
         proj = self.proto_proj(table)  # B x P x C_d
         proj = torch.cat([proj, proj.new_zeros(proj.shape[0], 1, proj.shape[2])], dim=1)  # + "no prototype"
         b = torch.arange(proj.shape[0], device=proj.device)[:, None, None]

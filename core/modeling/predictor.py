@@ -1,6 +1,7 @@
 """The one inference API used by the pipeline and the evaluation.
 
-    pred = ReferencePredictor(engine, mode="virefsam" | "training_free" | "static_prompt", adapters=None | path | ViRefSAM)
+    pred = ReferencePredictor(engine, mode="virefsam" | "training_free" | "static_prompt",
+                              adapters=None | path | ViRefSAM)
     pred.set_references([(image HxWx3 uint8, mask HxW bool), ...])    # K shots, encoded once
     prob = pred.predict(tile)                                           # HxW float32 in [0, 1]
     probs = pred.predict_batch([tile, ...])                             # one batched encoder pass

@@ -101,7 +101,7 @@ def valid_grid(input_size: Tuple[int, int], img_size: int = 1024, grid: int = GR
 # Eq. 1
 # --------------------------------------------------------------------------------------------------------------
 def masked_average_pool(feats: torch.Tensor, weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Weighted mean of ``feats`` (K x C x h x w) over all shots and cells with ``weights`` (K x h x w) -> (C, valid)."""
+    """Weighted mean of ``feats`` (K x C x h x w) over all shots and cells, weights K x h x w -> (C, valid)."""
     w = weights.to(feats.dtype)
     total = w.sum()
     pooled = torch.einsum("kchw,khw->c", feats, w)
