@@ -40,7 +40,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     | grep -v "^WARNING: Location" || true
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt 2>&1 \
     | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import numpy, torch, segment_anything, mobile_sam, onnxruntime; assert numpy.__version__ < '2'"
+  .venv/bin/python -W ignore -c "import numpy, torch, segment_anything, mobile_sam, onnxruntime; assert numpy.__version__ < '2'" 2>/dev/null \
+    || { echo "setup: the Python requirements did not install; see the pip output above." >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
 
