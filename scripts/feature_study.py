@@ -20,8 +20,9 @@ Backbones (images letterboxed like SAM: longest side to the frame, padding at th
 * ``dino672``  the same at 672 px -> 384 x 48 x 48 (a finer grid, ~2.5x the time)
 
 Rows ``all_fg`` (predict the whole image) is a floor that land-cover classes make non-trivial.
-With ``--pipeline`` it also runs the method's ``ReferencePredictor`` in ``training_free`` mode (pseudo-mask ->
-SAM prompts) on the same episodes, when that class exists.
+With ``--pipeline`` it also runs the method's ``ReferencePredictor`` on the same episodes: ``training_free``
+(SAM-feature prototypes -> pseudo-mask -> per-component SAM prompts -> filter -> union) and ``static_prompt``
+(the reference mask's own points/boxes replayed on the target), through the same cached SAM embeddings.
 
 Features are cached per image in ``--cache`` (float16 .npy) so a rerun only evaluates. Research-only images are
 read in place from ../shared/data and never written anywhere but the /tmp feature cache.
@@ -58,13 +59,18 @@ N_BG = 5
 # backbones: image -> (C x g x g features, (h', w') letterboxed size, frame size)
 
 class SamFeatures:
+    """SAM's frozen encoder through the on-disk cache keyed by input (shared with the pipeline rows)."""
+
     tag, frame = "sam", 1024
 
-    def __init__(self) -> None:
+    def __init__(self, cache_root: Path) -> None:
         from core.modeling.engine import SamEngine
         from core.modeling.registry import build_sam
+        from core.training.feature_cache import CachedEngine, model_tag
 
-        self.engine = SamEngine(build_sam("embedded"), device="cpu", precision="fp32")
+        sam = build_sam("embedded")
+        self.engine = CachedEngine(SamEngine(sam, device="cpu", precision="fp32"),
+                                   FeatureCache(cache_root, model_tag(sam, "sam-embedded")))
 
     def resized_hw(self, hw):
         return tuple(self.engine.input_size(hw))
@@ -88,9 +94,9 @@ class DinoFeatures:
         return self.bb.features(image)[0]
 
 
-def make_backbone(name: str):
+def make_backbone(name: str, cache_root: Path):
     if name == "sam":
-        return SamFeatures()
+        return SamFeatures(cache_root)
     m = re.fullmatch(r"dino(\d+)", name)
     if m:
         return DinoFeatures(int(m.group(1)))
@@ -155,12 +161,44 @@ def margin(feats: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor) -> torch.Ten
     return s_fg - s_bg
 
 
-def to_image(m: torch.Tensor, resized_hw, frame: int, out_hw) -> np.ndarray:
-    """Grid decision values -> HxW bool at the original image size."""
+def upsample(m: torch.Tensor, resized_hw, frame: int, out_hw) -> np.ndarray:
+    """Grid decision values -> HxW float at the original image size (bilinear, via the letterboxed frame)."""
     h, w = resized_hw
     up = F.interpolate(m[None, None], size=(frame, frame), mode="bilinear", align_corners=False)[..., :h, :w]
     up = F.interpolate(up, size=tuple(out_hw), mode="bilinear", align_corners=False)
-    return (up[0, 0] > 0).numpy()
+    return up[0, 0].numpy()
+
+
+def center(feats: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Remove an image's mean feature (over its valid cells)."""
+    mean = feats[:, valid].mean(dim=1) if valid.any() else feats.flatten(1).mean(1)
+    return feats - mean[:, None, None]
+
+
+def auc(score: np.ndarray, gt: np.ndarray, ignore=None, stride: int = 4) -> float:
+    """ROC-AUC of a score map against a mask (pixels on a stride-4 lattice; ties get average ranks)."""
+    from scipy.stats import rankdata
+
+    s, t = score[::stride, ::stride].ravel(), gt[::stride, ::stride].ravel()
+    if ignore is not None:
+        keep = ~ignore[::stride, ::stride].ravel()
+        s, t = s[keep], t[keep]
+    npos, nneg = int(t.sum()), int((~t).sum())
+    if npos == 0 or nneg == 0:
+        return float("nan")
+    r = rankdata(s)
+    return float((r[t].sum() - npos * (npos + 1) / 2) / (npos * nneg))
+
+
+def auc_table(per_row, title: str) -> str:
+    classes = list(next(iter(per_row.values())))
+    w0 = max(len(r) for r in per_row)
+    lines = [title, " " * w0 + "  " + "  ".join(c.rjust(max(len(c), 6)) for c in classes) + "    mean"]
+    for r, per in per_row.items():
+        vals = [100 * float(np.nanmean(per[c])) for c in classes]
+        lines.append(r.ljust(w0) + "  " + "  ".join(f"{v:.1f}".rjust(max(len(c), 6)) for c, v in zip(classes, vals))
+                     + f"  {np.mean(vals):6.1f}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,6 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=Path("/tmp/virefsam_features"))
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--extract-only", action="store_true")
+    ap.add_argument("--center", action="store_true", help="also rows '+c': per-image mean feature removed")
     ap.add_argument("--pipeline", action="store_true", help="also run ReferencePredictor(mode='training_free')")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -200,17 +239,24 @@ def main(argv=None) -> int:
         print(f"{ds.name}: {len(eps)} episodes over {len(ds.classes)} classes, {len(used)} images", flush=True)
 
     names = [b for b in args.backbones.split(",") if b]
-    results = OrderedDict()
+    backbones = OrderedDict()
     for bname in names:
-        bb = make_backbone(bname)
+        bb = make_backbone(bname, args.cache)
         for ds, eps in plan.values():
             extract(bb, ds, sorted({i for e in eps for i in (*e.support, e.query)}), FeatureCache(args.cache, bb.tag))
-        if args.extract_only:
-            continue
-        for ds, eps in plan.values():
-            meter = FewShotMeter()
-            for ep in eps:
-                data = load_episode(ds, ep)
+        backbones[bname] = bb
+    if args.extract_only:
+        return 0
+
+    results, aucs = OrderedDict(), OrderedDict()
+    variants = ("", "+c") if args.center else ("",)
+    for ds, eps in plan.values():
+        rows = results.setdefault(ds.name, OrderedDict())
+        arows = aucs.setdefault(ds.name, OrderedDict())
+        t0 = time.time()
+        for n, ep in enumerate(eps):
+            data = load_episode(ds, ep)
+            for bname, bb in backbones.items():
                 cache = FeatureCache(args.cache, bb.tag)
                 sf = [cache.get(ds.name, ds.items[s].key) for s in ep.support]
                 qf = cache.get(ds.name, ds.items[ep.query].key)
@@ -220,65 +266,72 @@ def main(argv=None) -> int:
                     fr, va = grid_mask(m, bb.resized_hw(img.shape[:2]), bb.frame, g)
                     fracs.append(fr)
                     valids.append(va)
-                # K shots pooled jointly: stack cells side by side
-                feats = torch.cat(sf, dim=-1)
-                fg, bgp = prototypes(feats, torch.cat(fracs, -1), torch.cat(valids, -1), seed=args.seed)
                 qhw = bb.resized_hw(data.query_image.shape[:2])
-                mg = margin(qf, fg, bgp)
-                mg = torch.where(valid_cells(qhw, bb.frame, g), mg, torch.full_like(mg, -1.0))
-                pred = to_image(mg, qhw, bb.frame, data.query_mask.shape)
-                meter.update(ep.class_name, pred, data.query_mask, data.query_ignore)
-            results.setdefault(ds.name, OrderedDict())[bb.tag] = meter
-        del bb
-
-    if not args.extract_only:
-        for ds, eps in plan.values():
-            meter = FewShotMeter()
-            for ep in eps:
-                data = load_episode(ds, ep)
-                meter.update(ep.class_name, np.ones_like(data.query_mask), data.query_mask, data.query_ignore)
-            results.setdefault(ds.name, OrderedDict())["all_fg"] = meter
+                qvalid = valid_cells(qhw, bb.frame, g)
+                for var in variants:
+                    s_list, q = sf, qf
+                    if var == "+c":  # centred: each image's mean feature (over its valid cells) removed
+                        s_list = [center(f, v) for f, v in zip(sf, valids)]
+                        q = center(qf, qvalid)
+                    # K shots pooled jointly: cells side by side
+                    fg, bgp = prototypes(torch.cat(s_list, -1), torch.cat(fracs, -1), torch.cat(valids, -1),
+                                         seed=args.seed)
+                    mg = margin(q, fg, bgp)
+                    mg = torch.where(qvalid, mg, torch.full_like(mg, -1.0))
+                    score = upsample(mg, qhw, bb.frame, data.query_mask.shape)
+                    row = bb.tag + var
+                    rows.setdefault(row, FewShotMeter()).update(ep.class_name, score > 0, data.query_mask,
+                                                               data.query_ignore)
+                    arows.setdefault(row, OrderedDict()).setdefault(ep.class_name, []).append(
+                        auc(score, data.query_mask, data.query_ignore))
+            rows.setdefault("all_fg", FewShotMeter()).update(ep.class_name, np.ones_like(data.query_mask),
+                                                             data.query_mask, data.query_ignore)
+            if (n + 1) % 40 == 0:
+                print(f"  {ds.name}: {n + 1}/{len(eps)} episodes ({(time.time() - t0) / (n + 1):.2f} s/ep)",
+                      flush=True)
+    sam_engine = backbones["sam"].engine if "sam" in backbones else None
+    del backbones
 
     if args.pipeline and not args.extract_only:
-        run_pipeline(plan, results)
+        run_pipeline(plan, results, sam_engine or SamFeatures(args.cache).engine)
 
-    if args.extract_only:
-        return 0
     report = OrderedDict(protocol=dict(shots=args.shots, episodes_per_class=args.episodes, seed=args.seed,
                                        n_bg=N_BG), results=OrderedDict())
     for dsname, rows in results.items():
         print()
         print(format_table(rows, title=f"{dsname}: {args.shots}-shot, {args.episodes} episodes/class, IoU %"))
         report["results"][dsname] = {k: m.summary() for k, m in rows.items()}
+        if aucs.get(dsname):
+            print(auc_table(aucs[dsname], f"{dsname}: mean per-episode ROC-AUC (%) of the Eq. 3 decision value"))
+            report["auc"] = report.get("auc", OrderedDict())
+            report["auc"][dsname] = {r: {c: round(100 * float(np.nanmean(v)), 2) for c, v in per.items()}
+                                     for r, per in aucs[dsname].items()}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0
 
 
-def run_pipeline(plan, results) -> None:
-    """The method's training-free predictor (pseudo-mask -> SAM prompts), when it exists."""
+def run_pipeline(plan, results, engine) -> None:
+    """The method's predictor (pseudo-mask -> SAM prompts; and the static-prompt baseline) on the same episodes."""
     try:
-        from core.modeling.engine import SamEngine
         from core.modeling.predictor import ReferencePredictor
-        from core.modeling.registry import build_sam
     except ImportError as exc:
         print(f"pipeline skipped: {exc}")
         return
-    engine = SamEngine(build_sam("embedded"), device="cpu", precision="fp32")
     for ds, eps in plan.values():
-        for mode in ("training_free",):
+        for mode in ("training_free", "static_prompt"):
+            pred = ReferencePredictor(engine, mode=mode)
             meter = FewShotMeter()
             t0 = time.time()
             for n, ep in enumerate(eps):
                 data = load_episode(ds, ep)
-                pred = ReferencePredictor(engine, mode=mode, adapters=None)
                 pred.set_references(data.references)
                 prob = pred.predict(data.query_image)
                 meter.update(ep.class_name, prob > 0.5, data.query_mask, data.query_ignore)
-                if (n + 1) % 20 == 0:
-                    print(f"  {mode} {ds.name}: {n + 1}/{len(eps)} ({(time.time() - t0) / (n + 1):.1f} s/ep)",
+                if (n + 1) % 40 == 0:
+                    print(f"  {mode} {ds.name}: {n + 1}/{len(eps)} ({(time.time() - t0) / (n + 1):.2f} s/ep)",
                           flush=True)
-            results.setdefault(ds.name, OrderedDict())[f"pipeline_{mode}"] = meter
+            results.setdefault(ds.name, OrderedDict())[f"sam_{mode}"] = meter
 
 
 if __name__ == "__main__":
