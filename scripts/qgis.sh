@@ -5,6 +5,8 @@
 #   bash scripts/qgis.sh                       start QGIS (needs a screen: DISPLAY or WAYLAND_DISPLAY)
 #   bash scripts/qgis.sh --screenshot OUT.png  start QGIS under Xvfb, open the sample orthophoto, open the
 #                                              ViRefSAM dock with a reference marked, save a PNG, quit
+#   ... --screenshot OUT.png --run             the same, but click Run first and grab once the result
+#                                              layer is on the map (a real run in the real desktop)
 #   bash scripts/qgis.sh [QGIS args...]        extra arguments go to QGIS (files to open, --project, ...)
 #
 # How: build/qgis/plugins/virefsam is a symlink to the repository root (QGIS imports plugins by folder name),
@@ -20,10 +22,12 @@ ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --screenshot)
-      [ $# -ge 2 ] || { echo "usage: $0 --screenshot OUT.png" >&2; exit 2; }
+      [ $# -ge 2 ] || { echo "usage: $0 --screenshot OUT.png [--run]" >&2; exit 2; }
       SHOT="$2"; shift 2 ;;
+    --run)
+      export VIREFSAM_SCREENSHOT_RUN=1; shift ;;
     -h|--help)
-      sed -n '2,15p' "$0"; exit 0 ;;
+      sed -n '2,17p' "$0"; exit 0 ;;
     *) ARGS+=("$1"); shift ;;
   esac
 done
@@ -75,9 +79,9 @@ if [ -z "$SHOT" ]; then
 fi
 
 # -- screenshot under Xvfb ------------------------------------------------------------------------------------
-# The startup script QGIS runs (--code): open the raster, open the dock, mark one building of the sample as the
-# reference (its outline from the OSM footprint mask beside the raster, when there is one), wait for the canvas
-# to render, grab the main window to the PNG, quit.
+# The startup script QGIS runs (--code): open the raster, open the dock, scribble across one building of the
+# sample as the reference (placed with the OSM footprint mask beside the raster, when there is one), wait for
+# SAM to densify it into the reference mask (yellow), grab the main window to the PNG, quit.
 write_screenshot_code() {
 cat >"$1" <<'PYEOF'
 import os
@@ -104,7 +108,7 @@ def quit_qgis():
 
 
 def one_building(raster):
-    """Outline (WKT, raster CRS) of a mid-sized building from <stem>_buildings.tif, or None."""
+    """A scribble (WKT line, raster CRS) across a mid-sized building from <stem>_buildings.tif, or None."""
     mask_path = raster[:-4] + "_buildings.tif"
     if not os.path.exists(mask_path):
         return None
@@ -121,7 +125,13 @@ def one_building(raster):
     if not polys:
         return None
     polys.sort(key=lambda p: np.hypot(*(np.array(p.centroid.coords[0]) - centre)))
-    return polys[0].simplify(0.3).wkt
+    from shapely.geometry import LineString
+
+    b = polys[0]
+    c = b.representative_point()
+    w = (b.bounds[2] - b.bounds[0]) / 3
+    line = LineString([(c.x - w, c.y - w / 4), (c.x, c.y + w / 4), (c.x + w, c.y)]).intersection(b.buffer(-0.5))
+    return line.wkt if line.length > 0 else b.simplify(0.3).wkt
 
 
 def step_open():
@@ -155,13 +165,34 @@ def step_open():
 
 
 def step_preview():
+    """Wait (up to 90 s) for the SAM densification of the scribble, running as a QgsTask, then grab."""
     try:
-        state["dock"].update_mask_preview()
+        dock = state["dock"]
+        state["waited"] = state.get("waited", 0) + 1
+        if (dock.preview_task is not None or dock.mask_pixels == 0) and state["waited"] < 90:
+            return QTimer.singleShot(1000, step_preview)
         iface.mapCanvas().refresh()
-        QTimer.singleShot(5000, step_grab)
+        if os.environ.get("VIREFSAM_SCREENSHOT_RUN") == "1":
+            dock.mode_combo.setCurrentIndex(dock.mode_combo.findData("training_free"))
+            dock.device_combo.setCurrentIndex(dock.device_combo.findData("cpu"))
+            if dock.run() is None:
+                status("error: Run refused: " + " / ".join(i.text() for i in iface.messageBar().items()))
+                return quit_qgis()
+            state["waited"] = 0
+            return QTimer.singleShot(1000, step_wait_run)
+        QTimer.singleShot(3000, step_grab)
     except Exception:
         status("error: " + traceback.format_exc())
         quit_qgis()
+
+
+def step_wait_run():
+    dock = state["dock"]
+    state["waited"] += 1
+    if dock.is_running() and state["waited"] < 240:
+        return QTimer.singleShot(1000, step_wait_run)
+    iface.mapCanvas().refresh()
+    QTimer.singleShot(4000, step_grab)
 
 
 def step_grab():
@@ -173,8 +204,13 @@ def step_grab():
             status(f"error: could not write {OUT}")
         else:
             marks = dock.references.total_marks()
-            status(f"ok {pixmap.width()}x{pixmap.height()}, dock visible={dock.isVisible()}, "
-                   f"reference marks={marks}, mask pixels={dock.mask_pixels}")
+            text = (f"ok {pixmap.width()}x{pixmap.height()}, dock visible={dock.isVisible()}, "
+                    f"reference marks={marks}, mask pixels={dock.mask_pixels}, SAM-densified={dock.mask_densified}")
+            if os.environ.get("VIREFSAM_SCREENSHOT_RUN") == "1":
+                text += f"; run: {dock.status_label.text()}"
+                if not dock.last_layers:
+                    text = "error: the run added no layer: " + dock.status_label.text()
+            status(text)
     except Exception:
         status("error: " + traceback.format_exc())
     quit_qgis()
@@ -202,7 +238,7 @@ echo "screenshot: starting QGIS under Xvfb (log: ${LOG#$ROOT/})"
 set +e
 CODE="$BUILD/screenshot.py"
 write_screenshot_code "$CODE"
-timeout 300 xvfb-run -a -s "-screen 0 1600x1000x24" \
+timeout 420 xvfb-run -a -s "-screen 0 1600x1000x24" \
   qgis "${QGIS_ARGS[@]}" --code "$CODE" "${ARGS[@]}" >"$LOG" 2>&1
 rc=$?
 set -e

@@ -17,7 +17,7 @@ from qgis.core import (  # noqa: E402
     QgsVectorLayer,
     QgsWkbTypes,
 )
-from qgis.PyQt.QtCore import QCoreApplication, QEvent, QPoint, QPointF, Qt  # noqa: E402
+from qgis.PyQt.QtCore import QCoreApplication, QEvent, QPoint, QPointF, Qt, QTimer  # noqa: E402
 from qgis.PyQt.QtGui import QMouseEvent  # noqa: E402
 from qgis_iface import flush_deletes  # noqa: E402
 
@@ -383,3 +383,36 @@ def test_reference_mask_preview(dock, kampala, qgis_iface, qtbot):
     dock.undo_button.click()
     dock.update_mask_preview()
     assert dock.mask_pixels == 0
+
+
+def test_scribble_mask_preview_is_densified_by_sam_in_the_background(dock, kampala, qgis_iface, qtbot, shared_data):
+    """A scribble inside one building: at once a buffered line, then SAM's dense mask (a QgsTask), as a run will."""
+    pytest.importorskip("virefsam.core.pipeline")
+    import rasterio
+    from rasterio import features
+    from shapely.geometry import LineString, shape
+
+    with rasterio.open(shared_data / "oam_mosaics" / "kampala_buildings.tif") as src:
+        mask = src.read(1) > 0
+        polys = [shape(g) for g, v in features.shapes(mask.astype("uint8"), mask=mask, transform=src.transform) if v]
+    building = max((p for p in polys if p.area < 400), key=lambda p: p.area)  # a house-sized footprint
+    c = building.representative_point()
+    w = (building.bounds[2] - building.bounds[0]) / 4
+    line = LineString([(c.x - w, c.y), (c.x + w, c.y)]).intersection(building.buffer(-0.5))
+    assert line.length > 1
+    dock.references.add_marks(kampala, [QgsGeometry.fromWkt(line.wkt)])
+    qtbot.waitUntil(lambda: dock.preview_task is not None, timeout=5000)  # the quick preview is shown first
+    quick = dock.mask_pixels
+    assert quick > 0 and not dock.mask_densified
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(1))
+    timer.start(50)
+    qtbot.waitUntil(lambda: dock.preview_task is None and dock.mask_densified, timeout=300000)
+    timer.stop()
+    assert ticks, "the GUI thread was blocked while SAM densified the scribble"
+    assert dock.mask_densified, dock.reference_status.text()
+    assert dock.mask_pixels > 2 * quick
+    g = dock.overlay.mask_band.asGeometry()
+    assert g.area() > 0 and kampala.extent().contains(g.boundingBox())
+    assert "SAM" in dock.reference_status.text()

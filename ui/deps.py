@@ -60,3 +60,21 @@ def describe_import_error(exc: ImportError) -> str:
     if missing:
         return install_message(missing)
     return f"ViRefSAM could not import a Python package it needs ({exc}); reinstall it with pip and restart QGIS."
+
+
+def guard_engine_imports() -> None:
+    """Keep imports that crash QGIS out of its process; call before the engine imports torch.
+
+    torchvision imports ``torch._dynamo``, which imports ``triton`` when it is installed (Linux CUDA wheels of
+    torch bring it). Triton's ``libtriton.so`` carries its own LLVM and crashes the whole process (SIGSEGV) when
+    QGIS has already loaded Mesa's ``libLLVM`` for OpenGL, which the desktop does. The engine needs no triton (no
+    ``torch.compile``): make ``import triton`` fail cleanly instead (torch then reports no triton). Set
+    ``VIREFSAM_ALLOW_TRITON=1`` to leave it alone.
+    """
+    import os
+    import sys
+
+    if os.environ.get("VIREFSAM_ALLOW_TRITON") == "1":
+        return
+    if "triton" not in sys.modules:
+        sys.modules["triton"] = None  # type: ignore[assignment]

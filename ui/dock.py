@@ -24,6 +24,8 @@ from qgis.core import (
     QgsRasterLayer,
     QgsRectangle,
     QgsVectorLayer,
+    QgsWkbTypes,
+    QgsGeometry,
 )
 from qgis.gui import QgsCollapsibleGroupBox, QgsDockWidget, QgsFileWidget, QgsMapLayerComboBox
 from qgis.PyQt.QtCore import Qt, QTimer
@@ -59,7 +61,7 @@ from .map_tools import PolygonTool, ScribbleTool
 from .overlay import ReferenceOverlay, mask_geometry
 from .references import ReferenceSet, geometries_from_features, raster_path, web_layer_reason
 from .result_layers import add_result_layers, result_layers
-from .task import SegmentTask
+from .task import MaskPreviewTask, SegmentTask
 
 TITLE = "ViRefSAM"
 
@@ -105,6 +107,10 @@ class ViRefSamDock(QgsDockWidget):
         self._preview_timer.timeout.connect(self.update_mask_preview)
         self.mask_pixels = 0
         self.mask_error = ""
+        self.mask_densified = False
+        self.preview_task = None
+        self._preview_generation = 0
+        self._preview_pending = False
 
         self._build_ui()
         self._make_tools()
@@ -536,9 +542,14 @@ class ViRefSamDock(QgsDockWidget):
         self._preview_timer.start()
 
     def update_mask_preview(self) -> None:
-        """Show the dense mask of the current reference, as the engine derives it (``build_reference``)."""
+        """Show the dense mask of the current reference, as the engine derives it (``build_reference``).
+
+        At once: polygons as drawn, scribbles buffered by a few pixels. Then, for scribbles, a MaskPreviewTask
+        densifies them with SAM in the background, as the run will, and replaces the quick preview."""
         self.mask_pixels = 0
         self.mask_error = ""
+        self.mask_densified = False
+        self._preview_generation += 1
         ref = self.references.current_reference
         if not self.show_mask_check.isChecked() or not ref.foreground:
             self.overlay.clear_mask()
@@ -557,6 +568,49 @@ class ViRefSamDock(QgsDockWidget):
             self._set_reference_status(self.mask_error)
             return
         self.overlay.show_mask(geometry, ref.crs)
+        if any(g.type() == QgsWkbTypes.LineGeometry for g in ref.foreground):
+            self._start_sam_preview(ref)
+
+    def _start_sam_preview(self, ref) -> None:
+        if self.preview_task is not None:  # one at a time; a stale result is ignored and a new one started
+            self._preview_pending = True
+            return
+        if missing_dependencies():
+            return
+        name = self.model_combo.currentData()
+        checkpoint = self.checkpoint_widget.filePath().strip() or None
+        if name != "embedded" and not checkpoint:
+            return
+        from ..core.params import ModelParams
+
+        model = ModelParams(name=name, checkpoint=checkpoint if name != "embedded" else None,
+                            device=self.device_combo.currentData())
+        self._preview_pending = False
+        task = MaskPreviewTask(ref.to_spec(), model, self.tile_spin.value(), self._preview_generation,
+                               on_finished=self._sam_preview_finished)
+        self.preview_task = task
+        self._set_reference_status("Densifying the scribbles with SAM for the mask preview...")
+        QgsApplication.taskManager().addTask(task)
+
+    def _sam_preview_finished(self, task) -> None:
+        self.preview_task = None
+        if task.generation != self._preview_generation or self._preview_pending:
+            self._preview_pending = False
+            if self.show_mask_check.isChecked():
+                self._schedule_preview()
+            return
+        ref = self.references.current_reference
+        if task.error:
+            self._set_reference_status(task.error)
+            return
+        if task.wkt:
+            self.mask_pixels = task.n_pixels
+            self.mask_densified = task.densified
+            self.overlay.show_mask(QgsGeometry.fromWkt(task.wkt), ref.crs)
+            self._set_reference_status(
+                f"{len(self.references.non_empty())} reference(s) ready; the yellow mask is what the model will "
+                "see" + (" (scribbles densified by SAM)." if task.densified else ".")
+            )
 
     def _set_reference_status(self, text: str) -> None:
         self.reference_status.setText(text)
@@ -826,10 +880,11 @@ class ViRefSamDock(QgsDockWidget):
                 signal.disconnect(slot)
             except (TypeError, RuntimeError):
                 pass
-        if self.task is not None:
-            self.task.on_finished = None  # the dock is going away: the task must not call back into it
-            self.task.cancel()
-            self.task = None
+        for task in (self.task, self.preview_task):
+            if task is not None:
+                task.on_finished = None  # the dock is going away: the task must not call back into it
+                task.cancel()
+        self.task = self.preview_task = None
         for tool in self.tools.values():
             if self.canvas.mapTool() is tool:
                 self.canvas.unsetMapTool(tool)

@@ -19,12 +19,12 @@ from .map_tools import mark_color
 MASK_COLOR = QColor(255, 214, 0)
 
 
-def mask_geometry(spec, densify=None, crop_size=1024):
-    """The dense reference mask of a ReferenceSpec as (QgsGeometry in the raster's CRS, n_pixels).
+def mask_wkt(spec, densify=None, crop_size=1024):
+    """The dense reference mask of a ReferenceSpec as (WKT in the raster's CRS, n_pixels, densified).
 
-    Uses the engine's ``build_reference`` (same code as a run), then vectorises the mask on its grid.
-    Raises ImportError while the engine has no ``core.reference`` (older checkout), VirefsamError for a
-    reference the engine refuses.
+    Uses the engine's ``build_reference`` (same code as a run), then vectorises the mask on its grid. Pure
+    Python (no QGIS object), so a QgsTask can run it in a worker thread. Raises ImportError while the engine has
+    no ``core.reference``, VirefsamError for a reference the engine refuses.
     """
     import numpy as np
     from rasterio import features as rfeatures
@@ -36,14 +36,19 @@ def mask_geometry(spec, densify=None, crop_size=1024):
     ref = build_reference(spec, densify=densify, crop_size=crop_size)
     mask = np.asarray(ref.mask, dtype=bool)
     if not mask.any():
-        return QgsGeometry(), 0
+        return "", 0, False
     shapes = [
         shape(geom)
         for geom, value in rfeatures.shapes(mask.astype("uint8"), mask=mask, transform=ref.transform)
         if value
     ]
-    merged = unary_union(shapes)
-    return QgsGeometry.fromWkt(merged.wkt), int(mask.sum())
+    return unary_union(shapes).wkt, int(mask.sum()), bool(getattr(ref, "densified", False))
+
+
+def mask_geometry(spec, densify=None, crop_size=1024):
+    """:func:`mask_wkt` as (QgsGeometry, n_pixels)."""
+    wkt, n, _ = mask_wkt(spec, densify=densify, crop_size=crop_size)
+    return (QgsGeometry.fromWkt(wkt) if wkt else QgsGeometry()), n
 
 
 class ReferenceOverlay:

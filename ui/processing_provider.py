@@ -35,7 +35,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QIcon
 
-from .deps import describe_import_error, install_message, missing_dependencies
+from .deps import describe_import_error, guard_engine_imports, install_message, missing_dependencies
 from .references import crs_string, raster_path, web_layer_reason
 
 ICON = os.path.join(os.path.dirname(os.path.dirname(__file__)), "resources", "icon.svg")
@@ -268,6 +268,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
         first_target_crs = self.parameterAsLayerList(parameters, self.TARGETS, context)[0].crs()
 
         try:
+            guard_engine_imports()
             from ..core import pipeline
             from ..core.errors import CancelledError, VirefsamError
         except ImportError as exc:

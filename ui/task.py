@@ -21,7 +21,7 @@ from typing import Callable, Optional
 from qgis.core import Qgis, QgsMessageLog, QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 
-from .deps import describe_import_error
+from .deps import describe_import_error, guard_engine_imports
 
 LOG_TAG = "ViRefSAM"
 
@@ -60,6 +60,7 @@ class SegmentTask(QgsTask):
         try:
             runner = self._runner
             if runner is None:
+                guard_engine_imports()
                 from ..core import pipeline
 
                 runner = pipeline.run
@@ -112,3 +113,48 @@ class SegmentTask(QgsTask):
     @property
     def done(self) -> bool:
         return self._done
+
+
+class MaskPreviewTask(QgsTask):
+    """The reference mask as a run will derive it, scribbles densified with SAM (model loading included), in a
+    worker thread. ``on_finished(task)`` gets ``task.wkt`` / ``task.n_pixels`` / ``task.densified`` or
+    ``task.error``. ``generation`` lets the dock ignore a preview of marks that have changed since."""
+
+    def __init__(self, spec, model, crop_size: int, generation: int, on_finished=None):
+        super().__init__("ViRefSAM: reference mask preview", QgsTask.CanCancel)
+        self.spec = spec
+        self.model = model
+        self.crop_size = crop_size
+        self.generation = generation
+        self.on_finished = on_finished
+        self.wkt = ""
+        self.n_pixels = 0
+        self.densified = False
+        self.error: Optional[str] = None
+
+    def run(self) -> bool:
+        from ..core.errors import VirefsamError
+
+        try:
+            guard_engine_imports()
+            from ..core.pipeline import load_engine, make_densifier
+            from .overlay import mask_wkt
+
+            densify = make_densifier(load_engine(self.model))
+            if self.isCanceled():
+                return False
+            self.wkt, self.n_pixels, self.densified = mask_wkt(self.spec, densify=densify, crop_size=self.crop_size)
+            return True
+        except VirefsamError as exc:
+            self.error = str(exc)
+        except ImportError as exc:
+            self.error = describe_import_error(exc)
+        except Exception as exc:  # noqa: BLE001 - a preview never takes QGIS down; the run reports properly
+            self.error = f"No SAM preview of the mask: {exc}"
+            QgsMessageLog.logMessage(traceback.format_exc(), LOG_TAG, Qgis.Warning)
+        return False
+
+    def finished(self, ok: bool) -> None:
+        callback, self.on_finished = self.on_finished, None
+        if callback is not None:
+            callback(self)
