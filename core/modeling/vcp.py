@@ -87,10 +87,16 @@ class VCPEncoder(nn.Module):
         super().__init__()
         self.dim, self.n_queries, self.heads = dim, n_queries, heads
         self.refiner = PrototypeRefiner(dim, heads, mlp_dim)
+        # orthogonal rows of norm sqrt(dim), the scale of a LayerNorm'd token: the queries start distinct
+        # (untrained, on real embeddings, L_reg of the final queries is ~0.09; with unit rows the attention
+        # outputs, common to all queries, dominate and it starts at ~0.96)
         self.query_embed = nn.Parameter(torch.empty(n_queries, dim))
-        nn.init.orthogonal_(self.query_embed)  # orthonormal rows: L_reg = 0 at the start (N_q <= dim)
+        nn.init.orthogonal_(self.query_embed, gain=dim**0.5)
+        # the fg prototype (SAM embeddings have token norms ~1.4) is normalised, then projected and added to
+        # every query, at about half the queries' own scale
+        self.fg_norm = nn.LayerNorm(dim)
         self.fg_proj = nn.Linear(dim, dim)
-        nn.init.xavier_uniform_(self.fg_proj.weight, gain=0.1)  # start close to the orthogonal queries
+        nn.init.xavier_uniform_(self.fg_proj.weight, gain=0.5)
         nn.init.zeros_(self.fg_proj.bias)
         self.norm_mem = nn.LayerNorm(dim)
         self.norm_cross, self.norm_self, self.norm_ffn = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
@@ -122,7 +128,7 @@ class VCPEncoder(nn.Module):
         """Eq. 4. fg B x C (refined fg prototype), feats B x C x h x w (adapted target embedding), pe 1 x C x h x w,
         mask B x h x w bool (pseudo-mask), valid B x h x w bool -> (sparse prompts B x N_q x prompt_dim, L_reg)."""
         b = feats.shape[0]
-        q = self.query_embed[None].expand(b, -1, -1) + self.fg_proj(fg)[:, None]
+        q = self.query_embed[None].expand(b, -1, -1) + self.fg_proj(self.fg_norm(fg))[:, None]
         mem = self.norm_mem(_tokens(feats))
         key = mem + _tokens(pe).expand_as(mem)
         allowed = mask.flatten(1).to(torch.bool)
