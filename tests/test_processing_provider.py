@@ -160,3 +160,33 @@ def test_qgis_process_runs_the_algorithm(plugin_parent, paths, tmp_path):
     assert "N_OBJECTS" in proc.stdout
     layer = QgsVectorLayer(str(out), "qp", "ogr")
     assert layer.isValid() and layer.featureCount() > 0
+
+
+def test_algorithm_in_a_processing_model(provider, paths, qgis_processing, tmp_path):
+    """The algorithm as a step of a model (what the model designer builds), run through processing.run."""
+    import processing
+    from qgis.core import (
+        QgsProcessingModelAlgorithm,
+        QgsProcessingModelChildAlgorithm,
+        QgsProcessingModelChildParameterSource,
+        QgsProcessingModelOutput,
+    )
+
+    model = QgsProcessingModelAlgorithm("buildings from a reference", "tests")
+    child = QgsProcessingModelChildAlgorithm(ALG)
+    child.setChildId("segment")
+    params = base_params(paths, None)
+    params["TARGETS"] = paths["targets"][:1]
+    for name, value in params.items():
+        if name == "OUTPUT":
+            continue
+        child.addParameterSources(name, [QgsProcessingModelChildParameterSource.fromStaticValue(value)])
+    out = QgsProcessingModelOutput("objects", "objects")
+    out.setChildOutputName("OUTPUT")
+    child.setModelOutputs({"objects": out})
+    model.addChildAlgorithm(child)
+    assert model.childAlgorithm("segment").algorithm() is not None
+    dest = str(tmp_path / "model_out.gpkg")
+    result = processing.run(model, {"segment:objects": dest})
+    layer = QgsVectorLayer(result["segment:objects"], "m", "ogr")
+    assert layer.isValid() and layer.featureCount() > 0

@@ -354,3 +354,38 @@ def test_run_to_a_geopackage_file(dock, tiles, qgis_iface, qtbot, tmp_path):
     assert len(layers) == 2
     for layer in layers:
         assert layer.providerType() == "ogr" and str(out) in layer.source()
+
+
+def test_export_dialog_writes_the_chosen_file(dock, tiles, qtbot, tmp_path, monkeypatch, qgis_iface):
+    from qgis.PyQt.QtWidgets import QFileDialog
+
+    prepare(dock, tiles)
+    dock.run(runner=slow_runner(0.2))
+    qtbot.waitUntil(lambda: not dock.is_running(), timeout=30000)
+    target = str(tmp_path / "exported")  # no suffix: a GeoPackage
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (target, "GeoPackage (*.gpkg)"))
+    written = dock.export_dialog("all")
+    assert len(written) == 2 and os.path.exists(target + ".gpkg")
+    assert any("Exported 2 layer(s)" in t for t, _ in messages(qgis_iface))
+    qgis_iface.setActiveLayer(dock.last_layers[0])
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "one.shp"), ""))
+    assert dock.export_dialog("selected") == [str(tmp_path / "one.shp")]
+
+
+def test_engine_imports_without_triton(plugin_parent):
+    """In the QGIS desktop, triton's bundled LLVM crashes next to Mesa's libLLVM: the plugin keeps triton out
+    and torch / torchvision / the engine still import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from virefsam.ui.deps import guard_engine_imports\n"
+        "guard_engine_imports()\n"
+        "import torchvision, torch._dynamo\n"
+        "from virefsam.core import pipeline\n"
+        "assert sys.modules['triton'] is None\n"
+        "print('ok')\n" % str(plugin_parent)
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]

@@ -56,7 +56,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from . import settings
-from .deps import install_message, missing_dependencies
+from .deps import describe_import_error, install_message, missing_dependencies
 from .map_tools import PolygonTool, ScribbleTool
 from .overlay import ReferenceOverlay, mask_geometry
 from .references import ReferenceSet, geometries_from_features, raster_path, web_layer_reason
@@ -556,9 +556,10 @@ class ViRefSamDock(QgsDockWidget):
             return
         try:
             geometry, self.mask_pixels = mask_geometry(ref.to_spec(), crop_size=self.tile_spin.value())
-        except ImportError:
-            self.mask_error = "The mask preview needs the engine's reference module (core.reference)."
+        except ImportError as exc:
+            self.mask_error = describe_import_error(exc)
             self.overlay.clear_mask()
+            self._set_reference_status(self.mask_error)
             return
         except Exception as exc:  # noqa: BLE001 - VirefsamError: one sentence; anything else: say it briefly
             from ..core.errors import VirefsamError
