@@ -1,25 +1,23 @@
 """ViRefSAM = frozen SAM + VCP encoder + DTA adapters (Bi et al. 2025, arXiv 2507.02294).
 
-Order of the passes for one target tile and a reference set of K shots. Costs measured on the embedded
-TinyViT model, fp32, 1024x1024 input, 2 shared CPU cores (in brackets: the same under a load average of ~9 on
-those 2 cores, as when several test suites run at once):
+Order of the passes for one target tile and a reference set of K shots. Costs: embedded TinyViT model, fp32,
+1024x1024 input, on 2 CPU cores shared with other jobs (load average ~6; everything ~2x slower at ~9):
 
-1. references -> frozen image encoder, once per reference set: K encoder passes (~3 s [12 s] each), then
-   Eq. 1 prototypes (:func:`.prototypes.build_prototypes`, <0.15 s for K = 1).
-2. target -> frozen image encoder, the "plain" embedding (~3 s [14 s]). It does not depend on the class, so
+1. references -> frozen image encoder, once per reference set: K encoder passes (5.0 s each), then Eq. 1
+   prototypes (:func:`.prototypes.build_prototypes`, 0.06 s for K = 1).
+2. target -> frozen image encoder, the "plain" embedding (5.3 s). It does not depend on the class, so
    callers cache it per tile and reuse it across classes (``plain=``; ReferencePredictor's ``cache=``).
-   From it: Eq. 2 prototype refinement (VCP; 0.3 s [under load]) and the Eq. 3 pseudo-mask + Eq. 6 assignment
-   (3 ms).
+   From it: Eq. 2 prototype refinement (VCP, 0.06 s) and the Eq. 3 pseudo-mask + Eq. 6 assignment (0.04 s).
 3. target -> adapted image encoder: the same frozen blocks plus a DTA adapter per block, driven by the
-   refined prototypes and the assignment (~1.0x a plain pass; 11 s vs 12-14 s under load). This is the
-   second encoder pass per tile and the price of DTA.
-4. VCP queries, Eq. 4, on the adapted embedding (0.2 s [under load]).
+   refined prototypes and the assignment (5.4 s, ~1.0x a plain pass: the adapters are small). This second
+   encoder pass per tile is the price of DTA.
+4. VCP queries, Eq. 4, on the adapted embedding (0.04 s).
 5. SAM's prompt encoder (points + box from the pseudo-mask, the pseudo-mask as ``mask_input``) + the 64 VCP
-   queries as extra sparse tokens -> SAM's mask decoder, one decoder call per target (~2 s [under load]).
+   queries as extra sparse tokens -> SAM's mask decoder, one decoder call per target (~0.2 s).
 
-Per tile with the plain embedding cached: passes 2-5 = 13.6 s under load; without the cache add one encoder
-pass. (Training-free mode, for comparison: one encoder pass + one decoder call per prompt, 32 prompts at most:
-16.6 s for 32 prompts under load.)
+Per tile with the plain embedding cached, passes 2-5 take 5.4 s; without the cache add one encoder pass.
+(Training-free mode for comparison: one encoder pass + SAM's decoder once per prompt, 0.17 s for 1 prompt,
+8.7 s for the cap of 32.)
 
 Only ``vcp`` and ``encoder.adapters`` are trainable; ``sam`` stays frozen (``requires_grad`` False, kept in
 eval mode even when the ViRefSAM module is put in train mode). No manual prompt reaches the decoder: every
