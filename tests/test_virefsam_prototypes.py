@@ -14,7 +14,7 @@ from core.modeling.prototypes import (
     valid_grid,
     voronoi_partition,
 )
-from core.modeling.training_free import component_prompts, static_prompts_from_mask
+from core.modeling.training_free import component_prompts, mask_prototype_match, static_prompts_from_mask
 from core.modeling.vcp import query_regularizer
 from core.modeling.virefsam import prompts_from_pseudo_mask
 
@@ -167,3 +167,24 @@ def test_prototypes_expand_and_cat():
     e = p.expand(3)
     assert e.fg.shape == (3, 8) and e.bg.shape == (3, 5, 8) and e.table().shape == (3, 6, 8)
     assert Prototypes.cat([p, p]).bg_valid.shape == (2, 5)
+
+
+def test_mask_prototype_match_with_and_without_background_prototypes():
+    torch.manual_seed(0)
+    c = 16
+    a, b = torch.randn(c), torch.randn(c)
+    feats = b[None, :, None, None].repeat(1, 1, 64, 64)
+    truth = _square_mask(1)[0].bool()
+    feats[0][:, truth] = a[:, None]
+    low = torch.full((2, 256, 256), -5.0)
+    low[0, 80:160, 40:120] = 5.0  # the object (grid cells 20-40 x 10-30)
+    low[1, 200:240, 200:240] = 5.0  # background
+    valid = torch.ones(1, 64, 64, dtype=torch.bool)
+    p = build_prototypes(feats, truth[None].float(), None, n_bg=5)
+    keep, fg_sim, bg_sim = mask_prototype_match(feats, low, p, valid)
+    assert keep.tolist() == [True, False]
+    # a reference mask over the whole image: no bg prototype, the image's mean fg similarity decides
+    p_nobg = build_prototypes(feats, truth[None].float(), None, n_bg=5)
+    p_nobg = Prototypes(p_nobg.fg, p_nobg.fg_valid, torch.zeros_like(p_nobg.bg), torch.zeros_like(p_nobg.bg_valid))
+    keep, fg_sim, bg_sim = mask_prototype_match(feats, low, p_nobg, valid)
+    assert keep.tolist() == [True, False] and bool((bg_sim == bg_sim[0]).all())

@@ -116,7 +116,7 @@ def mask_prototype_match(
         bg_sim = (mean_n @ bg.t()).max(dim=1).values
     else:
         sim, _ = similarity_maps(feats, protos)
-        vv = torch.ones_like(sim[0], dtype=torch.bool) if valid is None else valid.to(torch.bool)
+        vv = valid.reshape(sim[0].shape).to(torch.bool) if valid is not None else torch.ones_like(sim[0] > 0)
         bg_sim = sim[0][vv].mean().expand_as(fg_sim)
     keep = (fg_sim > bg_sim) & (wsum > 0)
     return keep, fg_sim, bg_sim
