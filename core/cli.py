@@ -2,8 +2,8 @@
 
 Each command lives in its own module, which provides ``add_arguments(parser)`` and ``run(args) -> int``; the
 module is imported only when its command runs, so ``--help`` is fast and a command's heavy imports stay its own.
-Errors a user can cause (:class:`~core.errors.VirefsamError`) end as one sentence on stderr and exit code 2;
-a cancel (Ctrl-C) exits 130 with nothing half-written.
+Errors a user can cause (:class:`~core.errors.VirefsamError`, running out of memory) end as one sentence on stderr
+and exit code 2; a cancel (Ctrl-C) exits 130 with nothing half-written.
 """
 
 from __future__ import annotations
@@ -67,4 +67,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
     except VirefsamError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory: use a smaller --tile-size or a smaller model, then run again.", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # torch.cuda.OutOfMemoryError outside the tiles (which fall back to the CPU)
+        if "CUDA out of memory" not in str(exc):
+            raise
+        print("error: the GPU ran out of memory: use --device cpu, a smaller --tile-size or a smaller model.",
+              file=sys.stderr)
         return 2

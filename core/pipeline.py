@@ -4,6 +4,9 @@ Used by the CLI (``python -m core segment``), the QGIS task and the Processing a
 
 Order of work for one run (one class, K references, N targets):
 
+0. the inputs, before any model is loaded: the output location, the adapter file, every reference (its
+   geometry, CRS and raster) and every target raster are checked, so that a wrong path or a bad file ends in
+   one sentence within a second instead of after the model has loaded;
 1. the model: built once per (model, checkpoint, device, precision) and kept for later runs in this process;
 2. the references: each reference's geometry becomes a crop and a mask on its raster's grid (scribbles are
    densified with SAM prompted by points along them); the K crops go through the frozen encoder ONCE, and
@@ -16,11 +19,20 @@ Order of work for one run (one class, K references, N targets):
    run's parameters beside it (``<output>.params.json``) so the run can be replayed.
 
 Nothing here imports QGIS or Qt; ``progress(fraction, message)`` and ``is_cancelled()`` are plain callables.
+
+Out of GPU memory: when CUDA runs out of memory while encoding the references or predicting a tile, the CUDA
+cache is emptied and the run goes on with the same model on the CPU (the tile is predicted again there); the
+run's result says so in ``RunResult.notes`` (and therefore in its summary), and the progress message too.
+
+Several runs may go on at once in threads of one process (the QGIS task manager, Processing); they share the
+cached model, which is only read, and nothing else.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -55,7 +67,9 @@ def resolve_adapters(model: ModelParams) -> Optional[Path]:
         return default_adapters(model.name)
     path = Path(model.adapters)
     if not path.is_file():
-        raise ModelError(f"The adapter weights file {path} does not exist.")
+        raise ModelError(
+            f"The adapter weights file {path} does not exist: choose the .pt file written by training, or no adapters."
+        )
     return path
 
 
@@ -113,9 +127,38 @@ def _check_output(params: RunParams) -> None:
             raise InputError(f"The output file {path} exists already: choose another name or allow overwriting.")
     folder = Path(params.output).resolve().parent
     if not folder.is_dir():
-        raise InputError(f"The output folder {folder} does not exist.")
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"The output folder {folder} is not writable: choose another folder.")
+        raise InputError(f"The output folder {folder} does not exist: choose an existing folder.")
+    try:  # os.access says yes to root on read-only places (/proc, read-only mounts): try to write instead
+        fd, probe = tempfile.mkstemp(prefix=".virefsam_probe_", dir=str(folder))
+        os.close(fd)
+        os.remove(probe)
+    except OSError:
+        raise InputError(f"The output folder {folder} is not writable: choose another folder.") from None
+
+
+CPU_FALLBACK_NOTE = (
+    "The GPU ran out of memory, so the run went on on the CPU (slower); choose a smaller tile size or a smaller "
+    "model to stay on the GPU."
+)
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError (torch >= 1.13), or the RuntimeError older versions raise for it."""
+    import torch
+
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    try:
+        torch.cuda.empty_cache()  # a no-op when CUDA was never initialised
+    except Exception:  # noqa: BLE001 - a broken driver: nothing to free
+        pass
 
 
 class _Stage:
@@ -140,7 +183,6 @@ class _Stage:
 def run(params: RunParams, progress: Optional[Progress] = None,
         is_cancelled: Optional[IsCancelled] = None) -> RunResult:
     """Segment every target raster of ``params`` (see the module docstring)."""
-    from .modeling.predictor import ReferencePredictor
     from .raster import RasterSource
     from .reference import build_reference
     from .tiling import ProbabilityStitcher, TileGrid, read_tiles, resolution_scale
@@ -152,41 +194,79 @@ def run(params: RunParams, progress: Optional[Progress] = None,
     stage = _Stage(timings)
     say: Progress = progress or (lambda f, m="": None)
     cancelled: IsCancelled = is_cancelled or (lambda: False)
+    notes: List[str] = []
 
     def check_cancel() -> None:
         if cancelled():
             raise CancelledError()
 
+    # 0. inputs, before the model ----------------------------------------------------------------------------
+    say(0.0, "checking the inputs")
     _check_output(params)
-
-    # 1. model ------------------------------------------------------------------------------------------------
-    say(0.0, "loading the model")
-    with stage("model"):
-        engine = load_engine(params.model)
-        adapters = resolve_adapters(params.model) if params.mode == "virefsam" else None
-        predictor = ReferencePredictor(engine, mode=params.mode, adapters=adapters, seed=params.seed)
-    model_label = params.model.name + ("+adapters" if predictor.mode == "virefsam" else f" ({predictor.mode})")
-    check_cancel()
-
-    # 2. references -------------------------------------------------------------------------------------------
-    say(0.02, "preparing the reference")
-    densify = make_densifier(engine)
-    refs = []
-    with stage("reference"):
-        for spec in params.references:
-            refs.append(build_reference(spec, densify=densify, crop_size=params.tile_size, bands=params.bands))
-            check_cancel()
-        predictor.set_references([(r.image, r.mask) for r in refs])
-    ref_pixel_size = refs[0].pixel_size
-    ref_ids = ",".join(r.ref_id for r in refs)
-    check_cancel()
-
-    # 3. + 4. targets -----------------------------------------------------------------------------------------
+    adapters = resolve_adapters(params.model) if params.mode == "virefsam" else None
     sources: List = []
     results: List[TargetResult] = []
     try:
-        for path in params.targets:  # open all first: a bad target fails before hours of work on the others
+        with stage("reference"):  # without SAM: scribbles are densified again once the model is there
+            refs = [build_reference(spec, densify=None, crop_size=params.tile_size, bands=params.bands)
+                    for spec in params.references]
+        for path in params.targets:  # open all first: a bad target fails before any work on the others
             sources.append(RasterSource(path, bands=params.bands))
+        check_cancel()
+
+        # 1. model --------------------------------------------------------------------------------------------
+        say(0.01, "loading the model")
+        from .modeling.predictor import ReferencePredictor
+
+        model = params.model
+        with stage("model"):
+            engine = load_engine(model)
+            predictor = ReferencePredictor(engine, mode=params.mode, adapters=adapters, seed=params.seed)
+        model_label = model.name + ("+adapters" if predictor.mode == "virefsam" else f" ({predictor.mode})")
+        check_cancel()
+
+        # 2. references ---------------------------------------------------------------------------------------
+        say(0.02, "preparing the reference")
+        densify = make_densifier(engine)
+        with stage("reference"):
+            for k, spec in enumerate(params.references):
+                if refs[k].kind != "polygon":
+                    refs[k] = build_reference(spec, densify=densify, crop_size=params.tile_size, bands=params.bands)
+                check_cancel()
+        shots = [(r.image, r.mask) for r in refs]
+
+        def on_cpu(fail: BaseException):
+            """The same model on the CPU, references set again (after CUDA ran out of memory)."""
+            nonlocal engine, predictor, model
+            if CPU_FALLBACK_NOTE in notes:  # already on the CPU: nothing left to try
+                raise fail
+            predictor = engine = None
+            _empty_cuda_cache()
+            model = dataclasses.replace(model, device="cpu", precision="fp32")
+            notes.append(CPU_FALLBACK_NOTE)
+            say(0.05, "GPU out of memory: going on on the CPU")
+            engine = load_engine(model)
+            predictor = ReferencePredictor(engine, mode=params.mode, adapters=adapters, seed=params.seed)
+            predictor.set_references(shots)
+
+        def cuda_safe(call, again: bool = True):
+            """``call()``; on CUDA out of memory, once: the CPU fallback, then ``call()`` again if ``again``."""
+            try:
+                return call()
+            except Exception as exc:  # noqa: BLE001 - only CUDA's out-of-memory is handled here
+                if not _is_cuda_oom(exc):
+                    raise
+                oom = exc.with_traceback(None)  # let go of the failed frames and the GPU tensors they hold
+            on_cpu(oom)  # sets the references on the CPU
+            return call() if again else None
+
+        with stage("reference"):
+            cuda_safe(lambda: predictor.set_references(shots), again=False)
+        ref_pixel_size = refs[0].pixel_size
+        ref_ids = ",".join(r.ref_id for r in refs)
+        check_cancel()
+
+        # 3. + 4. targets ---------------------------------------------------------------------------------------
         grids = []
         for src in sources:
             scale = resolution_scale(src.ground_pixel_size(), ref_pixel_size) if params.match_resolution else 1.0
@@ -207,7 +287,7 @@ def run(params: RunParams, progress: Optional[Progress] = None,
                         break
                     tile, rgb, valid = item
                     with stage("predict"):
-                        prob = predictor.predict(rgb)
+                        prob = cuda_safe(lambda: predictor.predict(rgb))
                     with stage("stitch"):
                         stitcher.add(tile.window, prob, valid)
                     n_valid += 1
@@ -247,7 +327,7 @@ def run(params: RunParams, progress: Optional[Progress] = None,
             Path(output + ".params.json").write_text(params.to_json())
     say(1.0, "done")
     return RunResult(params=params, targets=results, output=output, seconds=time.perf_counter() - t_start,
-                     timings=dict(timings))
+                     timings=dict(timings), notes=notes)
 
 
 def _tiles_before(grids, grid) -> int:

@@ -18,6 +18,11 @@ otherwise (a large raster without small overviews) from a grid of ``STATS_GRID``
 spread over the raster, so a 16384 x 16384 GeoTIFF is never decoded whole. Nodata, masked (alpha, internal mask) and NaN pixels
 are ignored.
 
+Rasters without georeferencing (a plain PNG / JPEG, a GeoTIFF without CRS and geotransform) are processed in
+the pixel frame QGIS shows them in: x = column, y = -row, no CRS (:data:`PIXEL_FRAME`). Marks drawn on such a
+raster in QGIS and the polygons written for it then lie on the image; the output layers have no CRS and areas
+in pixels (``px2``). A raster with a geotransform but no CRS keeps its geotransform (and is written without CRS).
+
 Validity: a pixel is valid when at least one of the chosen bands is valid there (GDAL's mask: nodata value, alpha
 band or internal mask) and none of the chosen bands is NaN. Invalid pixels are 0 in the RGB output.
 """
@@ -53,6 +58,9 @@ _RASTER_EXTENSIONS = {
 }
 
 WindowLike = Union[Window, Tuple[int, int, int, int]]
+
+# The frame of a raster without georeferencing, as QGIS displays it: x = column, y = -row (north up).
+PIXEL_FRAME = rasterio.Affine(1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
 
 try:  # GDAL errors surfacing from reads: rasterio raises RasterioIOError (an OSError) or a CPLE_* error
     from rasterio._err import CPLE_BaseError as _CPLE
@@ -138,8 +146,9 @@ class RasterSource:
 
     Attributes: ``path``, ``width``, ``height``, ``count`` (bands in the file), ``bands`` (the 1-based bands
     read, 1 to 3 of them), ``dtype`` (of the first chosen band), ``nodata``, ``crs`` (rasterio CRS or None),
-    ``transform`` (Affine, north-up), ``res`` ((x, y) map units per pixel), ``bounds``, ``georeferenced``
-    (False for a plain image without CRS and transform: pixel coordinates then, the caller decides),
+    ``transform`` (Affine, north-up; :data:`PIXEL_FRAME` without georeferencing), ``res`` ((x, y) map units per
+    pixel), ``bounds`` (in the frame of ``transform``), ``georeferenced`` (False for a plain image without CRS and
+    transform: QGIS's pixel frame then),
     ``stretch`` (per chosen band ``(low, high)`` or None for uint8 pass-through).
 
     Raises :class:`InputError` for a missing file, a file that is not a raster, a corrupted file, a web service
@@ -203,10 +212,12 @@ class RasterSource:
                 "first (Raster > Projections > Warp, or gdalwarp)."
             )
         self.georeferenced = self.crs is not None or not identity
+        if not self.georeferenced:
+            t = PIXEL_FRAME
         self.width, self.height, self.count = ds.width, ds.height, ds.count
         self.transform = t
         self.res = (abs(t.a), abs(t.e))
-        self.bounds = ds.bounds
+        self.bounds = rasterio.coords.BoundingBox(*rasterio.transform.array_bounds(ds.height, ds.width, t))
         self.bands = self._choose_bands(bands)
         self.dtype = ds.dtypes[self.bands[0] - 1]
         self.nodata = ds.nodatavals[self.bands[0] - 1]
@@ -309,7 +320,7 @@ class RasterSource:
     def window_transform(self, window: WindowLike, out_shape: Optional[Tuple[int, int]] = None):
         """Affine transform of ``window`` read at ``out_shape`` (rows, cols); without out_shape, native pixels."""
         window = as_window(window)
-        t = self._ds.window_transform(window)
+        t = rasterio.windows.transform(window, self.transform)
         if out_shape is not None:
             t = t * rasterio.Affine.scale(window.width / out_shape[1], window.height / out_shape[0])
         return t

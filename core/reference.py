@@ -25,8 +25,11 @@ Geometries:
 * background lines are always buffered by ``line_width`` pixels; background pixels are removed from the
   foreground, and so are the raster's nodata pixels.
 
-CRS: ``spec.crs`` empty = the raster's CRS (for a raster without georeferencing: its pixel coordinates, x =
-column, y = row); otherwise any WKT or authority string (``EPSG:4326``), transformed to the raster's CRS.
+CRS: ``spec.crs`` empty = the raster's CRS; otherwise any WKT or authority string (``EPSG:4326``), transformed to
+the raster's CRS. A raster without georeferencing has no CRS: its geometries are in pixel coordinates, either as
+QGIS shows such a raster (x = column, y = -row: what marks drawn in QGIS are) or, when every geometry lies at
+y >= 0 (where nothing of the raster is in QGIS's frame), as image coordinates (x = column, y = row downwards,
+as most annotation tools write them).
 """
 
 from __future__ import annotations
@@ -343,6 +346,8 @@ def build_reference(
         # to native pixel coordinates, clipped to the raster
         inv = ~src.transform
         to_px = [inv.a, inv.b, inv.d, inv.e, inv.c, inv.f]
+        if not src.georeferenced and tr is None and min(g.bounds[1] for g in fg + bg) >= 0:
+            to_px = [1, 0, 0, 1, 0, 0]  # image coordinates (y = row, downwards), see the module docstring
         frame = box(0, 0, src.width, src.height)
 
         def clip(geoms):

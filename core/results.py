@@ -48,6 +48,7 @@ class RunResult:
     output: Optional[str] = None  # the written file, when params.output was given
     seconds: float = 0.0
     timings: Dict[str, float] = field(default_factory=dict)  # seconds per stage: read, encoder, vcp, ...
+    notes: List[str] = field(default_factory=list)  # sentences the user should read (e.g. a fallback to the CPU)
 
     def summary(self) -> str:
         parts = [f"{t.n_objects} in {t.raster.rsplit('/', 1)[-1]}" for t in self.targets if t.skipped is None]
@@ -55,4 +56,5 @@ class RunResult:
         text = f"{self.params.class_name}: " + (", ".join(parts) or "no raster processed")
         if skipped:
             text += f"; {len(skipped)} skipped"
-        return text + f" ({self.seconds:.1f} s)."
+        text += f" ({self.seconds:.1f} s)."
+        return " ".join([text, *self.notes])

@@ -177,4 +177,6 @@ def run(args) -> int:
             print(f"{name}: {t.n_objects} objects in {t.seconds:.1f} s")
     print(f"Wrote {result.output} ({sum(t.n_objects for t in result.targets)} polygons, "
           f"{time.perf_counter() - t0:.1f} s).")
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0

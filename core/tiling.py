@@ -64,7 +64,7 @@ class TileGrid:
     scale: target pixels per tile pixel (> 0). Windows are ``round(tile_size * scale)`` target pixels a side and
     overlap by at least ``round(overlap * scale)``; the first and last rows and columns of tiles are flush with
     the raster's edges and the ones between evenly spread; a raster smaller than one window gives one smaller
-    tile (``out_shape`` then smaller than tile_size).
+    tile (``out_shape`` then smaller than tile_size, but at least 2 pixels a side: what the model takes).
     """
 
     def __init__(self, width: int, height: int, tile_size: int = 1024, overlap: int = 128, scale: float = 1.0):
@@ -92,7 +92,7 @@ class TileGrid:
     def _out(self, n: int) -> int:
         if n == self.window_size:
             return self.tile_size
-        return max(1, int(round(n / self.scale)))
+        return max(2, int(round(n / self.scale)))  # the model takes images of 2 x 2 pixels or more
 
     @property
     def feather(self) -> int:

@@ -4,6 +4,8 @@ Layout:
 
 * GeoPackage: one file, one layer per target raster, named after the raster's file stem (sanitised to letters,
   digits and ``_``; ``_2``, ``_3`` ... appended when two rasters share a stem). Each layer is in its raster's CRS.
+* A layer without CRS (a raster without georeferencing: pixel coordinates) is written with GeoPackage's
+  "Undefined Cartesian SRS", or without ``.prj`` in a Shapefile.
 * Shapefile: a shapefile holds a single layer in a single CRS, so there is one shapefile per target raster. With
   one target the file is exactly ``path``; with several, ``<stem>_<layer name>.shp`` next to ``path``.
 
@@ -130,7 +132,11 @@ def _srs(crs_wkt: str) -> Optional[osr.SpatialReference]:
 
 def _create_layer(ds, name: str, crs_wkt: str, fmt: str):
     opts = ["ENCODING=UTF-8"] if fmt == "shp" else ["GEOMETRY_NAME=geom", "FID=fid", "SPATIAL_INDEX=YES"]
-    lyr = ds.CreateLayer(name, srs=_srs(crs_wkt), geom_type=ogr.wkbPolygon, options=opts)
+    srs = _srs(crs_wkt)
+    if srs is None and fmt == "gpkg":  # pixel coordinates: GeoPackage's "Undefined Cartesian SRS" (srs_id -1),
+        srs = osr.SpatialReference()  # not the "Undefined geographic SRS" it would choose by itself
+        srs.SetLocalCS("Undefined Cartesian SRS")
+    lyr = ds.CreateLayer(name, srs=srs, geom_type=ogr.wkbPolygon, options=opts)
     for fname, ftype in FIELDS:
         if ftype is float:
             fd = ogr.FieldDefn(fname, ogr.OFTReal)

@@ -49,8 +49,7 @@ class SamEngine:
         self.sam = sam.to(self.device).eval()
         self.img_size = int(sam.image_encoder.img_size)
         self.transform = ResizeLongestSide(self.img_size)
-        self._cache_key: Optional[bytes] = None
-        self._cache: Optional[Tuple[torch.Tensor, Size]] = None
+        self._cache: Optional[Tuple[bytes, Tuple[torch.Tensor, Size]]] = None  # (key, (embedding, input_size))
 
     # -- geometry --------------------------------------------------------------------------------------------
     def input_size(self, original_size: Size) -> Size:
@@ -176,11 +175,13 @@ class SamEngine:
         """``(1x256x64x64 embedding, input_size)`` of ``image``; the last image's embedding is reused."""
         image = np.ascontiguousarray(image)
         key = hashlib.blake2b(image.tobytes(), digest_size=16).digest() + repr(image.shape).encode()
-        if self._cache_key != key or self._cache is None:
-            x, input_size = self.preprocess(image)
-            self._cache = (self.encode(x), input_size)
-            self._cache_key = key
-        return self._cache
+        cached = self._cache  # one read: another thread (a second run on the same engine) may replace it
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        x, input_size = self.preprocess(image)
+        value = (self.encode(x), input_size)
+        self._cache = (key, value)
+        return value
 
     def predict(
         self,
