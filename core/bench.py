@@ -77,9 +77,10 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads for the baseline (0: torch's default)")
     p.add_argument("--rounds", type=int, default=0, help="interleaved timing rounds (0: 3, quick 1)")
     p.add_argument("--no-vit-b", action="store_true", help="skip the vit_b encoder (30-60 s a pass on 2 cores)")
-    p.add_argument("--e2e-variants", default="baseline,baseline_tbest,onnxruntime_tbest,virefsam",
+    p.add_argument("--e2e-variants", default="baseline,baseline_tbest,onnxruntime_tbest,bf16_tbest,virefsam",
                    help="pipeline as is (baseline), with the ORT encoder (onnxruntime), in virefsam mode with "
-                        "random-init adapters (virefsam, timing only); '_t<n>' appended: with n torch/ORT threads, "
+                        "random-init adapters (virefsam, timing only), with precision bf16 (bf16, where the CPU "
+                        "has it); '_t<n>' appended: with n torch/ORT threads, "
                         "'_tbest': the fastest thread count of the encoder section")
     p.add_argument("--e2e-size", type=int, default=0, help="e2e on a centred N x N crop of the target (0: all)")
     p.add_argument("--e2e-rounds", type=int, default=1,
@@ -576,6 +577,9 @@ def bench_decoder(args, pred, tile, bf16: bool, threads: int, rounds: int, log) 
     if bf16:
         variants["bf16_32"] = decode(32, threads, torch.bfloat16)
         labels["bf16_32"] = f"bf16 autocast, 32 prompts at most, {threads} threads"
+        if not args.quick:
+            variants["bf16_32_c4"] = decode(32, threads, torch.bfloat16, chunk=4)
+            labels["bf16_32_c4"] = f"bf16 autocast, 32 prompts at most, 4 per decoder call, {threads} threads"
     with torch.inference_mode(), FlopCounterMode(display=False) as fc:
         _, n32 = decode(32, threads)()
     gflop = fc.get_total_flops() / 1e9
@@ -793,18 +797,21 @@ def run_e2e(args, targets: Sequence[str], output: str, variant: str = "baseline"
 
     import torch
 
-    m = re.fullmatch(r"(baseline|onnxruntime|virefsam)(?:_t(\d+|best))?", variant)
+    m = re.fullmatch(r"(baseline|onnxruntime|virefsam|bf16)(?:_t(\d+|best))?", variant)
     if not m:
-        raise ValueError(f"unknown e2e variant {variant!r}: baseline, onnxruntime or virefsam, optionally + _t<threads>")
+        raise ValueError(f"unknown e2e variant {variant!r}: baseline, onnxruntime, virefsam or bf16, optionally "
+                         "+ _t<threads>")
     kind, n_threads = m.group(1), m.group(2) or 0
     if n_threads == "best":  # the fastest thread count of the encoder section (torch's default without it)
         best = getattr(args, "best_threads", None) or {}
-        n_threads = best.get("onnxruntime" if kind == "onnxruntime" else "torch", 0)
+        n_threads = best.get({"onnxruntime": "onnxruntime", "bf16": "bf16"}.get(kind, "torch"), 0)
     n_threads = int(n_threads)
     params = run_params(args, targets, output)
     if kind == "virefsam":  # timing only: random-init adapters (the passes cost the same with trained ones)
         params = dataclasses.replace(params, mode="virefsam",
                                      model=dataclasses.replace(params.model, adapters=args.random_adapters))
+    if kind == "bf16":  # the engine's own bf16 autocast of the image encoder (decoder stays fp32)
+        params = dataclasses.replace(params, model=dataclasses.replace(params.model, precision="bf16"))
     if n_threads:
         params = dataclasses.replace(params, model=dataclasses.replace(params.model, threads=n_threads))
     prev_threads = torch.get_num_threads()
@@ -1003,6 +1010,7 @@ def best_threads(report: dict) -> Dict[str, int]:
     v = ((report.get("encoder") or {}).get("embedded") or {}).get("variants", {})
     out = {}
     for kind, keys in (("torch", [k for k in v if k == "torch_fp32" or k.startswith("torch_fp32_t")]),
+                       ("bf16", [k for k in v if k == "torch_bf16" or k.startswith("torch_bf16_t")]),
                        ("onnxruntime", [k for k in v if k.startswith("onnxruntime")])):
         if keys:
             out[kind] = int(v[min(keys, key=lambda k: v[k]["seconds"])]["threads"])
@@ -1177,8 +1185,8 @@ def _notes(r: dict) -> List[str]:
                      f"faster than PyTorch at the same thread count (max abs diff {v['onnxruntime']['max_abs_diff_vs_fp32']}).")
     bt = r.get("best_threads") or {}
     if bt:
-        notes.append(f"Fastest thread count for the embedded encoder here: PyTorch {bt.get('torch')}, ONNX Runtime "
-                     f"{bt.get('onnxruntime')} (torch's default: {m.get('torch_threads')}).")
+        notes.append(f"Fastest thread count for the embedded encoder here: PyTorch fp32 {bt.get('torch')}, bf16 "
+                     f"{bt.get('bf16')}, ONNX Runtime {bt.get('onnxruntime')} (torch's default: {m.get('torch_threads')}).")
     dec = (r.get("encoder") or {}).get("decoder") or {}
     if dec and enc.get("gflop"):
         notes.append(f"Training-free decoding of one tile costs {dec['gflop_32_prompts']} GFLOP, the encoder "
@@ -1277,12 +1285,14 @@ def run(args) -> int:
             report["model_load_seconds"] = round(time.perf_counter() - t0, 2)
             if not ort_encoder.available():
                 variants = [v for v in variants if not v.startswith("onnxruntime")]
+            if not info["bf16"]:
+                variants = [v for v in variants if not v.startswith("bf16")]
             resolved = []  # '_tbest' -> the count found by the encoder section; the default count -> no suffix
             for v in variants:
                 base, _, t = v.partition("_t")
                 if t == "best":
                     t = str((getattr(args, "best_threads", None) or {}).get(
-                        "onnxruntime" if base == "onnxruntime" else "torch", threads))
+                        {"onnxruntime": "onnxruntime", "bf16": "bf16"}.get(base, "torch"), threads))
                 name = base if t in ("", str(threads)) else f"{base}_t{t}"
                 if name not in resolved:
                     resolved.append(name)

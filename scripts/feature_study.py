@@ -223,6 +223,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=Path("/tmp/virefsam_features"))
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--extract-only", action="store_true")
+    ap.add_argument("--subset", type=int, default=None,
+                    help="evaluate only the first N of each class's --episodes (same episodes, fewer)")
     ap.add_argument("--center", action="store_true", help="also rows '+c': per-image mean feature removed")
     ap.add_argument("--pipeline", action="store_true", help="also run ReferencePredictor(mode='training_free')")
     ap.add_argument("--json", type=Path, default=None)
@@ -234,6 +236,8 @@ def main(argv=None) -> int:
     plan = OrderedDict()
     for ds in datasets:
         eps = sample_episodes(ds, n=args.episodes, shots=args.shots, seed=args.seed)
+        if args.subset:  # the first N episodes of each class of the same list
+            eps = [e for c in ds.classes for e in [x for x in eps if x.class_id == c][: args.subset]]
         plan[ds.name] = (ds, eps)
         used = sorted({i for e in eps for i in (*e.support, e.query)})
         print(f"{ds.name}: {len(eps)} episodes over {len(ds.classes)} classes, {len(used)} images", flush=True)
@@ -293,13 +297,14 @@ def main(argv=None) -> int:
     del backbones
 
     if args.pipeline and not args.extract_only:
-        run_pipeline(plan, results, sam_engine or SamFeatures(args.cache).engine)
+        run_pipeline(plan, results, sam_engine or SamFeatures(args.cache).engine, args.cache / "pipeline_episodes.jsonl")
 
-    report = OrderedDict(protocol=dict(shots=args.shots, episodes_per_class=args.episodes, seed=args.seed,
-                                       n_bg=N_BG), results=OrderedDict())
+    report = OrderedDict(protocol=dict(shots=args.shots, episodes_per_class=args.episodes, subset=args.subset,
+                                       seed=args.seed, n_bg=N_BG), results=OrderedDict())
     for dsname, rows in results.items():
         print()
-        print(format_table(rows, title=f"{dsname}: {args.shots}-shot, {args.episodes} episodes/class, IoU %"))
+        n_ep = args.subset or args.episodes
+        print(format_table(rows, title=f"{dsname}: {args.shots}-shot, {n_ep} episodes/class, IoU %"))
         report["results"][dsname] = {k: m.summary() for k, m in rows.items()}
         if aucs.get(dsname):
             print(auc_table(aucs[dsname], f"{dsname}: mean per-episode ROC-AUC (%) of the Eq. 3 decision value"))
@@ -311,27 +316,47 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_pipeline(plan, results, engine) -> None:
-    """The method's predictor (pseudo-mask -> SAM prompts; and the static-prompt baseline) on the same episodes."""
-    try:
-        from core.modeling.predictor import ReferencePredictor
-    except ImportError as exc:
-        print(f"pipeline skipped: {exc}")
-        return
-    for ds, eps in plan.values():
-        for mode in ("training_free", "static_prompt"):
-            pred = ReferencePredictor(engine, mode=mode)
-            meter = FewShotMeter()
-            t0 = time.time()
-            for n, ep in enumerate(eps):
-                data = load_episode(ds, ep)
-                pred.set_references(data.references)
-                prob = pred.predict(data.query_image)
-                meter.update(ep.class_name, prob > 0.5, data.query_mask, data.query_ignore)
-                if (n + 1) % 40 == 0:
-                    print(f"  {mode} {ds.name}: {n + 1}/{len(eps)} ({(time.time() - t0) / (n + 1):.2f} s/ep)",
-                          flush=True)
-            results.setdefault(ds.name, OrderedDict())[f"sam_{mode}"] = meter
+def run_pipeline(plan, results, engine, log_path: Path) -> None:
+    """The method's predictor (pseudo-mask -> SAM prompts; and the static-prompt baseline) on the same episodes.
+
+    Each episode's pixel counts are appended to ``log_path`` (JSON lines) as soon as they exist, and episodes
+    found there are not run again: an interrupted run continues where it stopped.
+    """
+    from core.modeling.predictor import ReferencePredictor
+    from core.training.metrics import intersection_union
+
+    done = {}
+    if log_path.is_file():
+        for line in log_path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            done[(r["mode"], r["dataset"], r["episode"])] = r
+    with open(log_path, "a") as log:
+        for ds, eps in plan.values():
+            for mode in ("training_free", "static_prompt"):
+                pred = ReferencePredictor(engine, mode=mode)
+                meter = FewShotMeter()
+                t0, ran = time.time(), 0
+                for n, ep in enumerate(eps):
+                    key = json.dumps(ep.to_dict(), sort_keys=True)
+                    r = done.get((mode, ds.name, key))
+                    if r is None:
+                        data = load_episode(ds, ep)
+                        pred.set_references(data.references)
+                        prob = pred.predict(data.query_image)
+                        (i_bg, u_bg), (i_fg, u_fg) = intersection_union(prob > 0.5, data.query_mask,
+                                                                        data.query_ignore)
+                        r = dict(mode=mode, dataset=ds.name, episode=key, i_fg=i_fg, u_fg=u_fg, i_bg=i_bg, u_bg=u_bg)
+                        log.write(json.dumps(r) + "\n")
+                        log.flush()
+                        ran += 1
+                    meter.add_counts(ep.class_name, r["i_fg"], r["u_fg"], r["i_bg"], r["u_bg"])
+                    if ran and (n + 1) % 40 == 0:
+                        print(f"  {mode} {ds.name}: {n + 1}/{len(eps)} ({(time.time() - t0) / ran:.2f} s/ep run)",
+                              flush=True)
+                results.setdefault(ds.name, OrderedDict())[f"sam_{mode}"] = meter
 
 
 if __name__ == "__main__":

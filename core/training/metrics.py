@@ -61,6 +61,10 @@ class FewShotMeter:
     def update(self, class_key: Hashable, pred, gt, ignore=None) -> float:
         """Add one episode; returns that episode's foreground IoU in % (100 when both masks are empty)."""
         (i_bg, u_bg), (i_fg, u_fg) = intersection_union(pred, gt, ignore)
+        return self.add_counts(class_key, i_fg, u_fg, i_bg, u_bg)
+
+    def add_counts(self, class_key: Hashable, i_fg: int, u_fg: int, i_bg: int, u_bg: int) -> float:
+        """Add one episode from its pixel counts (e.g. stored by an interrupted run); returns its fg IoU in %."""
         acc = self._acc.setdefault(class_key, _ClassAcc())
         acc.i_fg += i_fg
         acc.u_fg += u_fg
