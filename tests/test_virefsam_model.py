@@ -190,3 +190,29 @@ def test_adapter_file_roundtrip_and_refusals(tmp_path, tinyvit_sam, small_vit_sa
     torch.save({"something": 1}, tmp_path / "other.pt")
     with pytest.raises(ModelError, match="no ViRefSAM adapters"):
         ViRefSAM.from_adapters(tinyvit_sam, tmp_path / "other.pt")
+
+
+def test_vcp_without_dta_skips_the_adapted_pass_and_equals_zero_adapters(tmp_path, small_vit_sam):
+    """The ablation "VCP without DTA" (use_dta False) gives exactly what zero DTA branches give, without the
+    adapted encoder pass; adapter files trained with --no-dta come back with use_dta False."""
+    model = ViRefSAM(small_vit_sam)
+    rx, rm = _refs(1)
+    protos = model.reference_prototypes(model.encode_plain(rx), rm)
+    x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(3))
+    plain = model.encode_plain(x)
+    with torch.no_grad():
+        with_pass = model(x, protos, plain=plain)["low_res_logits"]  # untrained: DTA is an exact no-op
+        model.use_dta = False
+        calls = []
+        hook = model.encoder.register_forward_hook(lambda *a: calls.append(1))
+        without = model(x, protos, plain=plain)["low_res_logits"]
+        hook.remove()
+    assert calls == [] and torch.equal(with_pass, without)
+
+    blob = model.adapter_state_dict()
+    blob["training"] = {"dta": False}
+    torch.save(blob, tmp_path / "vcp_only.pt")
+    assert ViRefSAM.from_adapters(small_vit_sam, tmp_path / "vcp_only.pt").use_dta is False
+    blob["training"] = {"dta": True}
+    torch.save(blob, tmp_path / "full.pt")
+    assert ViRefSAM.from_adapters(small_vit_sam, tmp_path / "full.pt").use_dta is True

@@ -118,6 +118,9 @@ class ViRefSAM(nn.Module):
         self.vcp = VCPEncoder(dim=dim, prompt_dim=dim, n_queries=n_queries)
         self.n_bg, self.seed = n_bg, seed
         self.config = {"n_queries": n_queries, "n_bg": n_bg, "dta_dim": dta_dim}
+        # False: VCP alone (the ablation "VCP without DTA", adapters trained with ``train --no-dta``). The DTA
+        # branches then add nothing, so the adapted pass would equal the plain embedding: it is skipped.
+        self.use_dta = True
         # optional callable returning a context for the encoder passes (e.g. SamEngine.autocast for bf16/fp16);
         # everything else runs in the parameters' dtype, like SamEngine's decoder
         self.encoder_autocast = None
@@ -190,7 +193,9 @@ class ViRefSAM(nn.Module):
                         seed=seed)
         except (KeyError, TypeError, ValueError):
             raise ModelError("The adapter file has no valid configuration: it is damaged.") from None
-        return model.load_adapters(blob)
+        model.load_adapters(blob)
+        model.use_dta = bool(dict(blob.get("training") or {}).get("dta", True))
+        return model
 
     # -- passes 1 and 2 ---------------------------------------------------------------------------------------
     def _encoder_context(self):
@@ -234,10 +239,13 @@ class ViRefSAM(nn.Module):
         refined = Prototypes(table[:, 0], protos.fg_valid, table[:, 1:], protos.bg_valid)
         pmask, margin, assign = pseudo_mask(plain, refined, valid)
 
-        # pass 3: adapted encoder
-        with self._encoder_context():
-            emb = self.encoder(target_x, DTAContext(table, assign))
-        emb = emb.to(plain.dtype)
+        # pass 3: adapted encoder (Eq. 5); without DTA it would return the plain embedding exactly
+        if self.use_dta:
+            with self._encoder_context():
+                emb = self.encoder(target_x, DTAContext(table, assign))
+            emb = emb.to(plain.dtype)
+        else:
+            emb = plain
 
         # pass 4: VCP queries (Eq. 4)
         queries, l_reg = self.vcp.queries(refined.fg, emb, pe, pmask, valid)

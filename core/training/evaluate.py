@@ -96,6 +96,7 @@ def disable_dta(model) -> None:
     plain embedding exactly, and VCP works alone."""
     import torch
 
+    model.use_dta = False
     with torch.no_grad():
         for ad in model.encoder.adapters:
             ad.up.weight.zero_()

@@ -226,6 +226,7 @@ def run(args) -> int:
     model = ViRefSAM(engine.sam, n_queries=args.n_queries, n_bg=args.n_bg, dta_dim=args.dta_dim, seed=args.seed)
     model.to(device)
     if args.no_dta:
+        model.use_dta = False  # VCP alone: no adapted encoder pass, the DTA weights stay at their zero init
         for p in model.encoder.adapters.parameters():
             p.requires_grad_(False)
     params = [p for p in model.trainable_parameters() if p.requires_grad]
