@@ -12,10 +12,22 @@ Layout:
 Attributes are ``core.results.FIELDS`` (names of at most 10 characters, so Shapefile keeps them). Geometries are
 Polygons; a MultiPolygon is written as one feature per part. Shapefiles are written UTF-8 (with a ``.cpg``).
 
-Safety: everything is written under temporary names in the destination folder (``.<name>.tmp-<random>...``)
-and renamed into place only when complete. An existing output is refused (InputError) unless
-``overwrite=True``; an exception or a cancellation while writing (a feature generator that raises, disk full,
-``is_cancelled()``) removes the temporary files and leaves any existing output untouched.
+Safety: everything is written under temporary names in the destination folder
+(``.<name>.tmp-<pid>-<random>...``, unique per run and per call) and moved into place only when complete. An
+existing output is refused (InputError) unless ``overwrite=True``; an exception or a cancellation while writing
+(a feature generator that raises, disk full, ``is_cancelled()``) removes the temporary files and leaves any
+existing output untouched.
+
+Two runs writing the same output at once (scripts; the dock refuses a second run) both pass the "exists
+already" check at their start. What happens when they finish:
+
+* without ``overwrite``: the output is claimed atomically with a hard link, which fails when the name exists.
+  The first run to finish keeps its file; the second one refuses (InputError "... was written by another run
+  while this one was working ...") and removes its own temporary files, never touching the first run's file.
+  (On a file system without hard links: check, then an atomic rename; the window is a few microseconds.)
+* with ``overwrite``: each run's file is moved in with an atomic rename; the later rename wins, and the
+  output is always one run's complete file. A shapefile is several files: its set is moved under a lock file
+  (``.<name>.shp.lock``), so the ``.shp`` of one run never ends up with the ``.dbf`` of the other.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
@@ -174,9 +187,71 @@ def _write_features(lyr, features: Iterable[Feature], is_cancelled) -> int:
 
 
 def _tmp_name(final: str) -> str:
+    """A name in the folder of ``final`` that no other run (process or thread) uses: pid + random suffix."""
     folder, base = os.path.split(os.path.abspath(final))
     stem, ext = os.path.splitext(base)
-    return os.path.join(folder, f".{stem}.tmp-{uuid.uuid4().hex[:8]}{ext}")
+    return os.path.join(folder, f".{stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}{ext}")
+
+
+class _Taken(Exception):
+    """The final name was taken by another run between the start of this one and its end."""
+
+
+def _taken_error(final: str) -> InputError:
+    return InputError(
+        f"The output '{os.path.basename(final)}' was written by another run while this one was working; this run's "
+        "result was not kept (the other run's file is untouched): choose another name or allow overwriting."
+    )
+
+
+def _claim(tmp: str, final: str) -> None:
+    """Move the complete file ``tmp`` to ``final`` only if ``final`` does not exist, atomically.
+
+    A hard link fails with FileExistsError when ``final`` exists (checked and done in one step by the file
+    system), so of two runs finishing at once exactly one gets the name; the other raises :class:`_Taken`."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise _Taken(final) from None
+    except OSError:  # no hard links here (FAT, some network shares): check, then an atomic rename
+        if os.path.lexists(final):
+            raise _Taken(final) from None
+        os.replace(tmp, final)
+        return
+    os.remove(tmp)
+
+
+@contextlib.contextmanager
+def _lock(final: str, timeout: float = 60.0, stale: float = 120.0):
+    """An exclusive lock file beside ``final`` for moving a set of files (a shapefile) into place.
+
+    Created with O_EXCL, so one run at a time holds it; a lock older than ``stale`` seconds (a killed run) is
+    broken."""
+    folder, base = os.path.split(os.path.abspath(final))
+    path = os.path.join(folder, f".{base}.lock")
+    t0 = time.monotonic()
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                if time.time() - os.path.getmtime(path) > stale:
+                    os.remove(path)
+                    continue
+            except OSError:
+                continue  # released meanwhile
+            if time.monotonic() - t0 > timeout:
+                raise InputError(
+                    f"The output '{base}' is being written by another run; wait for it to finish and try again."
+                ) from None
+            time.sleep(0.02)
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        _remove([path])
 
 
 def _remove(paths: Iterable[str]) -> None:
@@ -256,20 +331,47 @@ def _write(fmt, names, layers, finals, overwrite, is_cancelled) -> List[str]:
         if is_cancelled is not None and is_cancelled():
             raise CancelledError()
         # all complete: move into place
-        for tmp, final in zip(temps, finals):
-            if fmt == "gpkg":
-                os.replace(tmp, final)
-            else:
-                tstem, fstem = os.path.splitext(tmp)[0], os.path.splitext(final)[0]
-                if overwrite:
-                    _remove(_siblings(final, "shp"))
-                for e in SHP_SIDECARS:
-                    if os.path.exists(tstem + e):
-                        os.replace(tstem + e, fstem + e)
+        placed: List[str] = []
+        try:
+            for tmp, final in zip(temps, finals):
+                if fmt == "gpkg":
+                    if overwrite:
+                        os.replace(tmp, final)
+                    else:
+                        _claim(tmp, final)
+                    placed.append(final)
+                else:
+                    with _lock(final):
+                        _place_shapefile(tmp, final, overwrite)
+                    placed.append(final)
+        except _Taken as taken:
+            for final in placed:  # this run's files, placed a moment ago: the run is refused as a whole
+                _remove(_siblings(final, fmt))
+            raise _taken_error(str(taken)) from None
         return finals
     except BaseException:
         _remove(created)
         raise
+
+
+def _place_shapefile(tmp: str, final: str, overwrite: bool) -> None:
+    """Move the sidecars of the shapefile ``tmp`` to those of ``final`` (under the lock of ``final``).
+
+    Without ``overwrite`` the ``.shp`` is claimed first (:func:`_claim`); a sidecar of ``final`` that this run
+    does not write (a stale ``.prj`` of a deleted shapefile) is removed, so the set is this run's only."""
+    tstem, fstem = os.path.splitext(tmp)[0], os.path.splitext(final)[0]
+    if overwrite:
+        _remove(_siblings(final, "shp"))
+        os.replace(tstem + ".shp", fstem + ".shp")
+    else:
+        _claim(tstem + ".shp", fstem + ".shp")
+    for e in SHP_SIDECARS:
+        if e == ".shp":
+            continue
+        if os.path.exists(tstem + e):
+            os.replace(tstem + e, fstem + e)
+        else:
+            _remove([fstem + e])
 
 
 def write_results(

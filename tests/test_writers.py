@@ -205,3 +205,93 @@ def test_crs_and_positions_kept(tmp_path, shared_data, rel, epsg, fmt):
     assert left - eps <= xmin and xmax <= right + eps and bottom - eps <= ymin and ymax <= top + eps
     total = sum(f.GetGeometryRef().GetArea() for f in lyr)
     assert total == pytest.approx(arr.sum() * abs(t.a * t.e), rel=1e-6)
+
+
+# -- two runs writing the same output at once ---------------------------------------------------------------------
+def _meeting(features, barrier):
+    """The features, after both writers have passed their "exists already" check and started their temp files."""
+    for i, f in enumerate(features):
+        if i == 1:
+            barrier.wait(timeout=60)
+        yield f
+
+
+def _race(path, runs, overwrite):
+    """``write_layers(path, ...)`` for each of ``runs`` in its own thread, both writing at the same moment."""
+    import threading
+
+    barrier = threading.Barrier(len(runs))
+    out, errors = {}, {}
+
+    def work(key, layer):
+        try:
+            lay = LayerData(layer.name, layer.crs_wkt, _meeting(layer.features, barrier))
+            out[key] = write_layers(path, [lay], overwrite=overwrite)
+        except BaseException as exc:  # noqa: BLE001 - checked by the test
+            errors[key] = exc
+
+    threads = [threading.Thread(target=work, args=(k, ly)) for k, ly in runs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return out, errors
+
+
+def _class_names_and_count(path):
+    ds = ogr.Open(path)
+    lyr = ds.GetLayer(0)
+    names = {f.GetField("class_name") for f in lyr}
+    n = lyr.GetFeatureCount()
+    ds = None
+    return names, n
+
+
+@pytest.mark.parametrize("fmt", ["gpkg", "shp"])
+def test_two_runs_writing_the_same_output_without_overwrite(tmp_path, layers, fmt):
+    """Both runs pass the "exists already" check and write at once: the first to finish keeps its complete file,
+    the second refuses with one sentence and leaves the first's file alone; no temporary file is left."""
+    path = str(tmp_path / f"same.{fmt}")
+    runs = {"atlanta": layers[0], "oam": layers[1]}
+    for _ in range(3):  # the order of finishing varies: every round must end the same way
+        out, errors = _race(path, runs, overwrite=False)
+        assert len(out) == 1 and len(errors) == 1, (out, errors)
+        (winner,), (loser, exc) = out, next(iter(errors.items()))
+        assert isinstance(exc, InputError) and "another run" in str(exc) and "not kept" in str(exc)
+        names, n = _class_names_and_count(path)
+        assert names == {runs[winner].features[0].attributes["class_name"]}
+        assert n == len(runs[winner].features)
+        assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or p.endswith(".lock")]
+        for p in os.listdir(tmp_path):
+            os.remove(tmp_path / p)
+
+
+@pytest.mark.parametrize("fmt", ["gpkg", "shp"])
+def test_two_runs_writing_the_same_output_with_overwrite(tmp_path, layers, fmt):
+    """With overwrite both succeed and the later rename wins: the output is one run's complete file (for a
+    shapefile: geometries and attributes of the same run), never a mix, and no temporary file is left."""
+    path = str(tmp_path / f"same.{fmt}")
+    write_layers(path, layers[:1])  # an earlier output both replace
+    runs = {"atlanta": layers[0], "oam": layers[1]}
+    for _ in range(3):
+        out, errors = _race(path, runs, overwrite=True)
+        assert not errors and set(out) == set(runs)
+        names, n = _class_names_and_count(path)
+        (cls,) = names
+        winner = next(k for k, ly in runs.items() if ly.features[0].attributes["class_name"] == cls)
+        assert n == len(runs[winner].features)
+        rows, _, _, ds = _read_back(path)
+        areas = sorted(a for _, a, _ in rows)
+        ds = None
+        assert areas == pytest.approx(sorted(f.geometry.area for f in runs[winner].features), rel=1e-9)
+        assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or p.endswith(".lock")]
+
+
+def test_temporary_names_are_unique_per_process_and_call(tmp_path):
+    from core.writers import _tmp_name
+
+    final = str(tmp_path / "out.gpkg")
+    names = {_tmp_name(final) for _ in range(100)}
+    assert len(names) == 100
+    for n in names:
+        assert os.path.dirname(n) == str(tmp_path) and f".tmp-{os.getpid()}-" in os.path.basename(n)
