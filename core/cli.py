@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import shlex
 import sys
+import time
 from typing import List, Optional
 
 from .errors import CancelledError, VirefsamError
@@ -47,6 +50,22 @@ def _load(module: str):
         raise
 
 
+def _interrupted(args, argv: Optional[List[str]], started: float) -> str:
+    """What a Ctrl-C left behind. ``train`` saves ``OUT/checkpoint.pt`` when interrupted: say so, and how to go on."""
+    out = getattr(args, "out", None)
+    if args.command == "train" and out:
+        ckpt = os.path.join(out, "checkpoint.pt")
+        if os.path.isfile(ckpt):
+            words = list(sys.argv[1:] if argv is None else argv)
+            if "--resume" not in words:
+                words.append("--resume")
+            again = "python -m core " + " ".join(shlex.quote(w) for w in words)
+            if os.path.getmtime(ckpt) >= started - 1.0:
+                return f"interrupted; the training checkpoint {ckpt} was saved: continue with {again}"
+            return f"interrupted before a new step was saved; the checkpoint {ckpt} is unchanged: continue with {again}"
+    return "interrupted; nothing was written."
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -57,13 +76,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if mod is None:
         print(f"error: the command '{args.command}' is not available in this version.", file=sys.stderr)
         return 2
+    started = time.time()
     try:
         return int(mod.run(args) or 0)
     except CancelledError as exc:
         print(f"cancelled: {exc}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("cancelled: interrupted; nothing was written.", file=sys.stderr)
+        print(f"cancelled: {_interrupted(args, argv, started)}", file=sys.stderr)
         return 130
     except VirefsamError as exc:
         print(f"error: {exc}", file=sys.stderr)

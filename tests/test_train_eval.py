@@ -5,6 +5,7 @@ the commands, the files they write and the JSON report cannot rot. ~1 minute on 
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -79,3 +80,55 @@ def test_train_resume_and_eval(tiny_folder, tmp_path, monkeypatch):
         assert m["classes"]["square"]["episodes"] == 2
     assert "test-time" in rep["modes"]["vcp_no_dta"]
     assert rep["feature_cache"]["hits"] > 0  # every image encoded once for all modes
+
+
+def test_ctrl_c_during_training_says_the_checkpoint_was_saved_and_how_to_resume(tiny_folder, tmp_path):
+    """A real `python -m core train` interrupted with SIGINT (Ctrl-C) after its first step: exit 130, the
+    checkpoint is there, and stderr says so with the command that continues it (the same one with --resume)."""
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "run"
+    args = ["train", "--data", str(tiny_folder), "--fold", "0", "--device", "cpu", "--feature-cache",
+            str(tmp_path / "features"), "--quiet", "--episodes", "200", "--batch", "1", "--lr", "1e-4",
+            "--warmup", "1", "--out", str(out), "--n-queries", "8", "--save-every", "1000", "--threads", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "core", *args], cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    log = out / "train_log.jsonl"
+    t0 = time.time()
+    while not (log.exists() and log.read_text().strip()) and proc.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    ckpt = out / "checkpoint.pt"
+    assert ckpt.is_file()  # --save-every 1000: written by the interrupt, not by the schedule
+    step = torch.load(ckpt, map_location="cpu", weights_only=True)["step"]
+    assert step >= 1
+    (line,) = [ln for ln in stderr.splitlines() if ln.startswith("cancelled:")]
+    assert "nothing was written" not in line and "Traceback" not in stderr
+    assert f"checkpoint {ckpt} was saved" in line
+    command = line.split("continue with ", 1)[1]
+    assert shlex.split(command) == ["python", "-m", "core", *args, "--resume"]
+
+
+def test_ctrl_c_message_of_other_commands_and_of_a_training_without_checkpoint(tmp_path):
+    from core.cli import _interrupted, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "--data", "d", "--fold", "0", "--out", str(tmp_path / "new")])
+    assert _interrupted(args, None, 0.0) == "interrupted; nothing was written."
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "checkpoint.pt").write_bytes(b"x")
+    old = tmp_path / "old" / "checkpoint.pt"
+    os.utime(old, (1_000_000, 1_000_000))
+    argv = ["train", "--data", "d", "--fold", "0", "--out", str(tmp_path / "old"), "--resume"]
+    msg = _interrupted(parser.parse_args(argv), argv, 2_000_000.0)
+    assert "unchanged" in msg and msg.endswith("python -m core " + " ".join(argv))
