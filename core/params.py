@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 MODES = ("virefsam", "training_free", "static_prompt")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
+ENCODER_BACKENDS = ("auto", "torch", "onnxruntime")
 FORMATS = ("gpkg", "shp")
 
 
@@ -29,7 +30,11 @@ class ModelParams:
                 are any), ``None`` (no adapters: training-free), or a path to a ``.pt`` of adapter weights.
     device:     ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``.
     precision:  ``fp32`` (default), ``bf16`` (CPUs with bf16 support, or CUDA) or ``fp16`` (CUDA only).
-    threads:    CPU threads for torch; 0 = torch's default.
+    threads:    CPU threads for torch (and ONNX Runtime's intra-op threads); 0 = the library's default.
+    encoder_backend: what runs the plain (frozen, un-adapted) image-encoder passes: ``auto`` (ONNX Runtime for
+                the ``embedded`` model on the CPU in fp32 when onnxruntime is installed, else PyTorch),
+                ``torch`` or ``onnxruntime`` (the embedded model on the CPU in fp32 only). ViRefSAM's adapted
+                encoder pass always runs in PyTorch.
     """
 
     name: str = "embedded"
@@ -38,6 +43,7 @@ class ModelParams:
     device: str = "auto"
     precision: str = "fp32"
     threads: int = 0
+    encoder_backend: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,16 @@ class RunParams:
             raise InputError(
                 f"Unknown precision '{self.model.precision}': choose one of {', '.join(PRECISIONS)}."
             )
+        backend = self.model.encoder_backend
+        if backend not in ENCODER_BACKENDS:
+            raise InputError(
+                f"Unknown encoder backend '{backend}': choose one of {', '.join(ENCODER_BACKENDS)}."
+            )
+        if backend == "onnxruntime":
+            if self.model.name != "embedded":
+                raise InputError("The ONNX Runtime encoder exists for the embedded model only: choose 'auto' or 'torch'.")
+            if self.model.device == "cuda" or self.model.precision != "fp32":
+                raise InputError("The ONNX Runtime encoder runs on the CPU in fp32 only: choose 'auto' or 'torch'.")
         if self.output_format not in FORMATS:
             raise InputError(f"Unknown output format '{self.output_format}': choose gpkg or shp.")
         if not self.references:

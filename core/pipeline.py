@@ -74,16 +74,23 @@ def resolve_adapters(model: ModelParams) -> Optional[Path]:
 
 
 def load_engine(model: ModelParams):
-    """The SamEngine for these model parameters, built once per process (thread-safe)."""
-    key = (model.name, model.checkpoint, model.device, model.precision, model.threads)
+    """The SamEngine for these model parameters, built once per process (thread-safe).
+
+    ``model.encoder_backend`` ``auto`` runs the plain encoder passes in ONNX Runtime for the embedded model on the
+    CPU in fp32 when onnxruntime is there (``engine.encoder_backend`` says which backend runs), else in PyTorch.
+    """
+    key = (model.name, model.checkpoint, model.device, model.precision, model.threads, model.encoder_backend)
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
             from .modeling.engine import SamEngine
             from .modeling.registry import build_sam
 
+            backend = model.encoder_backend
+            if backend == "auto" and model.name != "embedded":  # only the embedded model has the ORT graph
+                backend = "torch"
             engine = SamEngine(build_sam(model.name, model.checkpoint), device=model.device,
-                               precision=model.precision, threads=model.threads)
+                               precision=model.precision, threads=model.threads, encoder_backend=backend)
             _ENGINES.clear()  # keep one model in memory at a time
             _ENGINES[key] = engine
         return engine

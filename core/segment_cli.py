@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 from .errors import InputError
-from .params import MODES, ModelParams, ReferenceSpec, RunParams
+from .params import ENCODER_BACKENDS, MODES, ModelParams, ReferenceSpec, RunParams
 
 
 def add_arguments(p) -> None:
@@ -41,6 +41,9 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--encoder-backend", default="auto", choices=ENCODER_BACKENDS,
+                   help="what runs the plain image-encoder passes: auto (ONNX Runtime for the embedded model on "
+                        "the CPU in fp32, else PyTorch), torch or onnxruntime")
     p.add_argument("--bands", help="1-based bands to use as RGB, e.g. 4,3,2 (default: the first three)")
     p.add_argument("--tile-size", type=int, default=1024)
     p.add_argument("--overlap", type=int, default=128)
@@ -120,7 +123,8 @@ def params_from_args(args) -> RunParams:
         output_format=fmt,
         overwrite=args.overwrite,
         model=ModelParams(name=args.model, checkpoint=args.checkpoint, adapters=adapters, device=args.device,
-                          precision=args.precision, threads=args.threads),
+                          precision=args.precision, threads=args.threads,
+                          encoder_backend=getattr(args, "encoder_backend", "auto")),
         mode=args.mode,
         bands=bands,
         tile_size=args.tile_size,

@@ -16,10 +16,10 @@ Only the frozen plain encoder pass can go through ORT: ViRefSAM's adapted pass (
 blocks) stays in PyTorch. ``use_onnxruntime`` refuses (ModelError) an engine that is not on the CPU in fp32 or
 whose encoder does not hold the ONNX graph's weights (any model but ``embedded``).
 
-Integration point (not done here): ``SamEngine.__init__(..., encoder_backend="torch"|"onnxruntime")`` with
-``encode`` calling ``self._ort(x)`` when the backend is ORT, the precision fp32, the device CPU and ``x`` needs
-no gradient; ``core.pipeline.load_engine`` would choose ORT for ``model.name == "embedded"`` on CPU when
-:func:`available` is true.
+Integration: ``SamEngine(..., encoder_backend="auto"|"torch"|"onnxruntime")`` holds an ``OrtImageEncoder`` and
+its ``encode`` calls it when the backend is ORT (the CPU, fp32, the embedded model's weights) and ``x`` needs no
+gradient; ``core.params.ModelParams.encoder_backend`` (default ``auto``) reaches it through
+``core.pipeline.load_engine``. ``use_onnxruntime`` stays for patching an engine built otherwise.
 """
 
 from __future__ import annotations
