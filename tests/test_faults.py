@@ -420,6 +420,63 @@ def test_cuda_out_of_memory_falls_back_to_cpu_and_says_so(oam, tmp_path, monkeyp
     assert got == sorted(f.geometry.wkt for f in baseline_a.targets[0].features)
 
 
+def test_cuda_out_of_memory_while_densifying_scribbles_falls_back_to_cpu(monkeypatch):
+    """INJECTED (no GPU here): torch.cuda.OutOfMemoryError from SamEngine.predict on the first scribble. The
+    densifier goes on with a CPU engine holding the same SAM weights (the shared engine is not moved), densifies
+    the scribble there as without the error, keeps later scribbles on the CPU and says so."""
+    import torch
+
+    from core.modeling.engine import SamEngine
+    from core.pipeline import DENSIFY_CPU_NOTE, load_engine, make_densifier
+    from core.reference import build_reference
+    from core.segment_cli import read_geometries
+
+    demo = ROOT / "resources" / "demo"
+    _, _, crs = read_geometries(str(demo / "reference_houses.geojson"))
+    houses = [shape(f["geometry"]) for f in json.loads((demo / "reference_houses.geojson").read_text())["features"]]
+    big = sorted(houses, key=lambda h: -h.area)[1]  # a plain rectangular roof (see test_pipeline.py)
+    c = big.representative_point()
+    line = f"LINESTRING ({c.x - 1.0} {c.y}, {c.x} {c.y + 0.5}, {c.x + 1.0} {c.y})"
+    spec = ReferenceSpec(raster=str(demo / "reference.tif"), foreground=(line,), crs=crs)
+    engine = load_engine(ModelParams(device="cpu"))
+    expected = build_reference(spec, densify=make_densifier(engine))
+    assert expected.densified
+
+    real_predict = SamEngine.predict
+    calls = []
+
+    def predict_oom_once(self, image, *args, **kwargs):
+        calls.append(self)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (injected by the test)")
+        return real_predict(self, image, *args, **kwargs)
+
+    monkeypatch.setattr(SamEngine, "predict", predict_oom_once)
+    weights_before = {k: v.clone() for k, v in engine.sam.state_dict().items()}
+    densify = make_densifier(engine)
+    got = build_reference(spec, densify=densify)
+    assert got.densified and densify.on_cpu and densify.note == DENSIFY_CPU_NOTE
+    first, second = calls[0], calls[1]
+    assert first is engine and second is not engine and second.device.type == "cpu"
+    assert second.sam is not engine.sam  # a copy: the shared engine keeps its model where it was
+    for k, v in second.sam.state_dict().items():
+        assert torch.equal(v, weights_before[k]), k
+    assert all(torch.equal(v, weights_before[k]) for k, v in engine.sam.state_dict().items())
+    iou = (got.mask & expected.mask).sum() / (got.mask | expected.mask).sum()
+    assert iou > 0.99, iou  # the same mask (the CPU copy may encode in PyTorch where the engine used ONNX Runtime)
+    # a later scribble goes straight to the CPU engine; a second out-of-memory error is not swallowed
+    n = len(calls)
+    build_reference(spec, densify=densify)
+    assert len(calls) == n + 1 and calls[-1] is second
+
+    def predict_oom(self, image, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by the test)")
+
+    monkeypatch.setattr(SamEngine, "predict", predict_oom)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        build_reference(spec, densify=densify)
+
+
 def test_two_runs_at_once_in_two_threads(oam, tmp_path, baseline_a):
     """Two pipeline.run calls in two threads (one shared model): both finish, each with its own result."""
     runs = {
