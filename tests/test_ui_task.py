@@ -321,6 +321,31 @@ def test_end_to_end_with_the_embedded_model(dock, tiles, qgis_iface, qtbot):
 
 
 @needs_pipeline
+def test_gpu_out_of_memory_outside_the_tiles_is_one_clear_sentence(dock, tiles, qgis_iface, qtbot, monkeypatch):
+    """INJECTED (no GPU here): torch.cuda.OutOfMemoryError while a real run puts the model together
+    (ReferencePredictor, outside the tile loop, which falls back to the CPU by itself). The message bar shows
+    the one sentence that says what to do, not "unexpected error"; nothing is added to the project."""
+    import torch
+    from virefsam.core.modeling.predictor import ReferencePredictor
+    from virefsam.ui.task import GPU_OUT_OF_MEMORY
+
+    def init_oom(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB (injected by the test)")
+
+    monkeypatch.setattr(ReferencePredictor, "__init__", init_oom)
+    prepare(dock, tiles)
+    qgis_iface.messageBar().clearWidgets()
+    n_layers = len(QgsProject.instance().mapLayers())
+    task = dock.run()
+    assert task is not None, messages(qgis_iface)
+    qtbot.waitUntil(lambda: not dock.is_running(), timeout=300000)
+    assert task.error == GPU_OUT_OF_MEMORY and task.details is None
+    assert messages(qgis_iface) == [(GPU_OUT_OF_MEMORY, Qgis.Critical)]
+    assert dock.status_label.text() == GPU_OUT_OF_MEMORY
+    assert len(QgsProject.instance().mapLayers()) == n_layers
+
+
+@needs_pipeline
 def test_cancel_a_real_run(dock, tiles, qgis_iface, qtbot, shared_data):
     prepare(dock, tiles)
     # a bigger target so that the run lasts long enough to be cancelled in its middle

@@ -385,9 +385,8 @@ def test_reference_mask_preview(dock, kampala, qgis_iface, qtbot):
     assert dock.mask_pixels == 0
 
 
-def test_scribble_mask_preview_is_densified_by_sam_in_the_background(dock, kampala, qgis_iface, qtbot, shared_data):
-    """A scribble inside one building: at once a buffered line, then SAM's dense mask (a QgsTask), as a run will."""
-    pytest.importorskip("virefsam.core.pipeline")
+def _house_scribble(shared_data):
+    """A short line inside a house-sized building footprint of kampala (EPSG:3857)."""
     import rasterio
     from rasterio import features
     from shapely.geometry import LineString, shape
@@ -400,7 +399,13 @@ def test_scribble_mask_preview_is_densified_by_sam_in_the_background(dock, kampa
     w = (building.bounds[2] - building.bounds[0]) / 4
     line = LineString([(c.x - w, c.y), (c.x + w, c.y)]).intersection(building.buffer(-0.5))
     assert line.length > 1
-    dock.references.add_marks(kampala, [QgsGeometry.fromWkt(line.wkt)])
+    return line
+
+
+def test_scribble_mask_preview_is_densified_by_sam_in_the_background(dock, kampala, qgis_iface, qtbot, shared_data):
+    """A scribble inside one building: at once a buffered line, then SAM's dense mask (a QgsTask), as a run will."""
+    pytest.importorskip("virefsam.core.pipeline")
+    dock.references.add_marks(kampala, [QgsGeometry.fromWkt(_house_scribble(shared_data).wkt)])
     qtbot.waitUntil(lambda: dock.preview_task is not None, timeout=5000)  # the quick preview is shown first
     quick = dock.mask_pixels
     assert quick > 0 and not dock.mask_densified
@@ -416,3 +421,40 @@ def test_scribble_mask_preview_is_densified_by_sam_in_the_background(dock, kampa
     g = dock.overlay.mask_band.asGeometry()
     assert g.area() > 0 and kampala.extent().contains(g.boundingBox())
     assert "SAM" in dock.reference_status.text()
+
+
+def test_gpu_out_of_memory_in_the_mask_preview(dock, kampala, qgis_iface, qtbot, shared_data, monkeypatch):
+    """INJECTED (no GPU here): torch.cuda.OutOfMemoryError from SAM while the preview densifies a scribble.
+    Once: the preview is densified on the CPU and says so. Every time (the CPU copy too, as when loading the
+    model fails): the reference status shows the one out-of-memory sentence, not "No SAM preview: <error>"."""
+    pytest.importorskip("virefsam.core.pipeline")
+    import torch
+    from virefsam.core.modeling.engine import SamEngine
+    from virefsam.core.pipeline import DENSIFY_CPU_NOTE
+    from virefsam.ui.task import GPU_OUT_OF_MEMORY
+
+    real_predict = SamEngine.predict
+    calls = []
+
+    def predict_oom(self, image, *args, **kwargs):
+        calls.append(self)
+        if always or len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+        return real_predict(self, image, *args, **kwargs)
+
+    monkeypatch.setattr(SamEngine, "predict", predict_oom)
+    always = True
+    dock.device_combo.setCurrentIndex(dock.device_combo.findData("cpu"))
+    dock.references.add_marks(kampala, [QgsGeometry.fromWkt(_house_scribble(shared_data).wkt)])
+    qtbot.waitUntil(lambda: dock.preview_task is not None, timeout=5000)
+    qtbot.waitUntil(lambda: dock.preview_task is None, timeout=300000)
+    assert dock.reference_status.text() == GPU_OUT_OF_MEMORY
+    assert len(calls) == 2 and calls[1] is not calls[0]  # the CPU copy was tried too
+    assert not dock.mask_densified
+
+    always = False
+    calls.clear()
+    dock.update_mask_preview()
+    qtbot.waitUntil(lambda: dock.preview_task is None and dock.mask_densified, timeout=300000)
+    assert dock.reference_status.text().endswith(DENSIFY_CPU_NOTE)
+    assert len(calls) == 2 and calls[1].device.type == "cpu" and calls[1] is not calls[0]

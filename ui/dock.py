@@ -608,10 +608,9 @@ class ViRefSamDock(QgsDockWidget):
             self.mask_pixels = task.n_pixels
             self.mask_densified = task.densified
             self.overlay.show_mask(QgsGeometry.fromWkt(task.wkt), ref.crs)
-            self._set_reference_status(
-                f"{len(self.references.non_empty())} reference(s) ready; the yellow mask is what the model will "
-                "see" + (" (scribbles densified by SAM)." if task.densified else ".")
-            )
+            text = (f"{len(self.references.non_empty())} reference(s) ready; the yellow mask is what the model will "
+                    "see" + (" (scribbles densified by SAM)." if task.densified else "."))
+            self._set_reference_status(f"{text} {task.note}" if task.note else text)
 
     def _set_reference_status(self, text: str) -> None:
         self.reference_status.setText(text)

@@ -7,8 +7,9 @@ QGIS objects) and hands it to :class:`SegmentTask`. ``run()`` executes in a work
 
 * ``task.result``: the :class:`core.results.RunResult` when the run succeeded;
 * ``task.cancelled``: True when the user cancelled (no result; the engine removed partial files);
-* ``task.error``: one sentence for the message bar (a VirefsamError, a missing package, or "unexpected
-  error, see the log" with the traceback in ``task.details`` and in the QGIS log).
+* ``task.error``: one sentence for the message bar (a VirefsamError, a missing package, running out of memory
+  (CPU RAM, or the GPU's outside the tile loop, which falls back to the CPU by itself), or "unexpected error,
+  see the log" with the traceback in ``task.details`` and in the QGIS log).
 """
 
 from __future__ import annotations
@@ -29,6 +30,22 @@ UNEXPECTED = (
     "ViRefSAM stopped on an unexpected error; the details are in the log (View > Panels > Log Messages, "
     "tab ViRefSAM)."
 )
+OUT_OF_MEMORY = "ViRefSAM ran out of memory: use a smaller tile size or a smaller model, then run again."
+GPU_OUT_OF_MEMORY = (
+    "The GPU ran out of memory: choose the CPU, a smaller tile size or a smaller model, then run again."
+)
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, or the RuntimeError older torch versions raise for it (torch not imported
+    here: an exception from torch means torch is loaded already)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
 
 
 class SegmentTask(QgsTask):
@@ -81,9 +98,12 @@ class SegmentTask(QgsTask):
             self.details = traceback.format_exc()
             return False
         except MemoryError:
-            self.error = "ViRefSAM ran out of memory: use a smaller tile size or a smaller model, then run again."
+            self.error = OUT_OF_MEMORY
             return False
-        except Exception:  # a bug: one sentence for the user, the traceback for the log
+        except Exception as exc:  # a bug: one sentence for the user, the traceback for the log
+            if is_cuda_oom(exc):  # outside the tiles (which fall back to the CPU): loading the model, ...
+                self.error = GPU_OUT_OF_MEMORY
+                return False
             self.error = UNEXPECTED
             self.details = traceback.format_exc()
             return False
@@ -117,8 +137,8 @@ class SegmentTask(QgsTask):
 
 class MaskPreviewTask(QgsTask):
     """The reference mask as a run will derive it, scribbles densified with SAM (model loading included), in a
-    worker thread. ``on_finished(task)`` gets ``task.wkt`` / ``task.n_pixels`` / ``task.densified`` or
-    ``task.error``. ``generation`` lets the dock ignore a preview of marks that have changed since."""
+    worker thread. ``on_finished(task)`` gets ``task.wkt`` / ``task.n_pixels`` / ``task.densified`` (and
+    ``task.note``: the GPU ran out of memory and the CPU densified instead) or ``task.error``. ``generation`` lets the dock ignore a preview of marks that have changed since."""
 
     def __init__(self, spec, model, crop_size: int, generation: int, on_finished=None):
         super().__init__("ViRefSAM: reference mask preview", QgsTask.CanCancel)
@@ -130,6 +150,7 @@ class MaskPreviewTask(QgsTask):
         self.wkt = ""
         self.n_pixels = 0
         self.densified = False
+        self.note = ""
         self.error: Optional[str] = None
 
     def run(self) -> bool:
@@ -144,14 +165,20 @@ class MaskPreviewTask(QgsTask):
             if self.isCanceled():
                 return False
             self.wkt, self.n_pixels, self.densified = mask_wkt(self.spec, densify=densify, crop_size=self.crop_size)
+            self.note = getattr(densify, "note", "")
             return True
         except VirefsamError as exc:
             self.error = str(exc)
         except ImportError as exc:
             self.error = describe_import_error(exc)
+        except MemoryError:
+            self.error = OUT_OF_MEMORY
         except Exception as exc:  # noqa: BLE001 - a preview never takes QGIS down; the run reports properly
-            self.error = f"No SAM preview of the mask: {exc}"
-            QgsMessageLog.logMessage(traceback.format_exc(), LOG_TAG, Qgis.Warning)
+            if is_cuda_oom(exc):  # loading the model on the GPU (densifying itself falls back to the CPU)
+                self.error = GPU_OUT_OF_MEMORY
+            else:
+                self.error = f"No SAM preview of the mask: {exc}"
+                QgsMessageLog.logMessage(traceback.format_exc(), LOG_TAG, Qgis.Warning)
         return False
 
     def finished(self, ok: bool) -> None:
