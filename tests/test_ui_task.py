@@ -414,3 +414,82 @@ def test_engine_imports_without_triton(plugin_parent):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+@needs_pipeline
+def test_results_on_a_raster_without_georeferencing_land_on_it(dock, qgis_iface, qgis_project, qtbot, shared_data,
+                                                               tmp_path):
+    """A plain PNG (no CRS, no geotransform) loaded in QGIS, a building outlined on it, a real run: the result
+    layer has no CRS like the raster (not QGIS's default EPSG:4326 of memory layers) and its polygons lie on the
+    raster's buildings in QGIS's pixel frame. When the raster has a CRS in the project (QGIS's "CRS for new
+    layers", or the user's choice) the result layers, memory or file, take that one."""
+    import dataclasses
+    import json
+
+    import numpy as np
+    import rasterio
+    from qgis.core import QgsCoordinateReferenceSystem
+    from rasterio import features
+    from shapely import affinity, wkt
+    from shapely.geometry import shape
+    from virefsam.core.raster import PIXEL_FRAME
+    from virefsam.core.writers import write_results
+    from virefsam.ui.result_layers import add_result_layers
+
+    base = shared_data / "oam_buildings"
+    tile = "area1_OAM-1277174-1083983-21"  # Zanzibar, buildings on half of the pixels
+    with rasterio.open(base / "images" / f"{tile}.tif") as src:
+        data, to_px = src.read([1, 2, 3]), ~src.transform
+    png = tmp_path / "plain photo.png"
+    with rasterio.open(png, "w", driver="PNG", width=256, height=256, count=3, dtype="uint8") as dst:
+        dst.write(data)
+    layer = QgsRasterLayer(str(png), "plain photo")
+    assert layer.isValid() and not layer.crs().isValid()
+    assert layer.extent().toRectF().getCoords() == (0.0, -256.0, 256.0, 0.0)  # QGIS's pixel frame
+    qgis_project.addMapLayer(layer)
+    fc = json.loads((base / "labels_geojson" / f"{tile}.geojson").read_text())
+    building = max((shape(f["geometry"]) for f in fc["features"]), key=lambda g: g.area)
+    in_pixels = affinity.affine_transform(building, [to_px.a, to_px.b, to_px.d, to_px.e, to_px.c, to_px.f])
+    marked = affinity.scale(in_pixels, 1, -1, origin=(0, 0))  # as drawn on the canvas: y = -row
+
+    dock.class_edit.setText("building")
+    dock.reference_combo.setLayer(layer)
+    dock.references.add_marks(layer, [QgsGeometry.fromWkt(marked.wkt)])
+    dock.include_reference_check.setChecked(True)
+    dock.set_targets([layer])
+    dock.mode_combo.setCurrentIndex(dock.mode_combo.findData("training_free"))
+    dock.device_combo.setCurrentIndex(dock.device_combo.findData("cpu"))
+    dock.tile_spin.setValue(256)
+    dock.overlap_spin.setValue(32)
+    task = dock.run()
+    assert task is not None, messages(qgis_iface)
+    qtbot.waitUntil(lambda: not dock.is_running(), timeout=600000)
+    assert task.error is None, task.error
+    (result_layer,) = dock.last_layers
+    assert result_layer.providerType() == "memory"
+    assert not result_layer.crs().isValid() and not result_layer.dataProvider().crs().isValid()
+    assert result_layer.featureCount() > 0
+    extent = layer.extent().buffered(1e-6)
+    geoms = [wkt.loads(f.geometry().asWkt()) for f in result_layer.getFeatures()]
+    assert all(extent.contains(f.geometry().boundingBox()) for f in result_layer.getFeatures())
+    with rasterio.open(base / "masks" / f"{tile}.tif") as src:
+        truth = src.read(1) > 0
+    found = features.rasterize(geoms, out_shape=truth.shape, transform=PIXEL_FRAME) > 0
+    assert (found & truth).sum() / (found | truth).sum() > 0.3  # on the raster's buildings, not mirrored
+
+    # the raster got a CRS in the project (as the desktop's "CRS for new layers" setting may give it)
+    layer.setCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
+    result = task.result
+    (memory,) = add_result_layers(result)
+    assert memory.crs().authid() == "EPSG:3857"
+    # a run written to a file: the GeoPackage says "Undefined Cartesian SRS"; in QGIS, the raster's CRS
+    out = str(tmp_path / "found.gpkg")
+    write_results(out, result.targets)
+    written = dataclasses.replace(result, output=out, params=dataclasses.replace(result.params, output=out))
+    (from_file,) = add_result_layers(written)
+    assert from_file.providerType() == "ogr" and from_file.crs().authid() == "EPSG:3857"
+    assert from_file.featureCount() == result_layer.featureCount()
+    layer.setCrs(QgsCoordinateReferenceSystem())
+    (from_file,) = add_result_layers(written)
+    assert not from_file.crs().isValid()
+    assert np.allclose(from_file.extent().toRectF().getCoords(), result_layer.extent().toRectF().getCoords())

@@ -3,6 +3,13 @@
 Created in the main thread from a :class:`core.results.RunResult` (shapely polygons + attribute dicts, CRS as
 WKT). Fields follow :data:`core.results.FIELDS`; the style is a semi-transparent fill in a colour derived from
 the class name, so two classes are told apart at a glance.
+
+A raster without georeferencing (a plain PNG, a GeoTIFF without CRS) gives polygons in QGIS's pixel frame of that
+raster (x = column, y = -row) and no CRS. Their layer gets the CRS the raster layer has in the project: none
+(invalid) as loaded, or whatever QGIS or the user gave it; with no such layer in the project, explicitly none.
+Never QGIS's default: a memory layer without a CRS in its URI is EPSG:4326 in QGIS 3, and a layer with an
+invalid CRS is validated (the "CRS for new layers" setting) unless told not to; both would put the polygons
+somewhere else than the raster.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from qgis.core import (
     QgsGeometry,
     QgsLayerTreeGroup,
     QgsProject,
+    QgsRasterLayer,
     QgsSingleSymbolRenderer,
     QgsVectorLayer,
 )
@@ -69,15 +77,48 @@ def result_group(class_name: str, project: Optional[QgsProject] = None) -> QgsLa
     return group
 
 
-def layer_for_target(target, class_name: str) -> QgsVectorLayer:
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
+
+
+def target_crs(target, project: Optional[QgsProject] = None) -> QgsCoordinateReferenceSystem:
+    """The CRS of a target's polygons in QGIS: the raster's CRS; for a raster without one, the CRS its layer has in
+    the project (see the module docstring), else an explicitly invalid CRS (no CRS: pixel coordinates)."""
+    if target.crs_wkt:
+        crs = QgsCoordinateReferenceSystem.fromWkt(target.crs_wkt)
+        if not crs.isValid():
+            crs = QgsCoordinateReferenceSystem(target.crs_wkt)  # an authority string
+        return crs
+    from .references import raster_path
+
+    project = project or QgsProject.instance()
+    for layer in project.mapLayers().values():
+        if isinstance(layer, QgsRasterLayer):
+            path = raster_path(layer)
+            if path and _same_file(path, target.raster):
+                return layer.crs()
+    return QgsCoordinateReferenceSystem()
+
+
+def _no_validation() -> QgsVectorLayer.LayerOptions:
+    options = QgsVectorLayer.LayerOptions()
+    options.skipCrsValidation = True  # an invalid CRS stays invalid: no "CRS for new layers", no dialog
+    return options
+
+
+def layer_for_target(target, class_name: str, project: Optional[QgsProject] = None) -> QgsVectorLayer:
     """A memory layer holding one TargetResult's polygons."""
     from ..core.results import FIELDS
 
-    crs = QgsCoordinateReferenceSystem.fromWkt(target.crs_wkt) if target.crs_wkt else QgsCoordinateReferenceSystem()
-    if not crs.isValid() and target.crs_wkt:
-        crs = QgsCoordinateReferenceSystem(target.crs_wkt)  # an authority string
+    crs = target_crs(target, project)
     stem = os.path.splitext(os.path.basename(target.raster))[0]
-    layer = QgsVectorLayer("MultiPolygon", f"{class_name} - {stem}", "memory")
+    if crs.isValid():
+        layer = QgsVectorLayer("MultiPolygon", f"{class_name} - {stem}", "memory")
+    else:  # "crs=" (empty): no CRS; without it the memory provider would say EPSG:4326
+        layer = QgsVectorLayer("MultiPolygon?crs=", f"{class_name} - {stem}", "memory", _no_validation())
     layer.setCrs(crs)
     provider = layer.dataProvider()
     provider.addAttributes(result_fields().toList())
@@ -144,14 +185,18 @@ def add_result_layers(result, project: Optional[QgsProject] = None) -> List[QgsV
         layer = None
         if uri:
             stem = os.path.splitext(os.path.basename(target.raster))[0]
-            layer = QgsVectorLayer(uri, f"{class_name} - {stem}", "ogr")
+            if target.crs_wkt:
+                layer = QgsVectorLayer(uri, f"{class_name} - {stem}", "ogr")
+            else:  # the file says "Undefined Cartesian SRS": in QGIS, the raster's CRS (see the module docstring)
+                layer = QgsVectorLayer(uri, f"{class_name} - {stem}", "ogr", _no_validation())
+                layer.setCrs(target_crs(target, project))
             if layer.isValid():
                 layer.setCustomProperty(RESULT_PROPERTY, class_name)
                 layer.setCustomProperty(SOURCE_PROPERTY, target.raster)
                 style_layer(layer, class_name)
             else:
                 layer = None
-        layers.append(layer or layer_for_target(target, class_name))
+        layers.append(layer or layer_for_target(target, class_name, project))
     if not layers:
         return []
     group = result_group(class_name, project)
