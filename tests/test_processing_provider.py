@@ -190,3 +190,74 @@ def test_algorithm_in_a_processing_model(provider, paths, qgis_processing, tmp_p
     result = processing.run(model, {"segment:objects": dest})
     layer = QgsVectorLayer(result["segment:objects"], "m", "ogr")
     assert layer.isValid() and layer.featureCount() > 0
+
+
+# -- adapters ------------------------------------------------------------------------------------------------------
+TRAINED = Path(__file__).resolve().parent.parent / "resources" / "adapters" / "embedded_virefsam_nwpu_fold0_85steps.pt"
+
+
+def test_adapters_parameters_with_their_help(provider):
+    alg = QgsApplication.processingRegistry().algorithmById(ALG)
+    adapters = alg.parameterDefinition("ADAPTERS")
+    assert adapters.options() == ["Shipped (ViRefSAM)", "None (training-free)", "File (ADAPTERS_FILE)"]
+    assert adapters.defaultValue() == 0 and adapters.flags() & adapters.FlagOptional
+    for words in ("Shipped (ViRefSAM)", "resources/adapters", "None (training-free)", "python -m core train"):
+        assert words in adapters.help()
+    adapters_file = alg.parameterDefinition("ADAPTERS_FILE")
+    assert adapters_file.flags() & adapters_file.FlagOptional and "python -m core train" in adapters_file.help()
+    assert "Adapters" in alg.shortHelpString()
+
+
+@pytest.mark.parametrize(
+    "given,mode,adapters",
+    [
+        ({}, "virefsam", "default"),  # the algorithm's defaults: mode ViRefSAM, shipped adapters
+        ({"ADAPTERS": 1}, "training_free", None),
+        ({"ADAPTERS": 2, "ADAPTERS_FILE": str(TRAINED)}, "virefsam", str(TRAINED)),
+        ({"ADAPTERS_FILE": str(TRAINED)}, "virefsam", str(TRAINED)),  # a file given selects it
+        ({"ADAPTERS": 1, "ADAPTERS_FILE": str(TRAINED)}, "training_free", None),
+        ({"MODE": 1, "ADAPTERS": 2, "ADAPTERS_FILE": str(TRAINED)}, "training_free", None),
+    ],
+)
+def test_adapters_parameters_become_run_params(provider, paths, qgis_project, given, mode, adapters):
+    from qgis.core import QgsProcessingContext
+
+    alg = QgsApplication.processingRegistry().createAlgorithmById(ALG)
+    context = QgsProcessingContext()
+    context.setProject(qgis_project)
+    params = base_params(paths, "TEMPORARY_OUTPUT")
+    del params["MODE"]
+    params.update(given)
+    run = alg.build_params(params, context)
+    assert (run.mode, run.model.adapters) == (mode, adapters)
+
+
+def test_missing_adapters_file_is_one_sentence(provider, paths, qgis_processing, tmp_path):
+    import processing
+
+    from virefsam.ui.adapters import NO_FILE_CHOSEN, missing_file_sentence
+
+    params = base_params(paths, "TEMPORARY_OUTPUT")
+    params.update(MODE=0, ADAPTERS=2, ADAPTERS_FILE=str(tmp_path / "gone.pt"))
+    with pytest.raises(QgsProcessingException) as info:
+        processing.run(ALG, params)
+    assert str(info.value) == missing_file_sentence(str(tmp_path / "gone.pt"))
+    params.update(ADAPTERS_FILE="")
+    with pytest.raises(QgsProcessingException) as info:
+        processing.run(ALG, params)
+    assert str(info.value) == NO_FILE_CHOSEN
+
+
+def test_processing_run_with_an_adapters_file_logs_which_adapters(provider, paths, qgis_processing, tmp_path):
+    """The real engine with the adapters file: ViRefSAM mode (the features say embedded+adapters), and the log
+    says which file and mode."""
+    import processing
+
+    params = base_params(paths, str(tmp_path / "with_adapters.gpkg"))
+    params.update(MODE=0, ADAPTERS=2, ADAPTERS_FILE=str(TRAINED), TARGETS=paths["targets"][:1])
+    feedback = QgsProcessingFeedback()
+    result = processing.run(ALG, params, feedback=feedback)
+    assert f"Mode: ViRefSAM, adapters {TRAINED}." in feedback.textLog()
+    layer = QgsVectorLayer(result["OUTPUT"], "out", "ogr")
+    assert layer.isValid()
+    assert {f["model"] for f in layer.getFeatures()} <= {"embedded+adapters"}

@@ -55,6 +55,7 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
+from . import adapters as adapter_choice
 from . import settings
 from .deps import describe_import_error, install_message, missing_dependencies
 from .map_tools import PolygonTool, ScribbleTool
@@ -98,6 +99,8 @@ class ViRefSamDock(QgsDockWidget):
         self.last_layers: List[QgsVectorLayer] = []
         self._confirmed_output = ""
         self._loading = True
+        self._syncing = False  # the mode and adapter combos are being set from each other
+        self._adapters_before_none = adapter_choice.SHIPPED
 
         self.references = ReferenceSet(self)
         self.overlay = ReferenceOverlay(self.canvas)
@@ -252,6 +255,22 @@ class ViRefSamDock(QgsDockWidget):
         for label, value in MODES:
             self.mode_combo.addItem(label, value)
         mf.addRow("Mode", self.mode_combo)
+        self.adapters_combo = QComboBox()
+        self.adapters_combo.setObjectName("adapters")
+        for label, value in adapter_choice.CHOICES:
+            self.adapters_combo.addItem(label, value)
+        self.adapters_combo.setToolTip(adapter_choice.TOOLTIP)
+        mf.addRow("Adapters", self.adapters_combo)
+        self.adapters_file_widget = QgsFileWidget()
+        self.adapters_file_widget.setObjectName("adapters_file")
+        self.adapters_file_widget.setFilter("ViRefSAM adapter weights (*.pt);;All files (*)")
+        self.adapters_file_widget.setDialogTitle("ViRefSAM adapter weights")
+        self.adapters_file_widget.setToolTip("A .pt file of VCP + DTA adapters written by 'python -m core train'.")
+        mf.addRow("Adapters file", self.adapters_file_widget)
+        self.adapters_status = QLabel()
+        self.adapters_status.setObjectName("adapters_status")
+        self.adapters_status.setWordWrap(True)
+        mf.addRow("", self.adapters_status)
         self.device_combo = QComboBox()
         self.device_combo.setObjectName("device")
         for label, value in DEVICES:
@@ -313,7 +332,7 @@ class ViRefSamDock(QgsDockWidget):
         ol.addRow("File", self.output_widget)
         layout.addWidget(out_box)
         layout.addStretch(1)
-        for combo in (self.model_combo, self.mode_combo, self.device_combo):
+        for combo in (self.model_combo, self.mode_combo, self.adapters_combo, self.device_combo):
             combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(12)
 
@@ -368,6 +387,9 @@ class ViRefSamDock(QgsDockWidget):
         self.all_targets_button.clicked.connect(lambda: self._check_all_targets(True))
         self.no_targets_button.clicked.connect(lambda: self._check_all_targets(False))
         self.model_combo.currentIndexChanged.connect(self._model_changed)
+        self.mode_combo.currentIndexChanged.connect(self._mode_changed)
+        self.adapters_combo.currentIndexChanged.connect(self._adapters_changed)
+        self.adapters_file_widget.fileChanged.connect(self._update_adapters_widgets)
         self.file_radio.toggled.connect(self._output_mode_changed)
         self.output_widget.fileChanged.connect(self._output_changed)
         self.run_button.clicked.connect(self.run)
@@ -377,11 +399,12 @@ class ViRefSamDock(QgsDockWidget):
         self.export_all_action.triggered.connect(lambda: self.export_dialog("all"))
         for w in (self.class_edit,):
             w.editingFinished.connect(self.save_settings)
-        for w in (self.model_combo, self.mode_combo, self.device_combo):
+        for w in (self.model_combo, self.mode_combo, self.adapters_combo, self.device_combo):
             w.currentIndexChanged.connect(self.save_settings)
         for w in (self.tile_spin, self.overlap_spin, self.threshold_spin, self.min_area_spin, self.simplify_spin):
             w.valueChanged.connect(self.save_settings)
         self.checkpoint_widget.fileChanged.connect(self.save_settings)
+        self.adapters_file_widget.fileChanged.connect(self.save_settings)
         self.include_reference_check.toggled.connect(self.save_settings)
         self.file_radio.toggled.connect(self.save_settings)
 
@@ -405,6 +428,8 @@ class ViRefSamDock(QgsDockWidget):
         self.class_edit.setText(settings.get("class_name"))
         _set_combo_data(self.model_combo, settings.get("model"))
         self.checkpoint_widget.setFilePath(settings.get("checkpoint"))
+        self.adapters_file_widget.setFilePath(settings.get("adapters_file"))
+        _set_combo_data(self.adapters_combo, settings.get("adapters"))  # before the mode: the mode has the last word
         _set_combo_data(self.mode_combo, settings.get("mode"))
         _set_combo_data(self.device_combo, settings.get("device"))
         self.tile_spin.setValue(settings.get("tile_size"))
@@ -426,6 +451,8 @@ class ViRefSamDock(QgsDockWidget):
         settings.set("model", self.model_combo.currentData())
         settings.set("checkpoint", self.checkpoint_widget.filePath())
         settings.set("mode", self.mode_combo.currentData())
+        settings.set("adapters", self.adapters_combo.currentData())
+        settings.set("adapters_file", self.adapters_file_widget.filePath())
         settings.set("device", self.device_combo.currentData())
         settings.set("tile_size", self.tile_spin.value())
         settings.set("overlap", self.overlap_spin.value())
@@ -438,6 +465,42 @@ class ViRefSamDock(QgsDockWidget):
 
     def _model_changed(self, *args) -> None:
         self.checkpoint_widget.setEnabled(self.model_combo.currentData() != "embedded")
+        self._update_adapters_widgets()
+
+    # The mode and the adapters are two views of one choice: "None (training-free)" <-> mode Training-free;
+    # Shipped or File <-> mode ViRefSAM. Changing one sets the other; going back to ViRefSAM restores the adapters
+    # chosen before.
+    def _mode_changed(self, *args) -> None:
+        if self._syncing:
+            return
+        self._syncing = True
+        try:
+            choice = self.adapters_combo.currentData()
+            if self.mode_combo.currentData() == "training_free":
+                if choice != adapter_choice.NONE:
+                    self._adapters_before_none = choice
+                    _set_combo_data(self.adapters_combo, adapter_choice.NONE)
+            elif choice == adapter_choice.NONE:
+                _set_combo_data(self.adapters_combo, self._adapters_before_none)
+        finally:
+            self._syncing = False
+        self._update_adapters_widgets()
+
+    def _adapters_changed(self, *args) -> None:
+        if not self._syncing:
+            self._syncing = True
+            try:
+                none = self.adapters_combo.currentData() == adapter_choice.NONE
+                _set_combo_data(self.mode_combo, "training_free" if none else "virefsam")
+            finally:
+                self._syncing = False
+        self._update_adapters_widgets()
+
+    def _update_adapters_widgets(self, *args) -> None:
+        choice = self.adapters_combo.currentData()
+        self.adapters_file_widget.setEnabled(choice == adapter_choice.FILE)
+        self.adapters_status.setText(adapter_choice.describe_choice(
+            choice, self.model_combo.currentData(), self.adapters_file_widget.filePath()))
 
     def _output_mode_changed(self, *args) -> None:
         self.output_widget.setEnabled(self.file_radio.isChecked())
@@ -725,11 +788,14 @@ class ViRefSamDock(QgsDockWidget):
         checkpoint = self.checkpoint_widget.filePath().strip() or None
         if name != "embedded" and not checkpoint:
             raise InputError(f"Choose the checkpoint file of {name}, or use the embedded model.")
-        mode = self.mode_combo.currentData()
+        choice = self.adapters_combo.currentData()
+        if self.mode_combo.currentData() == "training_free":
+            choice = adapter_choice.NONE
+        mode, adapters = adapter_choice.mode_and_adapters(choice, self.adapters_file_widget.filePath())
         model = ModelParams(
             name=name,
             checkpoint=checkpoint if name != "embedded" else None,
-            adapters="default" if mode == "virefsam" else None,
+            adapters=adapters,
             device=self.device_combo.currentData(),
         )
         output, fmt, overwrite = None, "gpkg", False
@@ -819,7 +885,7 @@ class ViRefSamDock(QgsDockWidget):
         result = task.result
         self.progress.setValue(100)
         self.last_layers = add_result_layers(result)
-        text = result.summary()
+        text = f"{result.summary()} {adapter_choice.describe_run(result.params)}"
         if result.output:
             text += f" Written to {result.output}."
         skipped = [t for t in result.targets if t.skipped]

@@ -35,6 +35,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QIcon
 
+from . import adapters as adapter_choice
 from .deps import describe_import_error, guard_engine_imports, install_message, missing_dependencies
 from .references import crs_string, raster_path, web_layer_reason
 
@@ -50,6 +51,8 @@ MODEL_LABELS = (
 )
 MODE_VALUES = ("virefsam", "training_free")
 MODE_LABELS = ("ViRefSAM (VCP + DTA adapters)", "Training-free")
+ADAPTER_VALUES = tuple(v for _, v in adapter_choice.CHOICES)  # shipped, none, file
+ADAPTER_LABELS = ("Shipped (ViRefSAM)", "None (training-free)", "File (ADAPTERS_FILE)")
 DEVICE_VALUES = ("auto", "cpu", "cuda")
 DEVICE_LABELS = ("Automatic (CUDA if available)", "CPU", "CUDA GPU")
 
@@ -63,6 +66,8 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
     MODEL = "MODEL"
     CHECKPOINT = "CHECKPOINT"
     MODE = "MODE"
+    ADAPTERS = "ADAPTERS"
+    ADAPTERS_FILE = "ADAPTERS_FILE"
     DEVICE = "DEVICE"
     TILE_SIZE = "TILE_SIZE"
     OVERLAP = "OVERLAP"
@@ -98,6 +103,10 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             "Target rasters: searched tile by tile after resampling to the reference's resolution.\n"
             "Model: the embedded SAM needs no download; vit_t/vit_b/vit_l/vit_h need their checkpoint file. "
             "Mode ViRefSAM uses the trained VCP + DTA adapters, Training-free uses SAM alone.\n"
+            "Adapters (mode ViRefSAM): Shipped = the adapters that come with the plugin for the model (where none "
+            "are shipped yet, the run is training-free); None = training-free; File = the .pt file given as "
+            "'Adapters file', written by 'python -m core train' for this model (giving a file selects it). The log "
+            "says which adapters and mode a run used.\n"
             "Output: polygons with class_name, score, area, source raster, reference id and model, in the CRS of "
             "the first target raster.\n\n"
             "Needs the Python packages torch, segment-anything, mobilesam-mirror and timm: "
@@ -140,6 +149,21 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             )
         )
         self.addParameter(QgsProcessingParameterEnum(self.MODE, "Mode", options=list(MODE_LABELS), defaultValue=0))
+        adapters = QgsProcessingParameterEnum(
+            self.ADAPTERS, "Adapters", options=list(ADAPTER_LABELS), defaultValue=0, optional=True
+        )
+        adapters.setHelp(adapter_choice.TOOLTIP)
+        self.addParameter(adapters)
+        adapters_file = QgsProcessingParameterFile(
+            self.ADAPTERS_FILE,
+            "Adapters file (for Adapters = File)",
+            behavior=QgsProcessingParameterFile.File,
+            fileFilter="ViRefSAM adapter weights (*.pt)",
+            optional=True,
+        )
+        adapters_file.setHelp("A .pt file of VCP + DTA adapters written by 'python -m core train' for the chosen "
+                              "model. Giving a file selects it unless Adapters is None.")
+        self.addParameter(adapters_file)
         advanced = [
             QgsProcessingParameterEnum(self.DEVICE, "Device", options=list(DEVICE_LABELS), defaultValue=0),
             QgsProcessingParameterNumber(
@@ -230,6 +254,16 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
         if model_name != "embedded" and not checkpoint:
             raise QgsProcessingException(f"Choose the checkpoint file of {model_name}, or use the embedded model.")
         mode = MODE_VALUES[self.parameterAsEnum(parameters, self.MODE, context)]
+        choice = ADAPTER_VALUES[self.parameterAsEnum(parameters, self.ADAPTERS, context)]
+        adapters_file = (self.parameterAsFile(parameters, self.ADAPTERS_FILE, context) or "").strip()
+        if mode == "training_free":
+            choice = adapter_choice.NONE
+        elif adapters_file and choice == adapter_choice.SHIPPED:
+            choice = adapter_choice.FILE  # a file given is the file to use
+        try:
+            mode, adapters = adapter_choice.mode_and_adapters(choice, adapters_file)
+        except VirefsamError as exc:
+            raise QgsProcessingException(str(exc)) from None
         try:
             return RunParams(
                 class_name=self.parameterAsString(parameters, self.CLASS_NAME, context).strip() or "object",
@@ -246,7 +280,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
                 model=ModelParams(
                     name=model_name,
                     checkpoint=checkpoint if model_name != "embedded" else None,
-                    adapters="default" if mode == "virefsam" else None,
+                    adapters=adapters,
                     device=DEVICE_VALUES[self.parameterAsEnum(parameters, self.DEVICE, context)],
                 ),
                 mode=mode,
@@ -279,6 +313,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             if message:
                 feedback.setProgressText(message)
 
+        feedback.pushInfo(adapter_choice.describe_run(params))
         try:
             result = pipeline.run(params, progress=progress, is_cancelled=feedback.isCanceled)
         except CancelledError as exc:

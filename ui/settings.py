@@ -14,6 +14,8 @@ DEFAULTS = {
     "model": ("embedded", str),
     "checkpoint": ("", str),
     "mode": ("virefsam", str),
+    "adapters": ("shipped", str),  # shipped | none | file (ui/adapters.py)
+    "adapters_file": ("", str),
     "device": ("auto", str),
     "tile_size": (1024, int),
     "overlap": (128, int),
