@@ -284,6 +284,8 @@ def run(params: RunParams, progress: Optional[Progress] = None,
                 if refs[k].kind != "polygon":
                     refs[k] = build_reference(spec, densify=densify, crop_size=params.tile_size, bands=params.bands)
                 check_cancel()
+        if densify.on_cpu:
+            notes.append(densify.note)
         shots = [(r.image, r.mask) for r in refs]
 
         def on_cpu(fail: BaseException):
