@@ -1,0 +1,99 @@
+"""SAM's mask decoder regrouped for many prompts on one image (core/modeling/shared_decoder.py), as used by the
+training-free mode: the same output as ``sam.mask_decoder`` on a real tile, real prompts, the real weights.
+
+Tolerances (measured when written): low-res logits max abs difference 1.3e-4 for logits up to ~95 (asserted
+< 1e-3), no mask pixel flipped (asserted IoU > 0.999), IoU predictions within 5e-7 (asserted < 1e-4); the
+training-free union mask identical on two real tiles (asserted IoU > 0.999).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from core.modeling import shared_decoder
+from core.modeling.training_free import component_prompts, decode_prompts, training_free_logits
+
+
+def _iou(a, b):
+    a, b = a > 0, b > 0
+    return float((a & b).sum()) / max(1, int((a | b).sum()))
+
+
+@pytest.fixture(scope="module")
+def prompts(zanzibar_tile):
+    """One point + box per building of the tile's labels (on the 64 x 64 embedding grid), best first."""
+    from core.modeling.predictor import mask_fraction_grid
+
+    image, labels = zanzibar_tile
+    frac = mask_fraction_grid(labels > 0, (768, 1024)).numpy()
+    pts, bxs, _ = component_prompts(frac > 0.3, frac, max_prompts=24)
+    assert len(pts) >= 8  # a real scene with many buildings
+    return torch.from_numpy(pts), torch.from_numpy(bxs)
+
+
+def test_supports_sam_decoders_only(embedded_sam):
+    assert shared_decoder.supports(embedded_sam)
+    from core.modeling.registry import build_architecture
+
+    assert shared_decoder.supports(build_architecture("vit_b"))  # SAM's own decoder layout, any encoder
+
+    class NotSam:
+        mask_decoder = torch.nn.Linear(2, 2)
+
+    assert not shared_decoder.supports(NotSam())
+
+
+@pytest.mark.parametrize("kind", ["point+box", "point", "box"])
+def test_same_logits_as_sam_mask_decoder(embedded_sam, zanzibar_embedding, prompts, kind):
+    sam = embedded_sam
+    _, _, emb = zanzibar_embedding
+    pts, bxs = prompts
+    n = pts.shape[0] if kind == "point+box" else 5
+    p = pts[:n, None] if kind != "box" else None
+    with torch.inference_mode():
+        sparse, dense = sam.prompt_encoder(
+            points=None if p is None else (p, torch.ones(p.shape[:2], dtype=torch.int)),
+            boxes=bxs[:n] if kind != "point" else None, masks=None,
+        )
+        pe = sam.prompt_encoder.get_dense_pe()
+        want, want_iou = sam.mask_decoder(emb, pe, sparse, dense, False)
+        got, got_iou = shared_decoder.decode_single_mask(sam, emb, pe, sparse, dense)
+        one, one_iou = shared_decoder.decode_single_mask(sam, emb, pe, sparse[:1], dense[:1])  # a single prompt
+    assert got.shape == (n, 256, 256) and got_iou.shape == (n,)
+    assert float((got - want[:, 0]).abs().max()) < 1e-3
+    assert float((got_iou - want_iou[:, 0]).abs().max()) < 1e-4
+    assert min(_iou(got[i], want[i, 0]) for i in range(n)) > 0.999
+    assert float((one[0] - want[0, 0]).abs().max()) < 1e-3 and abs(float(one_iou[0] - want_iou[0, 0])) < 1e-4
+
+
+def test_decode_prompts_shared_equals_module_path(embedded_sam, zanzibar_embedding, prompts):
+    _, _, emb = zanzibar_embedding
+    pts, bxs = prompts
+    with torch.inference_mode():
+        fast, fast_iou = decode_prompts(embedded_sam, emb, pts, bxs, chunk=7)  # several chunks, one ragged
+        slow, slow_iou = decode_prompts(embedded_sam, emb, pts, bxs, chunk=16, shared=False)
+    assert fast.shape == slow.shape == (pts.shape[0], 256, 256)
+    assert float((fast - slow).abs().max()) < 1e-3
+    assert float((fast_iou - slow_iou).abs().max()) < 1e-4
+
+
+def test_training_free_union_unchanged(engine, zanzibar_tile, zanzibar_embedding, monkeypatch):
+    """Training-free on the real tile, prototypes from its own labels: the union mask with the shared decoder is
+    the module path's."""
+    from core.modeling import training_free
+    from core.modeling.predictor import mask_fraction_grid
+    from core.modeling.prototypes import build_prototypes, valid_grid
+
+    image, labels = zanzibar_tile
+    x, input_size, emb = zanzibar_embedding
+    frac = mask_fraction_grid(labels > 0, input_size).to(emb.dtype)[None]
+    valid = valid_grid(input_size, 1024, 64)[None]
+    protos = build_prototypes(emb, frac, valid, 5, 0)
+    with torch.inference_mode():
+        fast, info = training_free_logits(engine.sam, emb, protos, valid)
+        orig = training_free.decode_prompts
+        monkeypatch.setattr(training_free, "decode_prompts", lambda *a, **k: orig(*a, shared=False, **k))
+        slow, info_slow = training_free_logits(engine.sam, emb, protos, valid)
+    assert info["n_prompts"] >= 8 and info["n_kept"] == info_slow["n_kept"] >= 1
+    assert _iou(fast, slow) > 0.999
+    assert np.isclose(float(fast.max()), float(slow.max()), atol=1e-3)
