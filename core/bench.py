@@ -15,11 +15,14 @@ e2e        ``core.pipeline.run`` on one reference and one large target (``zanzib
            seconds, megapixels/s and the split into read / encoder / VCP / decoder / stitch / vectorise / write.
            The split inside ``predict`` comes from timers wrapped around this run's engine instance
            (``encode``, ``preprocess``, ``postprocess``), forward hooks on SAM's prompt encoder / mask decoder
-           and on ViRefSAM's adapted encoder, and wrappers on the VCP's methods: nothing in the model code
-           changes. Variants (``--e2e-variants``): the pipeline as it is (``baseline``), with the ORT encoder
-           (``onnxruntime``), in virefsam mode with random-init adapters (``virefsam``, timing only: no adapters
-           are shipped yet, so the pipeline's default is the training-free mode), each optionally with ``_t<n>``
-           threads or ``_tbest`` (the encoder section's fastest count); ``--e2e-rounds`` interleaves them.
+           and on ViRefSAM's adapted encoder, a timer around ``training_free.decode_prompts``, and wrappers on
+           the VCP's methods: nothing in the model code changes. Variants (``--e2e-variants``): the pipeline as
+           it is (``baseline``: encoder backend ``auto``), its encoder forced through the engine's
+           ``encoder_backend`` to PyTorch (``torch``) or ONNX Runtime (``onnxruntime``), as before #8
+           (``before8``: PyTorch encoder, SAM's MaskDecoder module for the training-free prompts), in virefsam
+           mode with random-init adapters (``virefsam``, timing only: the pipeline's default is the
+           training-free mode), with precision bf16 (``bf16``), each optionally with ``_t<n>`` threads or
+           ``_tbest`` (the encoder section's fastest count); ``--e2e-rounds`` interleaves them.
 multi      one reference, three targets in one run: encoder calls are counted (the reference crop is
            encoded once, each tile once).
 memory     peak memory of ``pipeline.run`` for targets of 2048^2, 4096^2 and 16384^2 pixels, each size in its
@@ -63,6 +66,10 @@ DEFAULT_TARGET = SHARED_DATA / "oam_mosaics" / "zanzibar.tif"
 DEFAULT_REFERENCE = RESOURCES / "demo" / "reference.tif"
 DEFAULT_REFERENCE_GEOMETRY = RESOURCES / "demo" / "reference_houses.geojson"
 SCHEMA = 1
+# e2e variants: the pipeline as is (baseline: encoder backend auto), its encoder forced to PyTorch (torch) or ONNX
+# Runtime (onnxruntime), as before #8 (before8: PyTorch encoder, SAM's MaskDecoder module for the training-free
+# prompts), in virefsam mode with random-init adapters (virefsam), with precision bf16 (bf16)
+E2E_KINDS = ("baseline", "torch", "onnxruntime", "before8", "virefsam", "bf16")
 
 
 def add_arguments(p) -> None:
@@ -74,13 +81,15 @@ def add_arguments(p) -> None:
     p.add_argument("--reference", default=str(DEFAULT_REFERENCE))
     p.add_argument("--reference-geometry", default=str(DEFAULT_REFERENCE_GEOMETRY))
     p.add_argument("--adapters", default="default", help="as for segment: 'default', 'none' or a .pt path")
-    p.add_argument("--threads", type=int, default=0, help="torch threads for the baseline (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads (0: their defaults)")
     p.add_argument("--rounds", type=int, default=0, help="interleaved timing rounds (0: 3, quick 1)")
     p.add_argument("--no-vit-b", action="store_true", help="skip the vit_b encoder (30-60 s a pass on 2 cores)")
-    p.add_argument("--e2e-variants", default="baseline,baseline_tbest,onnxruntime_tbest,bf16_tbest,virefsam",
-                   help="pipeline as is (baseline), with the ORT encoder (onnxruntime), in virefsam mode with "
-                        "random-init adapters (virefsam, timing only), with precision bf16 (bf16, where the CPU "
-                        "has it); '_t<n>' appended: with n torch/ORT threads, "
+    p.add_argument("--e2e-variants", default="baseline,before8,torch,onnxruntime_tbest,bf16_tbest,virefsam",
+                   help="pipeline as is (baseline: encoder backend auto, ONNX Runtime for the embedded model on the "
+                        "CPU), with the PyTorch encoder (torch) or the ORT encoder (onnxruntime) chosen through the "
+                        "engine's encoder_backend, as before #8 (before8: PyTorch encoder and SAM's MaskDecoder "
+                        "module), in virefsam mode with random-init adapters (virefsam, timing only), with "
+                        "precision bf16 (bf16, where the CPU has it); '_t<n>' appended: with n torch/ORT threads, "
                         "'_tbest': the fastest thread count of the encoder section")
     p.add_argument("--e2e-size", type=int, default=0, help="e2e on a centred N x N crop of the target (0: all)")
     p.add_argument("--e2e-rounds", type=int, default=1,
@@ -516,10 +525,8 @@ def mask_agreement(args, sam, tile, truth, bf16: bool, log) -> dict:
     engines = {"fp32": SamEngine(sam, device="cpu", precision="fp32")}
     if bf16:
         engines["bf16"] = SamEngine(sam, device="cpu", precision="bf16")
-    if ort_encoder.available():
-        e = SamEngine(sam, device="cpu", precision="fp32")
-        ort_encoder.use_onnxruntime(e)
-        engines["onnxruntime"] = e
+    if ort_encoder.available():  # the engine's own ONNX Runtime backend, as the pipeline uses it
+        engines["onnxruntime"] = SamEngine(sam, device="cpu", precision="fp32", encoder_backend="onnxruntime")
     masks, out, preds = {}, {}, {}
     mode = None
     for name, eng in engines.items():
@@ -540,8 +547,9 @@ def mask_agreement(args, sam, tile, truth, bf16: bool, log) -> dict:
 def bench_decoder(args, pred, tile, bf16: bool, threads: int, rounds: int, log) -> dict:
     """Training-free decoding of one real tile (the part after the encoder: pseudo-mask, component prompts,
     SAM's prompt encoder + mask decoder per prompt, prototype filter, union), with the tile's embedding from
-    ``pred``'s cache: fp32 with 32 (the default), 16 and 8 prompts at most, and 32 under bf16 autocast; the
-    union mask of each compared with the default's (IoU)."""
+    ``pred``'s cache: fp32 with 32 (the default), 16 and 8 prompts at most, 32 through SAM's own MaskDecoder
+    module (the decoder before the shared-image regrouping of :mod:`core.modeling.shared_decoder`), and 32 under
+    bf16 autocast; the union mask of each compared with the default's (IoU)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -552,19 +560,21 @@ def bench_decoder(args, pred, tile, bf16: bool, threads: int, rounds: int, log) 
     t = pred._encode([tile])[0]  # cached by the predict() before
     eng = pred.engine
 
-    def decode(max_prompts, n_threads, dtype=None, chunk=16):
+    def decode(max_prompts, n_threads, dtype=None, chunk=16, shared=True):
         def fn():
             with _Threads(n_threads), torch.inference_mode(), torch.autocast(
                 "cpu", dtype=torch.bfloat16, enabled=dtype is not None
             ):
                 low, info = training_free_logits(eng.sam, t.plain, pred._protos, t.valid, max_prompts, True,
-                                                 chunk=chunk)
+                                                 chunk=chunk, shared=shared)
                 logits = eng.postprocess(low.float(), t.input_size, t.original_size)
             return (logits[0, 0] > 0).numpy(), int(info["n_prompts"])
         return fn
 
-    variants = {"fp32_32": decode(32, threads), "fp32_16": decode(16, threads), "fp32_8": decode(8, threads)}
+    variants = {"fp32_32": decode(32, threads), "fp32_32_module": decode(32, threads, shared=False),
+                "fp32_16": decode(16, threads), "fp32_8": decode(8, threads)}
     labels = {"fp32_32": f"fp32, 32 prompts at most (default), {threads} threads",
+              "fp32_32_module": f"fp32, 32 prompts at most, SAM's MaskDecoder module (before #8), {threads} threads",
               "fp32_16": f"fp32, 16 prompts at most, {threads} threads",
               "fp32_8": f"fp32, 8 prompts at most, {threads} threads"}
     if not args.quick:
@@ -583,10 +593,15 @@ def bench_decoder(args, pred, tile, bf16: bool, threads: int, rounds: int, log) 
     with torch.inference_mode(), FlopCounterMode(display=False) as fc:
         _, n32 = decode(32, threads)()
     gflop = fc.get_total_flops() / 1e9
-    log(f"  decoder (training-free, real tile): {n32} prompts, {gflop:.1f} GFLOP")
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        decode(32, threads, shared=False)()
+    gflop_module = fc.get_total_flops() / 1e9
+    log(f"  decoder (training-free, real tile): {n32} prompts, {gflop:.1f} GFLOP ({gflop_module:.1f} through SAM's "
+        "MaskDecoder module)")
     times, outs = race(variants, rounds, warmup=not args.quick, log=log)
     ref_mask = outs["fp32_32"][0]
-    res = {"mode": "training_free", "gflop_32_prompts": round(gflop, 2), "variants": {}}
+    res = {"mode": "training_free", "gflop_32_prompts": round(gflop, 2),
+           "gflop_32_prompts_module": round(gflop_module, 2), "variants": {}}
     for k, v in times.items():
         res["variants"][k] = {"label": labels[k], "seconds": round(v["seconds"], 3), "runs": v["all"],
                               "prompts": outs[k][1], "iou_vs_default": _iou(outs[k][0], ref_mask)}
@@ -602,7 +617,9 @@ class Probe:
     ``seconds[(phase, part)]`` / ``calls[(phase, part)]``: phase ``reference`` (set_references, scribble
     densifying) or ``tiles`` (predict); parts ``encode`` (SamEngine.encode, the frozen encoder pass),
     ``encoder_adapted`` (ViRefSAM's DTA encoder pass), ``vcp`` (VCPEncoder.refine/queries/mask_logits),
-    ``decoder`` (SAM mask decoder), ``prompt_encoder``, ``preprocess``, ``postprocess``.
+    ``decoder`` (SAM mask decoder; in the training-free and static-prompt modes the whole
+    ``training_free.decode_prompts`` call, prompt encoder included, whose shared-image decoder does not go
+    through the decoder module's forward), ``prompt_encoder``, ``preprocess``, ``postprocess``.
     ``encodes``: (phase, digest of the input) of every encoder call.
     ``max_tiles``: bench-only; after that many tiles went through the model, later tiles get the earlier tiles'
     probabilities (cycled) without running the model.
@@ -620,6 +637,7 @@ class Probe:
         self.mode = None
         self._probs: List[np.ndarray] = []
         self._undo: List[Callable[[], None]] = []
+        self._in_decode = 0  # inside training_free.decode_prompts: the module hooks are not counted again
 
     def _sync(self) -> None:
         import torch
@@ -670,10 +688,14 @@ class Probe:
         stack: List[float] = []
 
         def pre(m, a):
+            if self._in_decode:
+                return
             self._sync()
             stack.append(time.perf_counter())
 
         def post(m, a, out):
+            if self._in_decode:
+                return
             self._sync()
             self._add(part, time.perf_counter() - stack.pop())
 
@@ -692,6 +714,20 @@ class Probe:
         self.wrap(eng, "postprocess", "postprocess")
         self.hook(eng.sam.mask_decoder, "decoder")
         self.hook(eng.sam.prompt_encoder, "prompt_encoder")
+        from .modeling import training_free as tf_module
+
+        decode_prompts = tf_module.decode_prompts
+        timed_decode = self._timed("decoder", decode_prompts)
+
+        def decode(*a, **k):
+            self._in_decode += 1
+            try:
+                return timed_decode(*a, **k)
+            finally:
+                self._in_decode -= 1
+
+        tf_module.decode_prompts = decode
+        self._undo.append(lambda: setattr(tf_module, "decode_prompts", decode_prompts))
         base = predictor_module.ReferencePredictor
         probe = self
 
@@ -789,7 +825,7 @@ def run_e2e(args, targets: Sequence[str], output: str, variant: str = "baseline"
             max_tiles: Optional[int] = None, log=print, label: Optional[str] = None) -> dict:
     """One ``pipeline.run`` with the probe installed; the split of its time (see the module docstring)."""
     from . import pipeline
-    from .modeling import ort_encoder
+    from .modeling import training_free
     from .tiling import TileGrid
 
     import dataclasses
@@ -797,16 +833,18 @@ def run_e2e(args, targets: Sequence[str], output: str, variant: str = "baseline"
 
     import torch
 
-    m = re.fullmatch(r"(baseline|onnxruntime|virefsam|bf16)(?:_t(\d+|best))?", variant)
+    m = re.fullmatch(r"(%s)(?:_t(\d+|best))?" % "|".join(E2E_KINDS), variant)
     if not m:
-        raise ValueError(f"unknown e2e variant {variant!r}: baseline, onnxruntime, virefsam or bf16, optionally "
-                         "+ _t<threads>")
+        raise ValueError(f"unknown e2e variant {variant!r}: {', '.join(E2E_KINDS)}, optionally + _t<threads>")
     kind, n_threads = m.group(1), m.group(2) or 0
     if n_threads == "best":  # the fastest thread count of the encoder section (torch's default without it)
         best = getattr(args, "best_threads", None) or {}
-        n_threads = best.get({"onnxruntime": "onnxruntime", "bf16": "bf16"}.get(kind, "torch"), 0)
+        n_threads = best.get(_threads_kind(kind), 0)
     n_threads = int(n_threads)
     params = run_params(args, targets, output)
+    if kind in ("torch", "onnxruntime", "before8"):  # the engine's encoder backend, chosen by the run's parameters
+        backend = "torch" if kind == "before8" else kind
+        params = dataclasses.replace(params, model=dataclasses.replace(params.model, encoder_backend=backend))
     if kind == "virefsam":  # timing only: random-init adapters (the passes cost the same with trained ones)
         params = dataclasses.replace(params, mode="virefsam",
                                      model=dataclasses.replace(params.model, adapters=args.random_adapters))
@@ -818,15 +856,14 @@ def run_e2e(args, targets: Sequence[str], output: str, variant: str = "baseline"
     t0 = time.perf_counter()
     engine = pipeline.load_engine(params.model)
     model_load = time.perf_counter() - t0
-    undo_ort = None
+    decode_prompts = training_free.decode_prompts
     try:
-        if kind == "onnxruntime":
-            undo_ort = ort_encoder.use_onnxruntime(engine, threads=n_threads or args.ort_threads)
+        if kind == "before8":  # the decoder as before #8: SAM's MaskDecoder module per batch of prompts
+            training_free.decode_prompts = lambda *a, **k: decode_prompts(*a, **{**k, "shared": False})
         with Probe(engine, max_tiles=max_tiles) as probe:
             result = pipeline.run(params)
     finally:
-        if undo_ort:
-            undo_ort()
+        training_free.decode_prompts = decode_prompts
         torch.set_num_threads(prev_threads)
     if probe.mode is None:
         raise RuntimeError("the bench's timers were not installed: core.pipeline.run no longer builds its "
@@ -858,6 +895,7 @@ def run_e2e(args, targets: Sequence[str], output: str, variant: str = "baseline"
     ref_digests = {d for ph, d in probe.encodes if ph == "reference"}
     out = {
         "variant": label or variant,
+        "encoder_backend": getattr(engine, "encoder_backend", "torch"),
         "threads": n_threads or prev_threads,
         "targets": [{"path": str(t), "width": w, "height": h} for t, (w, h) in zip(targets, sizes)],
         "mode": probe.mode,
@@ -943,7 +981,6 @@ def memory_child(args) -> int:
     size = int(args.memory_child)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    args.ort_threads = args.threads
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     baseline = _RssSampler.read()
@@ -1005,6 +1042,15 @@ def bench_memory(args, sizes: Sequence[int], max_tiles: int, work: Path, log,
 # ---------------------------------------------------------------------------------------------------------------
 # speed steps and the report
 # ---------------------------------------------------------------------------------------------------------------
+def _threads_kind(kind: str) -> str:
+    """Which encoder's fastest thread count (``best_threads``) an e2e variant kind uses."""
+    if kind == "baseline":  # encoder backend auto: ORT where it can run
+        from .modeling import ort_encoder
+
+        return "onnxruntime" if ort_encoder.available() else "torch"
+    return {"onnxruntime": "onnxruntime", "bf16": "bf16"}.get(kind, "torch")
+
+
 def best_threads(report: dict) -> Dict[str, int]:
     """The fastest thread count for the embedded encoder, in PyTorch and in ORT (from the encoder section)."""
     v = ((report.get("encoder") or {}).get("embedded") or {}).get("variants", {})
@@ -1101,8 +1147,9 @@ def render_markdown(r: dict) -> str:
     if dec:
         L += ["## After the encoder: training-free decoding of the same tile", "",
               f"Pseudo-mask -> one prompt (point + box) per component -> SAM prompt encoder + mask decoder per prompt "
-              f"-> prototype filter -> union; {dec['gflop_32_prompts']} GFLOP with 32 prompts (the encoder: "
-              f"{(enc.get('embedded') or {}).get('gflop')}).", "",
+              f"-> prototype filter -> union; {dec['gflop_32_prompts']} GFLOP with 32 prompts at most "
+              f"({_fmt(dec.get('gflop_32_prompts_module'))} through SAM's MaskDecoder module, which repeats the image "
+              f"per prompt; the encoder: {(enc.get('embedded') or {}).get('gflop')}).", "",
               "| variant | s | prompts | mask IoU vs default | rounds (s) |", "|---|---:|---:|---:|---|"]
         for k, v in dec["variants"].items():
             L.append(f"| {v['label']} | {v['seconds']:.2f} | {v['prompts']} | {_fmt(v['iou_vs_default'], 4)} | "
@@ -1127,7 +1174,8 @@ def render_markdown(r: dict) -> str:
         names = [e["variant"] + (" (random-init adapters: timing only)" if e["variant"].startswith("virefsam") else "")
                  for e in e2e]
         L += ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-        rows = [("mode", "mode", 0), ("torch threads", "threads", 0), ("total s", "seconds", 1),
+        rows = [("mode", "mode", 0), ("encoder backend", "encoder_backend", 0), ("threads", "threads", 0),
+                ("total s", "seconds", 1),
                 ("all rounds s", "rounds_seconds", 1), ("megapixels/s", "mpix_per_s", 3), ("s per tile", "seconds_per_tile", 2),
                 ("tiles", "tiles", 0), ("non-encoder share", "non_encoder_share", 3),
                 ("features", "features", 0)]
@@ -1189,8 +1237,14 @@ def _notes(r: dict) -> List[str]:
                      f"{bt.get('bf16')}, ONNX Runtime {bt.get('onnxruntime')} (torch's default: {m.get('torch_threads')}).")
     dec = (r.get("encoder") or {}).get("decoder") or {}
     if dec and enc.get("gflop"):
-        notes.append(f"Training-free decoding of one tile costs {dec['gflop_32_prompts']} GFLOP, the encoder "
-                     f"{enc['gflop']}: the decoder is the other half of a tile's time in that mode.")
+        notes.append(f"Training-free decoding of one tile costs {dec['gflop_32_prompts']} GFLOP "
+                     f"({_fmt(dec.get('gflop_32_prompts_module'))} through SAM's MaskDecoder module), the encoder "
+                     f"{enc['gflop']}.")
+        dv = dec.get("variants", {})
+        if "fp32_32" in dv and "fp32_32_module" in dv:
+            notes.append(f"Shared-image decoder: x{dv['fp32_32_module']['seconds'] / dv['fp32_32']['seconds']:.2f} "
+                         f"faster than SAM's MaskDecoder module on the tile (union mask IoU "
+                         f"{_fmt(dv['fp32_32_module']['iou_vs_default'], 4)}).")
     for e in r.get("e2e") or []:
         s = e["non_encoder_share"]
         if s is not None:
@@ -1241,7 +1295,6 @@ def run(args) -> int:
         args.truth = str(guess) if guess.is_file() else None
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    args.ort_threads = args.threads if args.threads > 0 else torch.get_num_threads()
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -1291,8 +1344,7 @@ def run(args) -> int:
             for v in variants:
                 base, _, t = v.partition("_t")
                 if t == "best":
-                    t = str((getattr(args, "best_threads", None) or {}).get(
-                        {"onnxruntime": "onnxruntime", "bf16": "bf16"}.get(base, "torch"), threads))
+                    t = str((getattr(args, "best_threads", None) or {}).get(_threads_kind(base), threads))
                 name = base if t in ("", str(threads)) else f"{base}_t{t}"
                 if name not in resolved:
                     resolved.append(name)

@@ -77,10 +77,9 @@ def test_decode_prompts_shared_equals_module_path(embedded_sam, zanzibar_embeddi
     assert float((fast_iou - slow_iou).abs().max()) < 1e-4
 
 
-def test_training_free_union_unchanged(engine, zanzibar_tile, zanzibar_embedding, monkeypatch):
+def test_training_free_union_unchanged(engine, zanzibar_tile, zanzibar_embedding):
     """Training-free on the real tile, prototypes from its own labels: the union mask with the shared decoder is
     the module path's."""
-    from core.modeling import training_free
     from core.modeling.predictor import mask_fraction_grid
     from core.modeling.prototypes import build_prototypes, valid_grid
 
@@ -91,9 +90,7 @@ def test_training_free_union_unchanged(engine, zanzibar_tile, zanzibar_embedding
     protos = build_prototypes(emb, frac, valid, 5, 0)
     with torch.inference_mode():
         fast, info = training_free_logits(engine.sam, emb, protos, valid)
-        orig = training_free.decode_prompts
-        monkeypatch.setattr(training_free, "decode_prompts", lambda *a, **k: orig(*a, shared=False, **k))
-        slow, info_slow = training_free_logits(engine.sam, emb, protos, valid)
+        slow, info_slow = training_free_logits(engine.sam, emb, protos, valid, shared=False)
     assert info["n_prompts"] >= 8 and info["n_kept"] == info_slow["n_kept"] >= 1
     assert _iou(fast, slow) > 0.999
     assert np.isclose(float(fast.max()), float(slow.max()), atol=1e-3)

@@ -156,9 +156,11 @@ def training_free_logits(
     use_box: bool = True,
     chunk: int = 16,
     emb: Optional[torch.Tensor] = None,
+    shared: bool = True,
 ) -> Tuple[torch.Tensor, Dict[str, object]]:
     """The training-free mode for one target. feats 1 x C x 64 x 64 (plain embedding, used for matching and,
-    unless ``emb`` is given, for decoding), protos batch 1, valid 1 x 64 x 64 bool.
+    unless ``emb`` is given, for decoding), protos batch 1, valid 1 x 64 x 64 bool; ``shared``: see
+    :func:`decode_prompts` (False: SAM's decoder module, for comparison).
     -> (low-res logits 1 x 1 x 256 x 256, info: pseudo_mask, n_prompts, n_kept, fg_sim, bg_sim)."""
     emb = feats if emb is None else emb
     protos = protos.to(device=feats.device, dtype=feats.dtype)
@@ -174,7 +176,7 @@ def training_free_logits(
         return union_logits(feats.new_zeros(0, 256, 256), torch.zeros(0, dtype=torch.bool)), info
     points = torch.from_numpy(pts)
     boxes = torch.from_numpy(bxs) if use_box else None
-    low, _ = decode_prompts(sam, emb, points, boxes, chunk)
+    low, _ = decode_prompts(sam, emb, points, boxes, chunk, shared=shared)
     keep, fg_sim, bg_sim = mask_prototype_match(feats, low, protos, valid)
     info.update(n_kept=int(keep.sum()), fg_sim=fg_sim, bg_sim=bg_sim)
     return union_logits(low, keep), info
