@@ -124,3 +124,43 @@ def test_modes_and_input_checks(engine):
         pred.predict(img)
     with pytest.raises(InputError, match="uint8"):
         pred.set_references([(img.astype(np.float32), np.ones((32, 32), bool))])
+
+
+def test_second_class_on_the_same_tiles_reuses_the_plain_pass(embedded_sam, gtf_episode, building_episode):
+    """The engine keeps plain target embeddings across runs: a second class (a new predictor, as a new run makes)
+    on the same target tile skips the frozen-encoder pass and gives exactly what a cold engine gives."""
+    from core.modeling.engine import EmbeddingCache, SamEngine
+
+    eng = SamEngine(embedded_sam, device="cpu", precision="fp32")
+    assert isinstance(eng.embeddings, EmbeddingCache) and len(eng.embeddings) == 0
+    g_img, g_mask, target, _ = gtf_episode
+    b_img, b_mask = building_episode[:2]
+
+    first = ReferencePredictor(eng, mode="training_free")  # class 1: ground track field
+    first.set_references([(g_img, g_mask)])
+    first.predict_batch([target])
+    misses = eng.embeddings.misses
+    second = ReferencePredictor(eng, mode="training_free")  # class 2: building, same target
+    second.set_references([(b_img, b_mask)])
+    hits = eng.embeddings.hits
+    warm = second.predict_batch([target])[0]
+    assert eng.embeddings.hits == hits + 1 and eng.embeddings.misses == misses + 1  # the reference was new
+
+    cold_engine = SamEngine(embedded_sam, device="cpu", precision="fp32")
+    cold_engine.embeddings = EmbeddingCache(0)  # off: nothing is kept
+    cold = ReferencePredictor(cold_engine, mode="training_free")
+    cold.set_references([(b_img, b_mask)])
+    assert np.array_equal(warm, cold.predict_batch([target])[0]) and len(cold_engine.embeddings) == 0
+
+
+def test_embedding_cache_budget_evicts_least_recently_used():
+    from core.modeling.engine import EmbeddingCache
+
+    c = EmbeddingCache(9)  # 9 MB: two 4 MB embeddings
+    e = [torch.full((1, 256, 64, 64), float(i)) for i in range(3)]
+    c.put("a", e[0])
+    c.put("b", e[1])
+    assert c.get("a") is not None  # a is now the most recent
+    c.put("c", e[2])
+    assert c.get("b") is None and torch.equal(c.get("a"), e[0]) and torch.equal(c.get("c"), e[2])
+    assert len(c) == 2

@@ -21,6 +21,9 @@ requires grad.
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
+from collections import OrderedDict
 from contextlib import nullcontext
 from typing import Optional, Sequence, Tuple, Union
 
@@ -33,6 +36,65 @@ from ..errors import InputError, ModelError
 Size = Tuple[int, int]
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
 ENCODER_BACKENDS = ("auto", "torch", "onnxruntime")
+
+
+def embedding_cache_mb() -> int:
+    """Budget of the engine's plain-embedding cache: ``$VIREFSAM_EMBEDDING_CACHE_MB``, default 512 (0: off)."""
+    try:
+        return max(0, int(os.environ.get("VIREFSAM_EMBEDDING_CACHE_MB", "512")))
+    except ValueError:
+        return 512
+
+
+class EmbeddingCache:
+    """Plain (frozen-encoder) embeddings of target tiles, kept across runs on the same engine.
+
+    The plain pass depends only on the tile's pixels and the model, not on the class: a second class segmented
+    in the same rasters (a second run in the same QGIS session) reuses it and pays only its class-specific
+    passes. Keys are digests of the tile's pixels; values are float32 ``1x256x64x64`` CPU tensors, exactly as
+    computed (a cached run gives the same result as a cold one). Least recently used entries go first once
+    ``budget_mb`` is reached (4 MB per 1024² tile: 512 MB hold 128 tiles). Thread-safe.
+    """
+
+    def __init__(self, budget_mb: int) -> None:
+        self.budget = int(budget_mb) * 2**20
+        self._d: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> Optional[torch.Tensor]:
+        with self._lock:
+            t = self._d.get(key)
+            if t is None:
+                self.misses += 1
+                return None
+            self._d.move_to_end(key)
+            self.hits += 1
+            return t
+
+    def put(self, key: str, emb: torch.Tensor) -> None:
+        emb = emb.detach().to("cpu", torch.float32)
+        size = emb.numel() * 4
+        if size > self.budget:
+            return
+        with self._lock:
+            old = self._d.pop(key, None)
+            if old is not None:
+                self._bytes -= old.numel() * 4
+            self._d[key] = emb
+            self._bytes += size
+            while self._bytes > self.budget:
+                _, ev = self._d.popitem(last=False)
+                self._bytes -= ev.numel() * 4
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+            self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
 
 
 class SamEngine:
@@ -66,6 +128,7 @@ class SamEngine:
         self.img_size = int(sam.image_encoder.img_size)
         self.transform = ResizeLongestSide(self.img_size)
         self._cache: Optional[Tuple[bytes, Tuple[torch.Tensor, Size]]] = None  # (key, (embedding, input_size))
+        self.embeddings = EmbeddingCache(embedding_cache_mb())
         self.requested_encoder_backend = encoder_backend
         self._ort = self._ort_encoder(encoder_backend, threads)
         self.encoder_backend = "torch" if self._ort is None else "onnxruntime"

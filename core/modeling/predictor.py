@@ -137,7 +137,16 @@ class ReferencePredictor:
         if todo:
             pre = [self.engine.preprocess(images[i]) for i in todo]
             xs = torch.cat([p[0] for p in pre])
-            plain = self.engine.encode(xs)
+            # the engine's cache holds plain passes of earlier runs (other classes on the same tiles)
+            shared = getattr(self.engine, "embeddings", None)
+            known = [shared.get(keys[i]) if shared is not None else None for i in todo]
+            if all(k is not None for k in known):
+                plain = torch.cat(known).to(self._device())
+            else:
+                plain = self.engine.encode(xs)
+                if shared is not None:
+                    for j, i in enumerate(todo):
+                        shared.put(keys[i], plain[j : j + 1])
             for j, i in enumerate(todo):
                 input_size = tuple(int(v) for v in pre[j][1])
                 valid = valid_grid(input_size, int(xs.shape[-1]), int(plain.shape[-1]), device=plain.device)
