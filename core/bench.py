@@ -856,6 +856,8 @@ def run_e2e(args, targets: Sequence[str], output: str, variant: str = "baseline"
     t0 = time.perf_counter()
     engine = pipeline.load_engine(params.model)
     model_load = time.perf_counter() - t0
+    if getattr(engine, "embeddings", None) is not None:
+        engine.embeddings.clear()  # every timed run starts cold: no plain pass reused from an earlier section
     decode_prompts = training_free.decode_prompts
     try:
         if kind == "before8":  # the decoder as before #8: SAM's MaskDecoder module per batch of prompts
