@@ -162,3 +162,34 @@ def flush_deletes(app=None) -> None:
     for _ in range(3):
         QCoreApplication.sendPostedEvents(None, QEvent.DeferredDelete)
         QCoreApplication.processEvents()
+
+
+def close_dock(dock, iface, qtbot, timeout: int = 60000) -> None:
+    """Tear a test's ViRefSAM dock down: cancel a run still going, shut it down, remove and delete it."""
+    from qgis.core import QgsApplication
+
+    if dock.is_running():
+        dock.cancel()
+        qtbot.waitUntil(lambda: not dock.is_running(), timeout=timeout)
+    dock.shutdown()
+    iface.removeDockWidget(dock)
+    dock.setParent(None)
+    dock.deleteLater()
+    flush_deletes()
+    QgsApplication.taskManager().cancelAll()
+
+
+def set_up_run(dock, reference, marks, targets, include_reference=True, mode="training_free",
+               class_name="building") -> None:
+    """Point the dock at a reference raster with its marked polygons and at the targets, on the CPU with 256 px
+    tiles (the small, fast run several tests need); ``mode`` None leaves the dock's mode as it is."""
+    dock.class_edit.setText(class_name)
+    dock.reference_combo.setLayer(reference)
+    dock.references.add_marks(reference, list(marks))
+    dock.include_reference_check.setChecked(include_reference)
+    dock.set_targets(list(targets))
+    if mode is not None:
+        dock.mode_combo.setCurrentIndex(dock.mode_combo.findData(mode))
+    dock.device_combo.setCurrentIndex(dock.device_combo.findData("cpu"))
+    dock.tile_spin.setValue(256)
+    dock.overlap_spin.setValue(32)

@@ -561,48 +561,31 @@ def test_web_layer_and_missing_target_refused_before_the_model(oam, tmp_path):
 # -- QGIS: a layer removed from the project during a run ------------------------------------------------------------
 @pytest.fixture
 def dock(qgis_app, qgis_iface, qgis_project, virefsam_pkg, qtbot):
-    from qgis.core import QgsApplication
     from qgis.PyQt.QtCore import Qt
     from virefsam.ui import settings
     from virefsam.ui.dock import ViRefSamDock
+    from qgis_iface import close_dock
 
     settings.reset()
     d = ViRefSamDock(qgis_iface)
     qgis_iface.addDockWidget(Qt.RightDockWidgetArea, d)
     d.show()
     yield d
-    if d.is_running():
-        d.cancel()
-        qtbot.waitUntil(lambda: not d.is_running(), timeout=120000)
-    d.shutdown()
-    qgis_iface.removeDockWidget(d)
-    d.setParent(None)
-    d.deleteLater()
-    from qgis_iface import flush_deletes
-
-    flush_deletes()
-    QgsApplication.taskManager().cancelAll()
+    close_dock(d, qgis_iface, qtbot, timeout=120000)
 
 
 def test_layer_removed_from_the_project_during_a_run(dock, oam, qgis_iface, qgis_project, qtbot):
     """The task works on copied paths: removing the reference/target layer mid-run changes nothing; the result
     layer is added and the message bar reports success."""
     from qgis.core import Qgis, QgsGeometry, QgsRasterLayer, QgsTask, QgsVectorLayer
+    from qgis_iface import set_up_run
 
     layer = QgsRasterLayer(str(_image(oam, TILE_A)), TILE_A)
     assert layer.isValid()
     qgis_project.addMapLayer(layer)
     labels = QgsVectorLayer(str(oam / "labels_geojson" / f"{TILE_A}.geojson"), "labels", "ogr")
     polygon = max((f.geometry() for f in labels.getFeatures()), key=lambda g: g.area())
-    dock.class_edit.setText("building")
-    dock.reference_combo.setLayer(layer)
-    dock.references.add_marks(layer, [QgsGeometry(polygon)])
-    dock.include_reference_check.setChecked(True)
-    dock.set_targets([layer])
-    dock.mode_combo.setCurrentIndex(dock.mode_combo.findData("training_free"))
-    dock.device_combo.setCurrentIndex(dock.device_combo.findData("cpu"))
-    dock.tile_spin.setValue(256)
-    dock.overlap_spin.setValue(32)
+    set_up_run(dock, layer, [QgsGeometry(polygon)], [layer])
     qgis_iface.messageBar().clearWidgets()
     task = dock.run()
     assert task is not None, [i.text() for i in qgis_iface.messageBar().items()]

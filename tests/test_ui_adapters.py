@@ -8,9 +8,9 @@ import pytest
 
 pytest.importorskip("qgis.gui")
 
-from qgis.core import Qgis, QgsApplication, QgsGeometry, QgsProject, QgsRasterLayer, QgsSettings, QgsVectorLayer  # noqa: E402
+from qgis.core import Qgis, QgsGeometry, QgsProject, QgsRasterLayer, QgsSettings, QgsVectorLayer  # noqa: E402
 from qgis.PyQt.QtCore import Qt  # noqa: E402
-from qgis_iface import flush_deletes  # noqa: E402
+from qgis_iface import close_dock, flush_deletes, set_up_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINED = ROOT / "resources" / "adapters" / "embedded_virefsam_nwpu_fold0.pt"  # a real adapters file
@@ -28,15 +28,7 @@ def dock(qgis_app, qgis_iface, qgis_project, virefsam_pkg, qtbot):
     d.show()
     qgis_iface.messageBar().clearWidgets()
     yield d
-    if d.is_running():
-        d.cancel()
-        qtbot.waitUntil(lambda: not d.is_running(), timeout=60000)
-    d.shutdown()
-    qgis_iface.removeDockWidget(d)
-    d.setParent(None)
-    d.deleteLater()
-    flush_deletes()
-    QgsApplication.taskManager().cancelAll()
+    close_dock(d, qgis_iface, qtbot, timeout=60000)
 
 
 @pytest.fixture
@@ -53,14 +45,7 @@ def tile(qgis_project, shared_data):
 
 def prepare(dock, tile):
     layer, polygon = tile
-    dock.class_edit.setText("building")
-    dock.reference_combo.setLayer(layer)
-    dock.references.add_marks(layer, [polygon])
-    dock.include_reference_check.setChecked(True)
-    dock.set_targets([layer])
-    dock.device_combo.setCurrentIndex(dock.device_combo.findData("cpu"))
-    dock.tile_spin.setValue(256)
-    dock.overlap_spin.setValue(32)
+    set_up_run(dock, layer, [polygon], [layer], mode=None)  # the mode follows the adapter choice
 
 
 def choose(dock, value, path=None):

@@ -24,7 +24,7 @@ from qgis.core import (  # noqa: E402
     QgsVectorLayer,
 )
 from qgis.PyQt.QtCore import Qt, QTimer  # noqa: E402
-from qgis_iface import flush_deletes  # noqa: E402
+from qgis_iface import close_dock, set_up_run  # noqa: E402
 
 REF_TILE = "area2_OAM-1238452-1046530-21"
 TARGET_TILES = ("area2_OAM-1238449-1046529-21", "area2_OAM-1238454-1046535-21")
@@ -41,15 +41,7 @@ def dock(qgis_app, qgis_iface, qgis_project, virefsam_pkg, qtbot):
     qgis_iface.addDockWidget(Qt.RightDockWidgetArea, d)
     d.show()
     yield d
-    if d.is_running():
-        d.cancel()
-        qtbot.waitUntil(lambda: not d.is_running(), timeout=60000)
-    d.shutdown()
-    qgis_iface.removeDockWidget(d)
-    d.setParent(None)
-    d.deleteLater()
-    flush_deletes()
-    QgsApplication.taskManager().cancelAll()
+    close_dock(d, qgis_iface, qtbot, timeout=60000)
 
 
 @pytest.fixture
@@ -68,15 +60,7 @@ def tiles(qgis_project, shared_data):
 
 def prepare(dock, tiles, class_name="building"):
     ref, targets, polygon = tiles
-    dock.class_edit.setText(class_name)
-    dock.reference_combo.setLayer(ref)
-    dock.references.add_marks(ref, [polygon])
-    dock.include_reference_check.setChecked(False)
-    dock.set_targets(targets)
-    dock.mode_combo.setCurrentIndex(dock.mode_combo.findData("training_free"))
-    dock.device_combo.setCurrentIndex(dock.device_combo.findData("cpu"))
-    dock.tile_spin.setValue(256)
-    dock.overlap_spin.setValue(32)
+    set_up_run(dock, ref, [polygon], targets, include_reference=False, class_name=class_name)
     return ref, targets
 
 
@@ -452,15 +436,7 @@ def test_results_on_a_raster_without_georeferencing_land_on_it(dock, qgis_iface,
     in_pixels = affinity.affine_transform(building, [to_px.a, to_px.b, to_px.d, to_px.e, to_px.c, to_px.f])
     marked = affinity.scale(in_pixels, 1, -1, origin=(0, 0))  # as drawn on the canvas: y = -row
 
-    dock.class_edit.setText("building")
-    dock.reference_combo.setLayer(layer)
-    dock.references.add_marks(layer, [QgsGeometry.fromWkt(marked.wkt)])
-    dock.include_reference_check.setChecked(True)
-    dock.set_targets([layer])
-    dock.mode_combo.setCurrentIndex(dock.mode_combo.findData("training_free"))
-    dock.device_combo.setCurrentIndex(dock.device_combo.findData("cpu"))
-    dock.tile_spin.setValue(256)
-    dock.overlap_spin.setValue(32)
+    set_up_run(dock, layer, [QgsGeometry.fromWkt(marked.wkt)], [layer])
     task = dock.run()
     assert task is not None, messages(qgis_iface)
     qtbot.waitUntil(lambda: not dock.is_running(), timeout=600000)
