@@ -178,3 +178,22 @@ def test_generic_folder(tmp_path, monkeypatch):
     ds = E.open_dataset(root)
     assert ds.name == "my_data" and ds.classes == {7: "pond"} and ds.images_with(7) == [0, 1, 2]
     assert ds.novel_classes(0) == [7]
+
+
+def test_mixed_stream_over_datasets(tiny):
+    """--also: episodes uniform over (dataset, class) pairs, each inside one dataset, deterministic, resumable;
+    with one dataset it is the plain stream."""
+    other = E.SegDataset("other", tiny.root, tiny.items, {1: "one", 2: "two"}, ignore_ids=(9,), min_pixels=100)
+    pools = [(tiny, [2]), (other, [1, 2])]
+    stream = list(itertools.islice(E.iter_mixed_episodes(pools, seed=5), 60))
+    assert stream == list(itertools.islice(E.iter_mixed_episodes(pools, seed=5), 60))
+    assert {(e.dataset, e.class_id) for e in stream} == {("tiny", 2), ("other", 1), ("other", 2)}
+    assert all(e.class_id == 2 for e in stream if e.dataset == "tiny")
+    for e in stream:
+        ds = tiny if e.dataset == "tiny" else other
+        assert e.query not in e.support and set(e.support) | {e.query} <= set(ds.images_with(e.class_id))
+    assert list(itertools.islice(E.iter_mixed_episodes(pools, seed=5, start=9), 4)) == stream[9:13]
+    single = list(itertools.islice(E.iter_mixed_episodes([(tiny, [1, 2])], seed=5), 12))
+    assert single == list(itertools.islice(E.iter_episodes(tiny, [1, 2], seed=5), 12))
+    with pytest.raises(InputError, match="named twice"):
+        next(E.iter_mixed_episodes([(tiny, [1]), (tiny, [2])]))

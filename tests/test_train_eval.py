@@ -119,6 +119,28 @@ def test_ctrl_c_during_training_says_the_checkpoint_was_saved_and_how_to_resume(
     assert shlex.split(command) == ["python", "-m", "core", *args, "--resume"]
 
 
+def test_train_with_another_dataset(tiny_folder, tmp_path, capsys):
+    """--also adds another dataset's classes to the base classes; a class named like a novel class is refused
+    (it would leak the held-out class) in one sentence."""
+    import shutil
+
+    other = tmp_path / "shapes_b"
+    shutil.copytree(tiny_folder, other)
+    (other / "classes.json").write_text(json.dumps({"classes": {"1": "box", "2": "square"}, "min_pixels": 100}))
+    out = tmp_path / "mixed"
+    common = ["train", "--data", str(tiny_folder), "--fold", "0", "--device", "cpu", "--feature-cache",
+              str(tmp_path / "features"), "--quiet", "--episodes", "3", "--lr", "1e-4", "--warmup", "1",
+              "--n-queries", "8", "--no-dta"]
+    assert cli.main(common + ["--also", str(other), "--out", str(tmp_path / "leak")]) == 2
+    assert "square is a novel class of the fold" in capsys.readouterr().err
+    assert cli.main(common + ["--also", f"{other}@box", "--out", str(out)]) == 0
+    blob = torch.load(out / "adapters.pt", map_location="cpu", weights_only=True)
+    also = blob["training"]["also"]
+    assert [(a["dataset"], a["class_names"]) for a in also] == [("shapes_b", ["box"])]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and {c for r in log for c in r["classes"]} <= {"disc", "box"}
+
+
 def test_ctrl_c_message_of_other_commands_and_of_a_training_without_checkpoint(tmp_path):
     from core.cli import _interrupted, build_parser
 

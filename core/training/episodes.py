@@ -564,6 +564,42 @@ def iter_episodes(ds: SegDataset, classes: Sequence[int], shots: int = 1, seed: 
         k += 1
 
 
+def iter_mixed_episodes(pools: Sequence[Tuple[SegDataset, Sequence[int]]], shots: int = 1, seed: int = 0,
+                        min_pixels: Optional[int] = None, start: int = 0) -> Iterator[Episode]:
+    """An endless deterministic stream over several datasets: uniform over (dataset, class) pairs, then query.
+
+    ``pools`` is ``[(dataset, training classes), ...]``; every episode stays inside one dataset (references and
+    target from the same dataset, all different images). With one pool this is :func:`iter_episodes`.
+    ``start`` skips that many episodes, as there.
+    """
+    pools = [(ds, [ds.class_id(c) for c in classes]) for ds, classes in pools]
+    if len(pools) == 1:
+        yield from iter_episodes(pools[0][0], pools[0][1], shots=shots, seed=seed, min_pixels=min_pixels,
+                                 start=start)
+        return
+    names = [ds.name for ds, _ in pools]
+    if len(set(names)) != len(names):
+        raise InputError(f"A dataset is named twice among {', '.join(names)}.")
+    pairs = [(ds, c) for ds, classes in pools for c in classes]
+    if not pairs:
+        raise InputError("Training needs at least one base class.")
+    eligible = {}
+    for ds, c in pairs:
+        e = ds.images_with(c, min_pixels)
+        _need(ds, c, e, shots, min_pixels)
+        eligible[(ds.name, c)] = np.asarray(e)
+    rng = _class_seed(seed, "mixed", *[f"{ds.name}:{c}" for ds, c in pairs], shots)
+    k = 0
+    while True:
+        ds, c = pairs[int(rng.integers(len(pairs)))]
+        pool = eligible[(ds.name, c)]
+        q = int(rng.choice(pool))
+        sup = rng.choice(pool[pool != q], size=shots, replace=False)
+        if k >= start:
+            yield Episode(ds.name, c, ds.classes[c], tuple(int(s) for s in sup), q)
+        k += 1
+
+
 def load_episode(ds: SegDataset, ep: Episode) -> EpisodeData:
     """Read an episode's images and its class's masks (other classes' pixels are background)."""
     if ep.query in ep.support:

@@ -3,7 +3,9 @@
 SAM stays frozen; only ``ViRefSAM.trainable_parameters()`` (VCP + DTA, or VCP alone with ``--no-dta``) learn.
 Every step draws episodes of the fold's *base* classes only (novel classes never appear as the episode's class;
 their pixels in a target are background, as in PFENet/HSNet), K references + one target, all different images
-(:func:`core.training.episodes.iter_episodes`, deterministic for ``--seed``).
+(:func:`core.training.episodes.iter_episodes`, deterministic for ``--seed``). ``--also DATA[@CLASS,...]`` adds
+other datasets' classes to the base classes (a class named like a novel class of the fold is refused); the
+stream is then uniform over (dataset, class) pairs (:func:`core.training.episodes.iter_mixed_episodes`).
 
 Per episode: Eq. 1 prototypes from the references' frozen embeddings -> ``ViRefSAM.forward`` on the target
 (Eq. 2 refinement, Eq. 3 pseudo-mask, DTA-adapted encoder pass, Eq. 4 queries, SAM decoder) -> loss on SAM's
@@ -62,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fold", type=int, required=True, help="fold whose novel classes are held out")
     g.add_argument("--shots", type=int, default=1)
     g.add_argument("--min-pixels", type=int, default=None, help="class pixels an image needs to count")
+    g.add_argument("--also", action="append", default=[], metavar="DATA[@CLASS,...]",
+                   help="another dataset whose classes (all, or those after @) join the base classes; repeat it. "
+                        "A class named like one of --data's novel classes is refused.")
     g = p.add_argument_group("schedule")
     g.add_argument("--schedule", choices=sorted(SCHEDULES), default=None,
                    help="preset (default: gpu on CUDA, cpu otherwise)")
@@ -132,6 +137,23 @@ def open_data(args):
     from .episodes import open_dataset
 
     return open_dataset(args.data, kind=args.kind, split=args.split)
+
+
+def open_extra_data(args, novel_names) -> List:
+    """``[(dataset, class ids), ...]`` for ``--also``; refuses a class that is novel in the primary fold."""
+    from .episodes import open_dataset
+
+    pools = []
+    for spec in args.also:
+        path, _, names = spec.partition("@")
+        ds = open_dataset(path, split=args.split)
+        classes = [ds.class_id(n.strip()) for n in names.split(",") if n.strip()] if names else list(ds.classes)
+        leak = [ds.classes[c] for c in classes if ds.classes[c] in novel_names]
+        if leak:
+            raise InputError(f"--also {spec}: {', '.join(leak)} is a novel class of the fold; training on it "
+                             "would leak the held-out class. Name the other classes after @.")
+        pools.append((ds, classes))
+    return pools
 
 
 def prepare_image(engine, image, mask=None, ignore=None):
@@ -208,7 +230,7 @@ def run(args) -> int:
 
     from ..modeling.prototypes import Prototypes
     from ..modeling.virefsam import ViRefSAM
-    from .episodes import iter_episodes, load_episode
+    from .episodes import iter_mixed_episodes, load_episode
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,6 +240,8 @@ def run(args) -> int:
 
     ds = open_data(args)
     base = ds.base_classes(args.fold)
+    extra = open_extra_data(args, {ds.classes[c] for c in ds.novel_classes(args.fold)})
+    datasets = {d.name: d for d in [ds] + [d for d, _ in extra]}
     torch.manual_seed(args.seed)
     engine, backbone = build_engine(args)
     device = engine.device
@@ -238,6 +262,8 @@ def run(args) -> int:
         "novel_classes": ds.novel_classes(args.fold), "class_names": {str(k): v for k, v in ds.classes.items()},
         "shots": args.shots, "episodes": sched["episodes"], "batch": sched["batch"], "lr": sched["lr"],
         "warmup": sched["warmup"], "schedule": sched["name"], "weight_decay": args.weight_decay,
+        "also": [{"dataset": d.name, "data": str(d.root.resolve()), "classes": c,
+                  "class_names": [d.classes[i] for i in c]} for d, c in extra],
         "reg_weight": args.reg_weight, "dta": not args.no_dta, "seed": args.seed, "min_pixels": args.min_pixels,
         "model": dict(model.config), "backbone": backbone, "precision": args.precision,
     }
@@ -247,9 +273,10 @@ def run(args) -> int:
         if blob.get("format") != CKPT_FORMAT:
             raise ModelError(f"{ckpt_path} is not a training checkpoint.")
         saved = blob["config"]
-        for k in ("dataset", "fold", "shots", "batch", "episodes", "lr", "seed", "dta", "model", "backbone"):
-            if saved.get(k) != config.get(k):
-                raise InputError(f"--resume: the checkpoint was made with {k}={saved.get(k)}, now {config.get(k)}; "
+        for k in ("dataset", "also", "fold", "shots", "batch", "episodes", "lr", "seed", "dta", "model", "backbone"):
+            was = saved.get(k, [] if k == "also" else None)
+            if was != config.get(k):
+                raise InputError(f"--resume: the checkpoint was made with {k}={was}, now {config.get(k)}; "
                                  "use the same options or another --out.")
         model.load_adapters(blob["adapters"])
         opt.load_state_dict(blob["optimizer"])
@@ -257,8 +284,8 @@ def run(args) -> int:
         step = int(blob["step"])
         torch.set_rng_state(blob["torch_rng"])
 
-    stream = iter_episodes(ds, base, shots=args.shots, seed=args.seed, min_pixels=args.min_pixels,
-                           start=step * sched["batch"])
+    stream = iter_mixed_episodes([(ds, base)] + extra, shots=args.shots, seed=args.seed,
+                                 min_pixels=args.min_pixels, start=step * sched["batch"])
     use_autocast = args.precision != "fp32"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
 
@@ -284,7 +311,7 @@ def run(args) -> int:
             protos: List = []
             targets = []
             for ep in eps:
-                data = load_episode(ds, ep)
+                data = load_episode(datasets[ep.dataset], ep)
                 with torch.no_grad():
                     refs = [prepare_image(engine, im, m) for im, m in data.references]
                     protos.append(model.reference_prototypes(
