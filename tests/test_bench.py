@@ -137,6 +137,8 @@ def test_quick_bench_values_are_sane(quick_report):
     assert emb["masks"]["by_backend"]["fp32"]["foreground_fraction"] > 0  # houses on the tile
     dec = r["encoder"]["decoder"]
     assert dec["gflop_32_prompts"] > 0 and dec["variants"]["fp32_32"]["prompts"] >= 1
+    assert dec["gflop_32_prompts"] < dec["gflop_32_prompts_whole"]  # windowed upscaling does less work
+    assert dec["variants"]["fp32_32_whole"]["iou_vs_default"] > 0.98
     assert r["speed_steps"][0]["gain_vs_baseline"] == 1.0
 
     e2e = r["e2e"][0]

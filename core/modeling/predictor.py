@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError, ModelError
 from .prototypes import GRID, Prototypes, build_prototypes, valid_grid
-from .training_free import static_prompt_logits, static_prompts_from_mask, training_free_logits
+from .training_free import DEFAULT_WINDOW_MARGIN, static_prompt_logits, static_prompts_from_mask, training_free_logits
 
 MODES = ("virefsam", "training_free", "static_prompt")
 
@@ -90,6 +90,7 @@ class ReferencePredictor:
         seed: int = 0,
         max_prompts: int = 32,
         use_box: bool = True,
+        window_margin: Optional[float] = DEFAULT_WINDOW_MARGIN,
         cache_size: int = 2,
         cache: "Optional[OrderedDict]" = None,
     ) -> None:
@@ -100,6 +101,7 @@ class ReferencePredictor:
         self.requested_mode = mode
         self.n_bg, self.seed = n_bg, seed
         self.max_prompts, self.use_box = max_prompts, use_box
+        self.window_margin = window_margin  # training-free masks are upscaled only near their prompt
         self.cache_size = cache_size
         # tile digest -> plain embedding; pass one OrderedDict to several predictors (other classes, other modes
         # on the same engine) to share the frozen-encoder passes
@@ -205,7 +207,8 @@ class ReferencePredictor:
             return static_prompt_logits(self.sam, t.plain, pts, bxs, t.input_size, self.use_box)
         if self.mode == "training_free":
             low, _ = training_free_logits(
-                self.sam, t.plain, self._protos, t.valid, self.max_prompts, self.use_box
+                self.sam, t.plain, self._protos, t.valid, self.max_prompts, self.use_box,
+                window_margin=self.window_margin,
             )
             return low
         out = self.model(t.x, self._protos, plain=t.plain, valid=t.valid)

@@ -8,7 +8,9 @@ Training-free (used when no trained adapters are given, and kept as a baseline),
    objects, so components are ranked by their summed decision value and capped at ``max_prompts``.
 3. All prompts go through SAM's prompt encoder and mask decoder in batches of ``chunk`` (one image embedding
    shared by the prompts; the decoder regrouped so that what does not depend on the prompt runs once, see
-   :mod:`.shared_decoder`) -> ``N x 256 x 256`` low-res logits.
+   :mod:`.shared_decoder`) -> ``N x 256 x 256`` low-res logits. With ``window_margin`` (the predictor's
+   default :data:`DEFAULT_WINDOW_MARGIN`) each mask is upscaled only inside its box grown by that fraction:
+   the attention still sees the whole tile, but a building's mask is not computed a tile away from it.
 4. Each SAM mask is kept when its mean embedding (mask-weighted pooling on the embedding grid) is more similar
    to the foreground prototype than to every valid background prototype (no valid bg prototype: more similar
    to the fg prototype than the image's mean similarity).
@@ -64,6 +66,24 @@ def component_prompts(
     return np.asarray(points, np.float32), np.asarray(boxes, np.float32), scores[order].astype(np.float32)
 
 
+DEFAULT_WINDOW_MARGIN = 0.5  # the predictor's: masks within 1.5x their box (IoU >= 0.997 with whole-image masks)
+WINDOW_MIN_CELLS = 4  # smallest margin of a mask window, in embedding cells (16 px of the 1024 input each)
+
+
+def prompt_windows(boxes: torch.Tensor, margin: float, grid: Tuple[int, int], cell: float) -> torch.Tensor:
+    """Mask windows around prompts: boxes N x 4 (x0, y0, x1, y1, input px) grown by ``margin`` x their larger
+    side and at least :data:`WINDOW_MIN_CELLS` cells -> N x 4 long (row0, col0, row1, col1) on the ``grid``."""
+    b = boxes.detach().float().cpu() / cell
+    side = torch.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
+    pad = torch.clamp(side * margin, min=float(WINDOW_MIN_CELLS))
+    h, w = int(grid[0]), int(grid[1])
+    r0 = torch.floor(b[:, 1] - pad).clamp(0, h)
+    c0 = torch.floor(b[:, 0] - pad).clamp(0, w)
+    r1 = torch.ceil(b[:, 3] + pad).clamp(0, h)
+    c1 = torch.ceil(b[:, 2] + pad).clamp(0, w)
+    return torch.stack([r0, c0, r1, c1], dim=1).long()
+
+
 def decode_prompts(
     sam,
     emb: torch.Tensor,
@@ -71,6 +91,7 @@ def decode_prompts(
     boxes: Optional[torch.Tensor],
     chunk: int = 16,
     shared: bool = True,
+    window_margin: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """N prompt sets on one image: emb 1 x C x h x w, points N x 2 (one positive point each) and/or boxes N x 4.
     -> (low-res logits N x 256 x 256, iou N). Single-mask output (a box disambiguates the point).
@@ -79,6 +100,10 @@ def decode_prompts(
     prompt-independent work once, no per-prompt copy of the image; about half the time, the same logits within
     ~1e-4) when the decoder has SAM's structure and no gradient is needed; else ``sam.mask_decoder`` itself.
     ``chunk`` prompts go through the decoder at a time (memory: ~40 MB per prompt in flight).
+    ``window_margin`` (shared decoder only): each mask is upscaled only inside its prompt's box (or point)
+    grown by ``window_margin`` times the box's larger side and at least :data:`WINDOW_MIN_CELLS` embedding
+    cells on every side; outside it the logits are :data:`NO_MASK_LOGIT` (see
+    :func:`.shared_decoder.decode_single_mask`). None: whole-image masks.
     """
     from . import shared_decoder
 
@@ -95,7 +120,13 @@ def decode_prompts(
         bx = None if boxes is None else boxes[s : s + chunk].to(emb.device, emb.dtype)
         sparse, dense = sam.prompt_encoder(points=pts, boxes=bx, masks=None)
         if fast:
-            low, iou = shared_decoder.decode_single_mask(sam, emb, pe, sparse.to(emb.dtype), dense.to(emb.dtype))
+            win = None
+            if window_margin is not None:
+                src = bx if bx is not None else torch.cat([p[:, 0], p[:, 0]], dim=1)
+                win = prompt_windows(src, window_margin, emb.shape[-2:],
+                                     float(sam.prompt_encoder.input_image_size[0]) / emb.shape[-1])
+            low, iou = shared_decoder.decode_single_mask(sam, emb, pe, sparse.to(emb.dtype), dense.to(emb.dtype),
+                                                         windows=win, fill=NO_MASK_LOGIT)
             lows.append(low)
             ious.append(iou)
             continue
@@ -157,6 +188,7 @@ def training_free_logits(
     chunk: int = 16,
     emb: Optional[torch.Tensor] = None,
     shared: bool = True,
+    window_margin: Optional[float] = None,
 ) -> Tuple[torch.Tensor, Dict[str, object]]:
     """The training-free mode for one target. feats 1 x C x 64 x 64 (plain embedding, used for matching and,
     unless ``emb`` is given, for decoding), protos batch 1, valid 1 x 64 x 64 bool; ``shared``: see
@@ -176,7 +208,7 @@ def training_free_logits(
         return union_logits(feats.new_zeros(0, 256, 256), torch.zeros(0, dtype=torch.bool)), info
     points = torch.from_numpy(pts)
     boxes = torch.from_numpy(bxs) if use_box else None
-    low, _ = decode_prompts(sam, emb, points, boxes, chunk, shared=shared)
+    low, _ = decode_prompts(sam, emb, points, boxes, chunk, shared=shared, window_margin=window_margin)
     keep, fg_sim, bg_sim = mask_prototype_match(feats, low, protos, valid)
     info.update(n_kept=int(keep.sum()), fg_sim=fg_sim, bg_sim=bg_sim)
     return union_logits(low, keep), info
