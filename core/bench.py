@@ -19,9 +19,11 @@ e2e        ``core.pipeline.run`` on one reference and one large target (``zanzib
            the VCP's methods: nothing in the model code changes. Variants (``--e2e-variants``): the pipeline as
            it is (``baseline``: encoder backend ``auto``), its encoder forced through the engine's
            ``encoder_backend`` to PyTorch (``torch``) or ONNX Runtime (``onnxruntime``), as before #8
-           (``before8``: PyTorch encoder, SAM's MaskDecoder module for the training-free prompts), in virefsam
-           mode with random-init adapters (``virefsam``, timing only: the pipeline's default is the
-           training-free mode), with precision bf16 (``bf16``), each optionally with ``_t<n>`` threads or
+           (``before8``: PyTorch encoder, SAM's MaskDecoder module for the training-free prompts), with
+           whole-tile masks (``whole``: the shared decoder before its per-prompt windows), in virefsam mode
+           with random-init adapters (``virefsam``, timing only: the pipeline's default is the training-free
+           mode; ``vcponly``: adapters trained without DTA, no adapted encoder pass), with precision bf16
+           (``bf16``: encoder and training-free decoding autocast), each optionally with ``_t<n>`` threads or
            ``_tbest`` (the encoder section's fastest count); ``--e2e-rounds`` interleaves them.
 multi      one reference, three targets in one run: encoder calls are counted (the reference crop is
            encoded once, each tile once).
@@ -69,7 +71,7 @@ SCHEMA = 1
 # e2e variants: the pipeline as is (baseline: encoder backend auto), its encoder forced to PyTorch (torch) or ONNX
 # Runtime (onnxruntime), as before #8 (before8: PyTorch encoder, SAM's MaskDecoder module for the training-free
 # prompts), in virefsam mode with random-init adapters (virefsam), with precision bf16 (bf16)
-E2E_KINDS = ("baseline", "torch", "onnxruntime", "before8", "virefsam", "bf16")
+E2E_KINDS = ("baseline", "torch", "onnxruntime", "before8", "whole", "virefsam", "vcponly", "bf16")
 
 
 def add_arguments(p) -> None:
@@ -84,7 +86,7 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads (0: their defaults)")
     p.add_argument("--rounds", type=int, default=0, help="interleaved timing rounds (0: 3, quick 1)")
     p.add_argument("--no-vit-b", action="store_true", help="skip the vit_b encoder (30-60 s a pass on 2 cores)")
-    p.add_argument("--e2e-variants", default="baseline,before8,torch,onnxruntime_tbest,bf16_tbest,virefsam",
+    p.add_argument("--e2e-variants", default="baseline,before8,whole,torch,onnxruntime_tbest,bf16_tbest,virefsam,vcponly",
                    help="pipeline as is (baseline: encoder backend auto, ONNX Runtime for the embedded model on the "
                         "CPU), with the PyTorch encoder (torch) or the ORT encoder (onnxruntime) chosen through the "
                         "engine's encoder_backend, as before #8 (before8: PyTorch encoder and SAM's MaskDecoder "
@@ -809,9 +811,10 @@ def run_params(args, targets: Sequence[str], output: str):
     )
 
 
-def make_random_adapters(args, path: Path) -> Path:
+def make_random_adapters(args, path: Path, dta: bool = True) -> Path:
     """A VCP + DTA adapter file with random-init weights for the pipeline's model (timing of the virefsam mode
-    only: its passes do not depend on the weights)."""
+    only: its passes do not depend on the weights); ``dta=False``: marked as trained without DTA (``--no-dta``),
+    so the run skips the adapted encoder pass."""
     import torch
 
     from . import pipeline
@@ -819,7 +822,9 @@ def make_random_adapters(args, path: Path) -> Path:
 
     engine = pipeline.load_engine(run_params(args, [args.target], None).model)
     torch.manual_seed(0)
-    ViRefSAM(engine.sam).save_adapters(path)
+    blob = ViRefSAM(engine.sam).adapter_state_dict()
+    blob["training"] = {"dta": dta, "note": "random-init weights: bench timing only"}
+    torch.save(blob, path)
     return path
 
 
@@ -854,10 +859,11 @@ def run_e2e(args, targets: Sequence[str], output: str, variant: str = "baseline"
     if kind in ("torch", "onnxruntime", "before8"):  # the engine's encoder backend, chosen by the run's parameters
         backend = "torch" if kind == "before8" else kind
         params = dataclasses.replace(params, model=dataclasses.replace(params.model, encoder_backend=backend))
-    if kind == "virefsam":  # timing only: random-init adapters (the passes cost the same with trained ones)
+    if kind in ("virefsam", "vcponly"):  # timing only: random-init adapters (the passes cost the same trained)
+        file = args.random_adapters if kind == "virefsam" else args.random_adapters_vcp
         params = dataclasses.replace(params, mode="virefsam",
-                                     model=dataclasses.replace(params.model, adapters=args.random_adapters))
-    if kind == "bf16":  # the engine's own bf16 autocast of the image encoder (decoder stays fp32)
+                                     model=dataclasses.replace(params.model, adapters=file))
+    if kind == "bf16":  # the engine's own bf16 autocast of the image encoder and the training-free decoding
         params = dataclasses.replace(params, model=dataclasses.replace(params.model, precision="bf16"))
     if n_threads:
         params = dataclasses.replace(params, model=dataclasses.replace(params.model, threads=n_threads))
@@ -871,6 +877,8 @@ def run_e2e(args, targets: Sequence[str], output: str, variant: str = "baseline"
     try:
         if kind == "before8":  # the decoder as before #8: SAM's MaskDecoder module per batch of prompts
             training_free.decode_prompts = lambda *a, **k: decode_prompts(*a, **{**k, "shared": False})
+        if kind == "whole":  # the shared decoder with whole-tile masks (before the per-prompt windows)
+            training_free.decode_prompts = lambda *a, **k: decode_prompts(*a, **{**k, "window_margin": None})
         with Probe(engine, max_tiles=max_tiles) as probe:
             result = pipeline.run(params)
     finally:
@@ -1367,6 +1375,8 @@ def run(args) -> int:
             variants = resolved
             if any(v.startswith("virefsam") for v in variants):
                 args.random_adapters = str(make_random_adapters(args, work / "random_adapters.pt"))
+            if any(v.startswith("vcponly") for v in variants):
+                args.random_adapters_vcp = str(make_random_adapters(args, work / "random_adapters_vcp.pt", dta=False))
             best: Dict[str, dict] = {}
             for _ in range(max(1, args.e2e_rounds)):  # interleaved rounds: a load change hits every variant
                 for v in variants:

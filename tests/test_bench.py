@@ -163,3 +163,22 @@ def test_quick_bench_values_are_sane(quick_report):
     for x in mem:
         assert x["peak_rss_mb"] > 50 and x["peak_anon_mb"] > 50 and x["tiles"] >= 1
         assert x["model_tiles"] + x["reused_tiles"] == x["tiles"]
+
+
+def test_e2e_variants_whole_tile_masks_and_vcp_only(tmp_path):
+    """The e2e variants added for the decoder windows and the VCP-only adapters run the real pipeline on a crop:
+    ``whole`` in the training-free mode, ``vcponly`` in the virefsam mode without an adapted encoder pass."""
+    import argparse
+
+    from core import bench
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--out", str(tmp_path)])
+    target = bench.mosaic_vrt(str(DEMO / "target_kampala.tif"), 512, str(tmp_path / "t.vrt"))
+    args.random_adapters_vcp = str(bench.make_random_adapters(args, tmp_path / "vcp.pt", dta=False))
+    whole = bench.run_e2e(args, [target], str(tmp_path / "w.gpkg"), variant="whole", log=lambda *a: None)
+    vcp = bench.run_e2e(args, [target], str(tmp_path / "v.gpkg"), variant="vcponly", log=lambda *a: None)
+    assert whole["mode"] == "training_free" and whole["split"]["decoder"] > 0
+    assert vcp["mode"] == "virefsam" and vcp["encoder_calls"]["adapted"] == 0
+    assert vcp["encoder_calls"]["tiles"] == vcp["tiles"] >= 1 and vcp["split"]["VCP"] > 0
