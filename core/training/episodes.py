@@ -32,7 +32,9 @@ many as possible, and every class is novel in exactly one fold):
 * fold 1: novel = basketball_court (6), ground_track_field (7); base = 4, 5, 8, 9
 * fold 2: novel = harbor (8), bridge (9);                       base = 4, 5, 6, 7
 
-Datasets without folds are evaluation-only here (every class is novel; train on another dataset).
+Datasets without folds are evaluated on all their classes; training uses them beside a folded dataset
+(``train --also``: all their classes, or the named ones, join the base classes; see
+:func:`iter_mixed_episodes`).
 
 Any other folder (``kind="folder"``): ``index.csv`` with columns ``image``, ``mask`` (relative paths) and
 ``classes.json`` = ``{"classes": {"1": "name", ...}, "folds": [[1], [2]], "ignore": [255], "min_pixels": 1024}``
