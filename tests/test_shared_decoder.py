@@ -117,6 +117,10 @@ def test_windowed_upscaling_exact_inside_fill_outside(embedded_sam, zanzibar_emb
         inside[4 * r0 : 4 * r1, 4 * c0 : 4 * c1] = True
         assert float((got[i][inside] - full[i][inside]).abs().max()) < 1e-4
         assert bool((got[i][~inside] == NO_MASK_LOGIT).all())
+    with torch.inference_mode():  # a point alone says nothing of the object's size: no window
+        pts_only, _ = decode_prompts(embedded_sam, emb, pts[:4], None, window_margin=0.5)
+        pts_full, _ = decode_prompts(embedded_sam, emb, pts[:4], None)
+    assert torch.equal(pts_only, pts_full)
 
 
 def test_windowed_training_free_union_close_to_whole_image(engine, zanzibar_tile, zanzibar_embedding):

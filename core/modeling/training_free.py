@@ -100,7 +100,7 @@ def decode_prompts(
     prompt-independent work once, no per-prompt copy of the image; about half the time, the same logits within
     ~1e-4) when the decoder has SAM's structure and no gradient is needed; else ``sam.mask_decoder`` itself.
     ``chunk`` prompts go through the decoder at a time (memory: ~40 MB per prompt in flight).
-    ``window_margin`` (shared decoder only): each mask is upscaled only inside its prompt's box (or point)
+    ``window_margin`` (shared decoder, prompts with a box): each mask is upscaled only inside its prompt's box
     grown by ``window_margin`` times the box's larger side and at least :data:`WINDOW_MIN_CELLS` embedding
     cells on every side; outside it the logits are :data:`NO_MASK_LOGIT` (see
     :func:`.shared_decoder.decode_single_mask`). None: whole-image masks.
@@ -121,9 +121,8 @@ def decode_prompts(
         sparse, dense = sam.prompt_encoder(points=pts, boxes=bx, masks=None)
         if fast:
             win = None
-            if window_margin is not None:
-                src = bx if bx is not None else torch.cat([p[:, 0], p[:, 0]], dim=1)
-                win = prompt_windows(src, window_margin, emb.shape[-2:],
+            if window_margin is not None and bx is not None:  # a point alone says nothing of the object's size
+                win = prompt_windows(bx, window_margin, emb.shape[-2:],
                                      float(sam.prompt_encoder.input_image_size[0]) / emb.shape[-1])
             low, iou = shared_decoder.decode_single_mask(sam, emb, pe, sparse.to(emb.dtype), dense.to(emb.dtype),
                                                          windows=win, fill=NO_MASK_LOGIT)
