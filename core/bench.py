@@ -20,7 +20,8 @@ e2e        ``core.pipeline.run`` on one reference and one large target (``zanzib
            it is (``baseline``: encoder backend ``auto``), its encoder forced through the engine's
            ``encoder_backend`` to PyTorch (``torch``) or ONNX Runtime (``onnxruntime``), as before #8
            (``before8``: PyTorch encoder, SAM's MaskDecoder module for the training-free prompts), with
-           whole-tile masks (``whole``: the shared decoder before its per-prompt windows), in virefsam mode
+           whole-tile masks (``whole``: the shared decoder before its per-prompt windows), with decoding
+           ``exact`` (``exact``: every prompt decoded on the whole tile, before local decoding), in virefsam mode
            with random-init adapters (``virefsam``, timing only: the pipeline's default is the training-free
            mode; ``vcponly``: adapters trained without DTA, no adapted encoder pass), with precision bf16
            (``bf16``: encoder and training-free decoding autocast), each optionally with ``_t<n>`` threads or
@@ -71,7 +72,7 @@ SCHEMA = 1
 # e2e variants: the pipeline as is (baseline: encoder backend auto), its encoder forced to PyTorch (torch) or ONNX
 # Runtime (onnxruntime), as before #8 (before8: PyTorch encoder, SAM's MaskDecoder module for the training-free
 # prompts), in virefsam mode with random-init adapters (virefsam), with precision bf16 (bf16)
-E2E_KINDS = ("baseline", "torch", "onnxruntime", "before8", "whole", "virefsam", "vcponly", "bf16")
+E2E_KINDS = ("baseline", "torch", "onnxruntime", "before8", "whole", "exact", "virefsam", "vcponly", "bf16")
 
 
 def add_arguments(p) -> None:
@@ -86,7 +87,8 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads (0: their defaults)")
     p.add_argument("--rounds", type=int, default=0, help="interleaved timing rounds (0: 3, quick 1)")
     p.add_argument("--no-vit-b", action="store_true", help="skip the vit_b encoder (30-60 s a pass on 2 cores)")
-    p.add_argument("--e2e-variants", default="baseline,before8,whole,torch,onnxruntime_tbest,bf16_tbest,virefsam,vcponly",
+    p.add_argument("--e2e-variants",
+                   default="baseline,before8,whole,exact,torch,onnxruntime_tbest,bf16_tbest,virefsam,vcponly",
                    help="pipeline as is (baseline: encoder backend auto, ONNX Runtime for the embedded model on the "
                         "CPU), with the PyTorch encoder (torch) or the ORT encoder (onnxruntime) chosen through the "
                         "engine's encoder_backend, as before #8 (before8: PyTorch encoder and SAM's MaskDecoder "
@@ -482,7 +484,7 @@ def bench_encoders(args, info, roofline, tile, truth, log) -> dict:
     # mask agreement on the real tile: the real predictor (pipeline's default mode) per precision / backend
     masks, fp32_pred = mask_agreement(args, sam, tile, truth, bf16 and not quick, log)
     out["embedded"]["masks"] = masks
-    out["decoder"] = bench_decoder(args, fp32_pred, tile, bf16, threads, rounds, log)
+    out["decoder"] = bench_decoder(args, fp32_pred, tile, bf16, threads, rounds, log, truth=truth)
     del engine, outs, ref, fp32_pred
     # -- vit_b (segment_anything's ViT-B, random init) -----------------------------------------------------
     if quick or args.no_vit_b:
@@ -546,7 +548,7 @@ def mask_agreement(args, sam, tile, truth, bf16: bool, log) -> dict:
     return {"mode": mode, "threshold": 0.5, "by_backend": out}, preds["fp32"]
 
 
-def bench_decoder(args, pred, tile, bf16: bool, threads: int, rounds: int, log) -> dict:
+def bench_decoder(args, pred, tile, bf16: bool, threads: int, rounds: int, log, truth=None) -> dict:
     """Training-free decoding of one real tile (the part after the encoder: pseudo-mask, component prompts,
     SAM's prompt encoder + mask decoder per prompt, prototype filter, union), with the tile's embedding from
     ``pred``'s cache: fp32 with 32 (the default), 16 and 8 prompts at most, 32 through SAM's own MaskDecoder
@@ -555,30 +557,38 @@ def bench_decoder(args, pred, tile, bf16: bool, threads: int, rounds: int, log) 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .modeling.training_free import DEFAULT_WINDOW_MARGIN, training_free_logits
+    from .modeling.training_free import DEFAULT_CONTEXT, DEFAULT_WINDOW_MARGIN, training_free_logits
 
     if pred._protos is None:  # static_prompt mode: nothing to measure here
         return None
     t = pred._encode([tile])[0]  # cached by the predict() before
     eng = pred.engine
 
-    def decode(max_prompts, n_threads, dtype=None, chunk=16, shared=True, window=DEFAULT_WINDOW_MARGIN):
+    def decode(max_prompts, n_threads, dtype=None, chunk=16, shared=True, window=DEFAULT_WINDOW_MARGIN,
+               context=DEFAULT_CONTEXT):
         def fn():
             with _Threads(n_threads), torch.inference_mode(), torch.autocast(
                 "cpu", dtype=torch.bfloat16, enabled=dtype is not None
             ):
                 low, info = training_free_logits(eng.sam, t.plain, pred._protos, t.valid, max_prompts, True,
-                                                 chunk=chunk, shared=shared, window_margin=window if shared else None)
+                                                 chunk=chunk, shared=shared, window_margin=window if shared else None,
+                                                 context=context if shared else None)
                 logits = eng.postprocess(low.float(), t.input_size, t.original_size)
             return (logits[0, 0] > 0).numpy(), int(info["n_prompts"])
         return fn
 
     win = f"masks upscaled within {1 + DEFAULT_WINDOW_MARGIN:g}x their box"
-    variants = {"fp32_32": decode(32, threads), "fp32_32_whole": decode(32, threads, window=None),
+    crop = (f"local: each prompt on a crop of {1 + 2 * DEFAULT_CONTEXT[0]:g}x its box, at least "
+            f"{DEFAULT_CONTEXT[1]}x{DEFAULT_CONTEXT[1]} cells")
+    variants = {"fp32_32": decode(32, threads), "fp32_32_exact": decode(32, threads, context=None),
+                "fp32_32_whole": decode(32, threads, window=None, context=None),
                 "fp32_32_module": decode(32, threads, shared=False),
                 "fp32_16": decode(16, threads), "fp32_8": decode(8, threads)}
-    labels = {"fp32_32": f"fp32, 32 prompts at most, {win} (default), {threads} threads",
-              "fp32_32_whole": f"fp32, 32 prompts at most, whole-tile masks (before the windows), {threads} threads",
+    labels = {"fp32_32": f"fp32, 32 prompts at most, {crop} (default), {threads} threads",
+              "fp32_32_exact": f"fp32, 32 prompts at most, exact (whole-tile attention), {win} (before local "
+                               f"decoding), {threads} threads",
+              "fp32_32_whole": f"fp32, 32 prompts at most, exact, whole-tile masks (before the windows), "
+                               f"{threads} threads",
               "fp32_32_module": f"fp32, 32 prompts at most, SAM's MaskDecoder module (before #8), {threads} threads",
               "fp32_16": f"fp32, 16 prompts at most, {threads} threads",
               "fp32_8": f"fp32, 8 prompts at most, {threads} threads"}
@@ -602,20 +612,25 @@ def bench_decoder(args, pred, tile, bf16: bool, threads: int, rounds: int, log) 
         decode(32, threads, shared=False)()
     gflop_module = fc.get_total_flops() / 1e9
     with torch.inference_mode(), FlopCounterMode(display=False) as fc:
-        decode(32, threads, window=None)()
+        decode(32, threads, window=None, context=None)()
     gflop_whole = fc.get_total_flops() / 1e9
-    log(f"  decoder (training-free, real tile): {n32} prompts, {gflop:.1f} GFLOP ({gflop_whole:.1f} with whole-tile "
-        f"masks, {gflop_module:.1f} through SAM's MaskDecoder module)")
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        decode(32, threads, context=None)()
+    gflop_exact = fc.get_total_flops() / 1e9
+    log(f"  decoder (training-free, real tile): {n32} prompts, {gflop:.1f} GFLOP ({gflop_exact:.1f} exact, "
+        f"{gflop_whole:.1f} with whole-tile masks, {gflop_module:.1f} through SAM's MaskDecoder module)")
     times, outs = race(variants, rounds, warmup=not args.quick, log=log)
     ref_mask = outs["fp32_32"][0]
     whole_mask = outs["fp32_32_whole"][0]
     res = {"mode": "training_free", "gflop_32_prompts": round(gflop, 2),
            "gflop_32_prompts_whole": round(gflop_whole, 2), "window_margin": DEFAULT_WINDOW_MARGIN,
+           "gflop_32_prompts_exact": round(gflop_exact, 2), "context": list(DEFAULT_CONTEXT),
            "gflop_32_prompts_module": round(gflop_module, 2), "variants": {}}
     for k, v in times.items():
         res["variants"][k] = {"label": labels[k], "seconds": round(v["seconds"], 3), "runs": v["all"],
                               "prompts": outs[k][1], "iou_vs_default": _iou(outs[k][0], ref_mask),
-                              "iou_vs_whole": _iou(outs[k][0], whole_mask)}
+                              "iou_vs_whole": _iou(outs[k][0], whole_mask),
+                              "iou_vs_truth": _iou(outs[k][0], truth) if truth is not None else None}
     return res
 
 
@@ -863,6 +878,8 @@ def run_e2e(args, targets: Sequence[str], output: str, variant: str = "baseline"
         file = args.random_adapters if kind == "virefsam" else args.random_adapters_vcp
         params = dataclasses.replace(params, mode="virefsam",
                                      model=dataclasses.replace(params.model, adapters=file))
+    if kind in ("exact", "whole", "before8"):  # before local decoding: every prompt on the whole tile
+        params = dataclasses.replace(params, decoding="exact")
     if kind == "bf16":  # the engine's own bf16 autocast of the image encoder and the training-free decoding
         params = dataclasses.replace(params, model=dataclasses.replace(params.model, precision="bf16"))
     if n_threads:
@@ -918,6 +935,7 @@ def run_e2e(args, targets: Sequence[str], output: str, variant: str = "baseline"
         "threads": n_threads or prev_threads,
         "targets": [{"path": str(t), "width": w, "height": h} for t, (w, h) in zip(targets, sizes)],
         "mode": probe.mode,
+        "decoding": params.decoding,
         "pixels": pixels,
         "tiles": tiles,
         "model_tiles": probe.model_tiles,
@@ -1167,14 +1185,16 @@ def render_markdown(r: dict) -> str:
         L += ["## After the encoder: training-free decoding of the same tile", "",
               f"Pseudo-mask -> one prompt (point + box) per component -> SAM prompt encoder + mask decoder per prompt "
               f"-> prototype filter -> union; {dec['gflop_32_prompts']} GFLOP with 32 prompts at most "
-              f"({_fmt(dec.get('gflop_32_prompts_whole'))} with whole-tile masks, "
+              f"({_fmt(dec.get('gflop_32_prompts_exact'))} decoding each prompt on the whole tile, "
+              f"{_fmt(dec.get('gflop_32_prompts_whole'))} with whole-tile masks too, "
               f"{_fmt(dec.get('gflop_32_prompts_module'))} through SAM's MaskDecoder module, which repeats the image "
               f"per prompt; the encoder: {(enc.get('embedded') or {}).get('gflop')}).", "",
-              "| variant | s | prompts | mask IoU vs default | mask IoU vs whole-tile masks | rounds (s) |",
-              "|---|---:|---:|---:|---:|---|"]
+              "| variant | s | prompts | mask IoU vs default | mask IoU vs whole-tile masks | IoU vs truth | rounds (s) |",
+              "|---|---:|---:|---:|---:|---:|---|"]
         for k, v in dec["variants"].items():
             L.append(f"| {v['label']} | {v['seconds']:.2f} | {v['prompts']} | {_fmt(v['iou_vs_default'], 4)} | "
-                     f"{_fmt(v.get('iou_vs_whole'), 4)} | {', '.join(f'{t:.2f}' for t in v['runs'])} |")
+                     f"{_fmt(v.get('iou_vs_whole'), 4)} | {_fmt(v.get('iou_vs_truth'), 4)} | "
+                     f"{', '.join(f'{t:.2f}' for t in v['runs'])} |")
         L.append("")
     steps = r.get("speed_steps")
     if steps:
@@ -1195,7 +1215,7 @@ def render_markdown(r: dict) -> str:
         names = [e["variant"] + (" (random-init adapters: timing only)" if e["variant"].startswith("virefsam") else "")
                  for e in e2e]
         L += ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-        rows = [("mode", "mode", 0), ("encoder backend", "encoder_backend", 0), ("threads", "threads", 0),
+        rows = [("mode", "mode", 0), ("decoding", "decoding", 0), ("encoder backend", "encoder_backend", 0), ("threads", "threads", 0),
                 ("total s", "seconds", 1),
                 ("all rounds s", "rounds_seconds", 1), ("megapixels/s", "mpix_per_s", 3), ("s per tile", "seconds_per_tile", 2),
                 ("tiles", "tiles", 0), ("non-encoder share", "non_encoder_share", 3),

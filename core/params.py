@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 MODES = ("virefsam", "training_free", "static_prompt")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
+DECODINGS = ("local", "exact")
 ENCODER_BACKENDS = ("auto", "torch", "onnxruntime")
 FORMATS = ("gpkg", "shp")
 
@@ -70,6 +71,9 @@ class RunParams:
 
     Sizes are in pixels of the target raster after resampling to the reference's ground resolution.
     ``min_area`` is in square pixels of the reference's resolution; ``simplify`` a tolerance in pixels.
+    ``decoding`` (training-free mode): ``local`` (default) decodes each candidate object on a crop of the tile's
+    embedding around its box (:data:`core.modeling.training_free.DEFAULT_CONTEXT`), ``exact`` on the whole
+    tile as SAM does (about 8x slower on CPU, masks IoU ~0.95 with local, the same accuracy against truth).
     """
 
     class_name: str
@@ -89,6 +93,7 @@ class RunParams:
     fill_holes: bool = True
     match_resolution: bool = True
     seed: int = 0
+    decoding: str = "local"
 
     def __post_init__(self) -> None:
         from .errors import InputError
@@ -111,6 +116,8 @@ class RunParams:
                 raise InputError("The ONNX Runtime encoder exists for the embedded model only: choose 'auto' or 'torch'.")
             if self.model.device == "cuda" or self.model.precision != "fp32":
                 raise InputError("The ONNX Runtime encoder runs on the CPU in fp32 only: choose 'auto' or 'torch'.")
+        if self.decoding not in DECODINGS:
+            raise InputError(f"Unknown decoding '{self.decoding}': choose one of {', '.join(DECODINGS)}.")
         if self.output_format not in FORMATS:
             raise InputError(f"Unknown output format '{self.output_format}': choose gpkg or shp.")
         if not self.references:

@@ -96,6 +96,16 @@ def load_engine(model: ModelParams):
         return engine
 
 
+def make_predictor(engine, params: RunParams, adapters):
+    """The run's ReferencePredictor (its class looked up at call time, so that the bench can time it)."""
+    from .modeling import predictor as predictor_module
+    from .modeling.training_free import DEFAULT_CONTEXT
+
+    context = DEFAULT_CONTEXT if params.decoding == "local" else None
+    return predictor_module.ReferencePredictor(engine, mode=params.mode, adapters=adapters, seed=params.seed,
+                                               decoder_context=context)
+
+
 def make_densifier(engine):
     """``densify(image, fg_points, bg_points) -> mask``: SAM prompted with points along a scribble.
 
@@ -267,12 +277,10 @@ def run(params: RunParams, progress: Optional[Progress] = None,
 
         # 1. model --------------------------------------------------------------------------------------------
         say(0.01, "loading the model")
-        from .modeling.predictor import ReferencePredictor
-
         model = params.model
         with stage("model"):
             engine = load_engine(model)
-            predictor = ReferencePredictor(engine, mode=params.mode, adapters=adapters, seed=params.seed)
+            predictor = make_predictor(engine, params, adapters)
         model_label = model.name + ("+adapters" if predictor.mode == "virefsam" else f" ({predictor.mode})")
         check_cancel()
 
@@ -299,7 +307,7 @@ def run(params: RunParams, progress: Optional[Progress] = None,
             notes.append(CPU_FALLBACK_NOTE)
             say(0.05, "GPU out of memory: going on on the CPU")
             engine = load_engine(model)
-            predictor = ReferencePredictor(engine, mode=params.mode, adapters=adapters, seed=params.seed)
+            predictor = make_predictor(engine, params, adapters)
             predictor.set_references(shots)
 
         def cuda_safe(call, again: bool = True):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 from .errors import InputError
-from .params import ENCODER_BACKENDS, MODES, ModelParams, ReferenceSpec, RunParams
+from .params import DECODINGS, ENCODER_BACKENDS, MODES, ModelParams, ReferenceSpec, RunParams
 
 
 def add_arguments(p) -> None:
@@ -44,6 +44,9 @@ def add_arguments(p) -> None:
     p.add_argument("--encoder-backend", default="auto", choices=ENCODER_BACKENDS,
                    help="what runs the plain image-encoder passes: auto (ONNX Runtime for the embedded model on "
                         "the CPU in fp32, else PyTorch), torch or onnxruntime")
+    p.add_argument("--decoding", default="local", choices=DECODINGS,
+                   help="training-free mode: local (each candidate object decoded on a crop around it, default) "
+                        "or exact (on the whole tile, as SAM does; about 8x slower decoding on a CPU)")
     p.add_argument("--bands", help="1-based bands to use as RGB, e.g. 4,3,2 (default: the first three)")
     p.add_argument("--tile-size", type=int, default=1024)
     p.add_argument("--overlap", type=int, default=128)
@@ -133,6 +136,7 @@ def params_from_args(args) -> RunParams:
         min_area=args.min_area,
         simplify=args.simplify,
         fill_holes=not args.keep_holes,
+        decoding=getattr(args, "decoding", "local"),
         match_resolution=not args.no_resample,
         seed=args.seed,
     )

@@ -137,8 +137,10 @@ def test_quick_bench_values_are_sane(quick_report):
     assert emb["masks"]["by_backend"]["fp32"]["foreground_fraction"] > 0  # houses on the tile
     dec = r["encoder"]["decoder"]
     assert dec["gflop_32_prompts"] > 0 and dec["variants"]["fp32_32"]["prompts"] >= 1
-    assert dec["gflop_32_prompts"] < dec["gflop_32_prompts_whole"]  # windowed upscaling does less work
-    assert dec["variants"]["fp32_32_whole"]["iou_vs_default"] > 0.98
+    # local decoding < whole-tile attention with windowed upscaling < whole-tile masks, in work
+    assert dec["gflop_32_prompts"] < dec["gflop_32_prompts_exact"] < dec["gflop_32_prompts_whole"]
+    assert dec["variants"]["fp32_32_exact"]["iou_vs_whole"] > 0.98
+    assert dec["variants"]["fp32_32"]["iou_vs_whole"] > 0.9  # local decoding: an approximation (~0.95)
     assert r["speed_steps"][0]["gain_vs_baseline"] == 1.0
 
     e2e = r["e2e"][0]
@@ -166,8 +168,9 @@ def test_quick_bench_values_are_sane(quick_report):
 
 
 def test_e2e_variants_whole_tile_masks_and_vcp_only(tmp_path):
-    """The e2e variants added for the decoder windows and the VCP-only adapters run the real pipeline on a crop:
-    ``whole`` in the training-free mode, ``vcponly`` in the virefsam mode without an adapted encoder pass."""
+    """The e2e variants added for the decoder windows, local decoding and the VCP-only adapters run the real
+    pipeline on a crop: ``whole`` and ``exact`` in the training-free mode with decoding exact, ``vcponly`` in
+    the virefsam mode without an adapted encoder pass."""
     import argparse
 
     from core import bench
@@ -178,7 +181,9 @@ def test_e2e_variants_whole_tile_masks_and_vcp_only(tmp_path):
     target = bench.mosaic_vrt(str(DEMO / "target_kampala.tif"), 512, str(tmp_path / "t.vrt"))
     args.random_adapters_vcp = str(bench.make_random_adapters(args, tmp_path / "vcp.pt", dta=False))
     whole = bench.run_e2e(args, [target], str(tmp_path / "w.gpkg"), variant="whole", log=lambda *a: None)
+    exact = bench.run_e2e(args, [target], str(tmp_path / "e.gpkg"), variant="exact", log=lambda *a: None)
     vcp = bench.run_e2e(args, [target], str(tmp_path / "v.gpkg"), variant="vcponly", log=lambda *a: None)
     assert whole["mode"] == "training_free" and whole["split"]["decoder"] > 0
+    assert whole["decoding"] == exact["decoding"] == "exact" and exact["split"]["decoder"] > 0
     assert vcp["mode"] == "virefsam" and vcp["encoder_calls"]["adapted"] == 0
     assert vcp["encoder_calls"]["tiles"] == vcp["tiles"] >= 1 and vcp["split"]["VCP"] > 0

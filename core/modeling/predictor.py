@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError, ModelError
 from .prototypes import GRID, Prototypes, build_prototypes, valid_grid
-from .training_free import DEFAULT_WINDOW_MARGIN, static_prompt_logits, static_prompts_from_mask, training_free_logits
+from .training_free import DEFAULT_CONTEXT, DEFAULT_WINDOW_MARGIN, static_prompt_logits, static_prompts_from_mask, training_free_logits
 
 MODES = ("virefsam", "training_free", "static_prompt")
 
@@ -91,6 +91,7 @@ class ReferencePredictor:
         max_prompts: int = 32,
         use_box: bool = True,
         window_margin: Optional[float] = DEFAULT_WINDOW_MARGIN,
+        decoder_context: Optional[Tuple[float, int]] = DEFAULT_CONTEXT,
         cache_size: int = 2,
         cache: "Optional[OrderedDict]" = None,
     ) -> None:
@@ -102,6 +103,8 @@ class ReferencePredictor:
         self.n_bg, self.seed = n_bg, seed
         self.max_prompts, self.use_box = max_prompts, use_box
         self.window_margin = window_margin  # training-free masks are upscaled only near their prompt
+        # training-free: each prompt decoded on a crop around its box ((margin, min cells)); None: the whole tile
+        self.decoder_context = decoder_context
         self.cache_size = cache_size
         # tile digest -> plain embedding; pass one OrderedDict to several predictors (other classes, other modes
         # on the same engine) to share the frozen-encoder passes
@@ -211,7 +214,7 @@ class ReferencePredictor:
             with self.engine.autocast():
                 low, _ = training_free_logits(
                     self.sam, t.plain, self._protos, t.valid, self.max_prompts, self.use_box,
-                    window_margin=self.window_margin,
+                    window_margin=self.window_margin, context=self.decoder_context,
                 )
             return low.float()
         out = self.model(t.x, self._protos, plain=t.plain, valid=t.valid)

@@ -11,6 +11,9 @@ Training-free (used when no trained adapters are given, and kept as a baseline),
    :mod:`.shared_decoder`) -> ``N x 256 x 256`` low-res logits. With ``window_margin`` (the predictor's
    default :data:`DEFAULT_WINDOW_MARGIN`) each mask is upscaled only inside its box grown by that fraction:
    the attention still sees the whole tile, but a building's mask is not computed a tile away from it.
+   With ``context`` (the predictor's default :data:`DEFAULT_CONTEXT`, "local decoding") each prompt is
+   instead decoded on a square crop of the embedding around its box (:func:`context_windows`): ~8x less
+   decoder time on a CPU, masks IoU ~0.95 with the whole-tile decoding, the same accuracy against the truth.
 4. Each SAM mask is kept when its mean embedding (mask-weighted pooling on the embedding grid) is more similar
    to the foreground prototype than to every valid background prototype (no valid bg prototype: more similar
    to the fg prototype than the image's mean similarity).
@@ -66,6 +69,7 @@ def component_prompts(
     return np.asarray(points, np.float32), np.asarray(boxes, np.float32), scores[order].astype(np.float32)
 
 
+DEFAULT_CONTEXT = (0.5, 8)  # local decoding: crop = box x (1 + 2 x 0.5), at least 8 x 8 embedding cells
 DEFAULT_WINDOW_MARGIN = 0.5  # the predictor's: masks within 1.5x their box (IoU >= 0.997 with whole-image masks)
 WINDOW_MIN_CELLS = 4  # smallest margin of a mask window, in embedding cells (16 px of the 1024 input each)
 
@@ -84,6 +88,25 @@ def prompt_windows(boxes: torch.Tensor, margin: float, grid: Tuple[int, int], ce
     return torch.stack([r0, c0, r1, c1], dim=1).long()
 
 
+def context_windows(boxes: torch.Tensor, margin: float, min_cells: int, grid: Tuple[int, int], cell: float,
+                    step: int = 4) -> torch.Tensor:
+    """Square decoding contexts around prompts: boxes N x 4 (input px) -> N x 4 long (row0, col0, row1, col1)
+    on the ``grid``: side = the box's larger side x (1 + 2 margin), at least ``min_cells``, rounded up to a
+    multiple of ``step`` (so that prompts share sizes and batch), at most the grid; centred on the box and
+    shifted to lie inside the grid."""
+    b = boxes.detach().float().cpu() / cell
+    h, w = int(grid[0]), int(grid[1])
+    side = torch.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) * (1 + 2 * margin)
+    side = (torch.ceil(torch.clamp(side, min=float(min_cells)) / step) * step).long()
+    sh, sw = side.clamp(max=h), side.clamp(max=w)
+    cy, cx = (b[:, 1] + b[:, 3]) / 2, (b[:, 0] + b[:, 2]) / 2
+    r0 = torch.round(cy - sh / 2).long().clamp(min=0)
+    c0 = torch.round(cx - sw / 2).long().clamp(min=0)
+    r0 = torch.minimum(r0, h - sh)
+    c0 = torch.minimum(c0, w - sw)
+    return torch.stack([r0, c0, r0 + sh, c0 + sw], dim=1)
+
+
 def decode_prompts(
     sam,
     emb: torch.Tensor,
@@ -92,6 +115,7 @@ def decode_prompts(
     chunk: int = 16,
     shared: bool = True,
     window_margin: Optional[float] = None,
+    context: Optional[Tuple[float, int]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """N prompt sets on one image: emb 1 x C x h x w, points N x 2 (one positive point each) and/or boxes N x 4.
     -> (low-res logits N x 256 x 256, iou N). Single-mask output (a box disambiguates the point).
@@ -104,6 +128,9 @@ def decode_prompts(
     grown by ``window_margin`` times the box's larger side and at least :data:`WINDOW_MIN_CELLS` embedding
     cells on every side; outside it the logits are :data:`NO_MASK_LOGIT` (see
     :func:`.shared_decoder.decode_single_mask`). None: whole-image masks.
+    ``context`` ``(margin, min_cells)`` (shared decoder, prompts with a box): local decoding, each prompt on
+    its own crop (:func:`context_windows`; prompts of one crop size batched together); ``window_margin`` is
+    then not used.
     """
     from . import shared_decoder
 
@@ -111,6 +138,8 @@ def decode_prompts(
     pe = sam.prompt_encoder.get_dense_pe().to(emb.dtype)  # once for every chunk
     fast = (shared and emb.shape[0] == 1 and not (torch.is_grad_enabled() and emb.requires_grad)
             and shared_decoder.supports(sam))
+    if fast and context is not None and boxes is not None:
+        return _decode_in_contexts(sam, emb, pe, points, boxes, chunk, context)
     lows, ious = [], []
     for s in range(0, n, chunk):
         pts = None
@@ -139,6 +168,34 @@ def decode_prompts(
         lows.append(low[:, 0])
         ious.append(iou[:, 0])
     return torch.cat(lows), torch.cat(ious)
+
+
+def _decode_in_contexts(sam, emb, pe, points, boxes, chunk, context):
+    """:func:`decode_prompts` with local decoding: prompts grouped by crop size, ``chunk`` at a time."""
+    from . import shared_decoder
+
+    margin, min_cells = context
+    cell = float(sam.prompt_encoder.input_image_size[0]) / emb.shape[-1]
+    win = context_windows(boxes, margin, min_cells, emb.shape[-2:], cell)
+    order, lows, ious = [], [], []
+    sizes = (win[:, 2] - win[:, 0]) * 10000 + (win[:, 3] - win[:, 1])
+    for size in torch.unique(sizes).tolist():
+        ids = torch.nonzero(sizes == size)[:, 0]
+        for s in range(0, len(ids), chunk):
+            sel = ids[s : s + chunk]
+            pts = None
+            if points is not None:
+                p = points[sel].to(emb.device, emb.dtype)[:, None]
+                pts = (p, torch.ones(p.shape[:2], dtype=torch.int, device=emb.device))
+            bx = boxes[sel].to(emb.device, emb.dtype)
+            sparse, dense = sam.prompt_encoder(points=pts, boxes=bx, masks=None)
+            lo, io = shared_decoder.decode_single_mask(sam, emb, pe, sparse.to(emb.dtype), dense.to(emb.dtype),
+                                                       fill=NO_MASK_LOGIT, context=win[sel])
+            order.append(sel)
+            lows.append(lo)
+            ious.append(io)
+    inverse = torch.argsort(torch.cat(order)).to(emb.device)  # back to the prompts' order
+    return torch.cat(lows)[inverse], torch.cat(ious)[inverse]
 
 
 def mask_prototype_match(
@@ -188,6 +245,7 @@ def training_free_logits(
     emb: Optional[torch.Tensor] = None,
     shared: bool = True,
     window_margin: Optional[float] = None,
+    context: Optional[Tuple[float, int]] = None,
 ) -> Tuple[torch.Tensor, Dict[str, object]]:
     """The training-free mode for one target. feats 1 x C x 64 x 64 (plain embedding, used for matching and,
     unless ``emb`` is given, for decoding), protos batch 1, valid 1 x 64 x 64 bool; ``shared``: see
@@ -207,7 +265,8 @@ def training_free_logits(
         return union_logits(feats.new_zeros(0, 256, 256), torch.zeros(0, dtype=torch.bool)), info
     points = torch.from_numpy(pts)
     boxes = torch.from_numpy(bxs) if use_box else None
-    low, _ = decode_prompts(sam, emb, points, boxes, chunk, shared=shared, window_margin=window_margin)
+    low, _ = decode_prompts(sam, emb, points, boxes, chunk, shared=shared, window_margin=window_margin,
+                             context=context)
     keep, fg_sim, bg_sim = mask_prototype_match(feats, low, protos, valid)
     info.update(n_kept=int(keep.sum()), fg_sim=fg_sim, bg_sim=bg_sim)
     return union_logits(low, keep), info

@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--feature-cache", default=None, help="frozen-feature cache (default cache_dir()/features)")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--decoding", default="local",
+                   help="training-free decoding: local (default: each prompt on a crop around its "
+                        "box), exact (the whole tile) or MARGIN,CELLS (local with this crop)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -69,7 +72,8 @@ def _predictors(args, engine):
         if mode not in MODES:
             raise InputError(f"Unknown mode '{mode}': choose from {', '.join(MODES)}.")
         if mode in ("training_free", "static_prompt"):
-            out[mode] = (ReferencePredictor(engine, mode=mode, seed=args.seed), "")
+            out[mode] = (ReferencePredictor(engine, mode=mode, seed=args.seed,
+                                            decoder_context=decoder_context(getattr(args, "decoding", "local"))), "")
         elif mode == "virefsam":
             if not args.adapters:
                 out[mode] = (None, "skipped: no --adapters")
@@ -89,6 +93,22 @@ def _predictors(args, engine):
             disable_dta(model)
             out[mode] = (ReferencePredictor(engine, mode="virefsam", adapters=model, seed=args.seed), note)
     return out
+
+
+def decoder_context(text: str):
+    """``--decoding`` -> the predictor's ``decoder_context``: local -> the default crop, exact -> None,
+    MARGIN,CELLS -> (margin, cells)."""
+    from ..modeling.training_free import DEFAULT_CONTEXT
+
+    if text == "local":
+        return DEFAULT_CONTEXT
+    if text == "exact":
+        return None
+    try:
+        margin, cells = text.split(",")
+        return float(margin), int(cells)
+    except ValueError:
+        raise InputError(f"--decoding takes local, exact or MARGIN,CELLS (e.g. 0.5,8), not {text!r}.") from None
 
 
 def disable_dta(model) -> None:
@@ -121,6 +141,7 @@ def run(args) -> int:
         classes={str(c): ds.classes[c] for c in classes}, seed=args.seed, threshold=args.threshold,
         protocol="per_fold" if args.per_fold else "per_class",
         model=backbone, device=str(engine.device), precision=args.precision,
+        decoding=getattr(args, "decoding", "local"),
         adapters=({"path": str(Path(args.adapters).resolve()), "sha256": file_sha256(args.adapters)}
                   if args.adapters else None),
         ablation_adapters=({"path": str(Path(args.ablation_adapters).resolve()),
