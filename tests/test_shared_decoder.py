@@ -235,3 +235,14 @@ def test_decoding_parameter_reaches_the_predictor(engine):
     assert decoder_context("1,12") == (1.0, 12)
     with pytest.raises(InputError, match="--decoding"):
         decoder_context("fast")
+
+
+def test_dense_pe_cached_per_prompt_encoder(embedded_sam):
+    from core.modeling.training_free import dense_pe
+
+    with torch.inference_mode():
+        a, b = dense_pe(embedded_sam), dense_pe(embedded_sam)
+        want = embedded_sam.prompt_encoder.get_dense_pe()
+    assert a is b and torch.equal(a, want) and a.shape == (1, 256, 64, 64)
+    with torch.enable_grad():  # training computes it every time (never a cached tensor in a graph)
+        assert dense_pe(embedded_sam) is not a

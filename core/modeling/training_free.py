@@ -28,6 +28,7 @@ All coordinates given to SAM are in the padded 1024-px input frame.
 
 from __future__ import annotations
 
+import weakref
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -88,6 +89,25 @@ def prompt_windows(boxes: torch.Tensor, margin: float, grid: Tuple[int, int], ce
     return torch.stack([r0, c0, r1, c1], dim=1).long()
 
 
+_DENSE_PE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def dense_pe(sam) -> torch.Tensor:
+    """``sam.prompt_encoder.get_dense_pe()`` (1 x C x h x w), computed once per prompt encoder and device: it
+    depends only on the encoder's fixed random Fourier matrix (a buffer) and the grid size (~7 ms a call on a
+    CPU, a sixth of a tile's local decoding). Recomputed with gradients enabled (training never caches)."""
+    pe_enc = sam.prompt_encoder
+    if torch.is_grad_enabled():
+        return pe_enc.get_dense_pe()
+    gauss = pe_enc.pe_layer.positional_encoding_gaussian_matrix
+    key = (gauss.device, gauss.data_ptr(), tuple(pe_enc.image_embedding_size))
+    hit = _DENSE_PE.get(pe_enc)
+    if hit is None or hit[0] != key:
+        hit = (key, pe_enc.get_dense_pe().detach().clone())
+        _DENSE_PE[pe_enc] = hit
+    return hit[1]
+
+
 def context_windows(boxes: torch.Tensor, margin: float, min_cells: int, grid: Tuple[int, int], cell: float,
                     step: int = 4) -> torch.Tensor:
     """Square decoding contexts around prompts: boxes N x 4 (input px) -> N x 4 long (row0, col0, row1, col1)
@@ -135,7 +155,7 @@ def decode_prompts(
     from . import shared_decoder
 
     n = (points if points is not None else boxes).shape[0]
-    pe = sam.prompt_encoder.get_dense_pe().to(emb.dtype)  # once for every chunk
+    pe = dense_pe(sam).to(emb.dtype)
     fast = (shared and emb.shape[0] == 1 and not (torch.is_grad_enabled() and emb.requires_grad)
             and shared_decoder.supports(sam))
     if fast and context is not None and boxes is not None:
