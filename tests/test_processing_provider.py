@@ -69,7 +69,8 @@ def test_algorithm_is_registered_with_its_parameters(provider):
     assert alg is not None and alg.displayName() == "Segment rasters from a reference"
     names = [p.name() for p in alg.parameterDefinitions()]
     for n in ("REFERENCE_RASTER", "REFERENCE_VECTOR", "BACKGROUND_VECTOR", "TARGETS", "CLASS_NAME", "MODEL",
-              "CHECKPOINT", "MODE", "DEVICE", "TILE_SIZE", "OVERLAP", "THRESHOLD", "MIN_AREA", "SIMPLIFY", "OUTPUT"):
+              "CHECKPOINT", "MODE", "DEVICE", "PRECISION", "DECODING", "TILE_SIZE", "OVERLAP", "THRESHOLD",
+              "MIN_AREA", "SIMPLIFY", "OUTPUT"):
         assert n in names
     assert "pip install" in alg.shortHelpString()
     assert [o.name() for o in alg.outputDefinitions()] == ["OUTPUT", "N_OBJECTS"]
@@ -98,6 +99,62 @@ def test_parameters_become_plain_run_params(provider, paths, qgis_project):
     assert ref.crs == "EPSG:4326" and ref.raster == paths["ref"]
     assert run.targets == tuple(paths["targets"]) and run.mode == "training_free"
     assert run.model.device == "cpu" and run.model.adapters is None and run.tile_size == 256
+    assert run.decoding == "local" and run.model.precision == "fp32"  # the defaults
+
+
+# -- precision and decoding -----------------------------------------------------------------------------------------
+def test_precision_and_decoding_are_advanced_parameters_with_their_help(provider):
+    alg = QgsApplication.processingRegistry().algorithmById(ALG)
+    precision = alg.parameterDefinition("PRECISION")
+    assert precision.options()[0].startswith("fp32") and precision.options()[1].startswith("bf16")
+    assert precision.options()[2].startswith("fp16") and len(precision.options()) == 3
+    decoding = alg.parameterDefinition("DECODING")
+    assert decoding.options() == ["Local (fast)", "Exact (SAM on the whole tile)"]
+    for p in (precision, decoding):
+        assert p.defaultValue() == 0 and p.flags() & p.FlagAdvanced
+    for words in ("fp32", "bf16", "AVX512-BF16", "fp16", "CUDA"):
+        assert words in precision.help()
+    for words in ("Training-free", "crop", "whole tile"):
+        assert words in decoding.help()
+    assert "Precision" in alg.shortHelpString() and "Decoding" in alg.shortHelpString()
+
+
+@pytest.mark.parametrize(
+    "given,precision,decoding",
+    [
+        ({"PRECISION": 1, "DECODING": 1}, "bf16", "exact"),
+        ({"PRECISION": 2}, "fp16", "local"),
+        ({"DECODING": 0, "PRECISION": 0}, "fp32", "local"),
+    ],
+)
+def test_precision_and_decoding_become_run_params(provider, paths, qgis_project, given, precision, decoding):
+    alg = QgsApplication.processingRegistry().createAlgorithmById(ALG)
+    context = QgsProcessingContext()
+    context.setProject(qgis_project)
+    params = base_params(paths, "TEMPORARY_OUTPUT")
+    params.update(given)
+    run = alg.build_params(params, context)
+    assert (run.model.precision, run.decoding) == (precision, decoding)
+    assert run.model.device == "cpu" and run.mode == "training_free"
+
+
+def test_a_precision_the_device_cannot_run_is_one_sentence(provider, paths, qgis_processing):
+    """fp16 on the CPU: the engine's sentence (core.device), as a QgsProcessingException, before any model."""
+    import processing
+
+    params = base_params(paths, "TEMPORARY_OUTPUT")
+    params["PRECISION"] = 2  # fp16, with DEVICE cpu
+    steps = []
+
+    class Feedback(QgsProcessingFeedback):
+        def setProgressText(self, text):
+            steps.append(text)
+            super().setProgressText(text)
+
+    with pytest.raises(QgsProcessingException) as info:
+        processing.run(ALG, params, feedback=Feedback())
+    assert str(info.value) == "fp16 runs on CUDA GPUs only: choose fp32 (or bf16 on a CPU that supports it)."
+    assert "loading the model" not in steps  # refused before the engine started
 
 
 def test_refusals_are_processing_exceptions_with_one_sentence(provider, paths, qgis_project, qgis_processing):

@@ -95,6 +95,36 @@ def test_adapters_control_choices_tooltip_and_mode_in_step(dock):
         assert "'vit_b'" in dock.adapters_status.text()
 
 
+def test_precision_and_decoding_controls(dock):
+    """Beside the device: the precision and decoding combos, their tooltips, and the decoding greyed out when the
+    run uses adapters (it only matters for training-free runs, which "Shipped" is while none are shipped)."""
+    from qgis.PyQt.QtWidgets import QComboBox
+    from virefsam.core.pipeline import default_adapters
+
+    precision = dock.findChild(QComboBox, "precision")
+    decoding = dock.findChild(QComboBox, "decoding")
+    assert precision is dock.precision_combo and decoding is dock.decoding_combo
+    assert [precision.itemData(i) for i in range(precision.count())] == ["fp32", "bf16", "fp16"]
+    assert [decoding.itemText(i) for i in range(decoding.count())] == ["Local (fast)", "Exact (SAM on the whole tile)"]
+    assert (precision.currentData(), decoding.currentData()) == ("fp32", "local")
+    for words in ("fp32", "bf16", "AVX512-BF16", "fp16: CUDA GPUs only"):
+        assert words in precision.toolTip()
+    for words in ("training-free", "Local (fast)", "8x faster", "Exact", "whole tile"):
+        assert words in decoding.toolTip()
+    # the same form as the device
+    form = dock.device_combo.parentWidget().layout()
+    assert form.indexOf(precision) >= 0 and form.indexOf(decoding) >= 0
+    assert decoding.isEnabled() == (default_adapters("embedded") is None)  # the default: Shipped
+    choose(dock, "none")
+    assert decoding.isEnabled()
+    choose(dock, "file", TRAINED)
+    assert not decoding.isEnabled()
+    dock.mode_combo.setCurrentIndex(dock.mode_combo.findData("training_free"))
+    assert decoding.isEnabled()
+    dock.mode_combo.setCurrentIndex(dock.mode_combo.findData("virefsam"))
+    assert not decoding.isEnabled() and precision.isEnabled()
+
+
 def test_adapters_choice_is_kept_in_qgis_settings(dock, qgis_iface):
     from virefsam.ui import settings
     from virefsam.ui.dock import ViRefSamDock

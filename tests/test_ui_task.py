@@ -330,6 +330,23 @@ def test_gpu_out_of_memory_outside_the_tiles_is_one_clear_sentence(dock, tiles, 
 
 
 @needs_pipeline
+def test_a_precision_the_device_cannot_run_is_one_sentence(dock, tiles, qgis_iface, qtbot):
+    """fp16 on the CPU, in a real run from the dock: the engine's one sentence in the message bar, no traceback,
+    no layer, and the run stops before the model is loaded."""
+    prepare(dock, tiles)
+    dock.precision_combo.setCurrentIndex(dock.precision_combo.findData("fp16"))
+    qgis_iface.messageBar().clearWidgets()
+    n_layers = len(QgsProject.instance().mapLayers())
+    task = dock.run()
+    assert task is not None and task.params.model.precision == "fp16"
+    qtbot.waitUntil(lambda: not dock.is_running(), timeout=60000)
+    sentence = "fp16 runs on CUDA GPUs only: choose fp32 (or bf16 on a CPU that supports it)."
+    assert task.error == sentence and task.details is None and task.message == ""  # no "loading the model"
+    assert messages(qgis_iface) == [(sentence, Qgis.Critical)]
+    assert len(QgsProject.instance().mapLayers()) == n_layers and dock.run_button.isEnabled()
+
+
+@needs_pipeline
 def test_cancel_a_real_run(dock, tiles, qgis_iface, qtbot, shared_data):
     prepare(dock, tiles)
     # a bigger target so that the run lasts long enough to be cancelled in its middle

@@ -311,6 +311,11 @@ def test_build_params_copies_plain_values(dock, kampala, qgis_iface, qgis_projec
     assert r.crs == "EPSG:3857" and len(r.foreground) == 1 and len(r.background) == 1
     assert all(isinstance(w, str) for w in r.foreground + r.background)
     assert {t.rsplit("/", 1)[-1] for t in p.targets} == {"kampala.tif", "zanzibar.tif"}
+    assert p.decoding == "local" and p.model.precision == "fp32"  # the defaults
+    dock.decoding_combo.setCurrentIndex(dock.decoding_combo.findData("exact"))
+    dock.precision_combo.setCurrentIndex(dock.precision_combo.findData("bf16"))
+    p = dock.build_params()
+    assert p.decoding == "exact" and p.model.precision == "bf16"
     # a checkpoint model needs its file; a file output gets its format from the suffix
     dock.model_combo.setCurrentIndex(dock.model_combo.findData("vit_b"))
     with pytest.raises(InputError, match="checkpoint"):
@@ -332,6 +337,8 @@ def test_settings_persist_between_docks(dock, qgis_iface, qgis_app):
     dock.checkpoint_widget.setFilePath("/data/mobile_sam.pt")
     dock.mode_combo.setCurrentIndex(dock.mode_combo.findData("training_free"))
     dock.device_combo.setCurrentIndex(dock.device_combo.findData("cpu"))
+    dock.precision_combo.setCurrentIndex(dock.precision_combo.findData("bf16"))
+    dock.decoding_combo.setCurrentIndex(dock.decoding_combo.findData("exact"))
     dock.tile_spin.setValue(768)
     dock.overlap_spin.setValue(96)
     dock.threshold_spin.setValue(0.35)
@@ -344,6 +351,7 @@ def test_settings_persist_between_docks(dock, qgis_iface, qgis_app):
     s = QgsSettings()
     assert s.value("virefsam/class_name") == "solar panel"
     assert int(s.value("virefsam/tile_size")) == 768
+    assert s.value("virefsam/precision") == "bf16" and s.value("virefsam/decoding") == "exact"
 
     again = ViRefSamDock(qgis_iface)
     try:
@@ -352,6 +360,7 @@ def test_settings_persist_between_docks(dock, qgis_iface, qgis_app):
         assert again.checkpoint_widget.filePath() == "/data/mobile_sam.pt" and again.checkpoint_widget.isEnabled()
         assert again.mode_combo.currentData() == "training_free"
         assert again.device_combo.currentData() == "cpu"
+        assert again.precision_combo.currentData() == "bf16" and again.decoding_combo.currentData() == "exact"
         assert (again.tile_spin.value(), again.overlap_spin.value()) == (768, 96)
         assert abs(again.threshold_spin.value() - 0.35) < 1e-9
         assert again.min_area_spin.value() == 40.0 and again.simplify_spin.value() == 2.5

@@ -62,6 +62,19 @@ def shipped_file(model_name: str):
     return default_adapters(model_name)
 
 
+def runs_training_free(choice: str, model_name: str) -> bool:
+    """Whether a run with this choice is training-free: None, or Shipped while no adapters are shipped for the
+    model (True too when the engine cannot be imported to tell)."""
+    if choice == NONE:
+        return True
+    if choice != SHIPPED:
+        return False
+    try:
+        return shipped_file(model_name) is None
+    except ImportError:
+        return True
+
+
 def describe_choice(choice: str, model_name: str, path: str = "") -> str:
     """One line for the dock, under the choice: which file a run would use, and in which mode."""
     if choice == NONE:

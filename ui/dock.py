@@ -56,7 +56,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from . import adapters as adapter_choice
-from . import settings
+from . import run_options, settings
 from .deps import describe_import_error, install_message, missing_dependencies
 from .map_tools import PolygonTool, ScribbleTool
 from .overlay import ReferenceOverlay, mask_geometry
@@ -276,6 +276,18 @@ class ViRefSamDock(QgsDockWidget):
         for label, value in DEVICES:
             self.device_combo.addItem(label, value)
         mf.addRow("Device", self.device_combo)
+        self.precision_combo = QComboBox()
+        self.precision_combo.setObjectName("precision")
+        for label, value in run_options.PRECISIONS:
+            self.precision_combo.addItem(label, value)
+        self.precision_combo.setToolTip(run_options.PRECISION_TOOLTIP)
+        mf.addRow("Precision", self.precision_combo)
+        self.decoding_combo = QComboBox()
+        self.decoding_combo.setObjectName("decoding")
+        for label, value in run_options.DECODINGS:
+            self.decoding_combo.addItem(label, value)
+        self.decoding_combo.setToolTip(run_options.DECODING_TOOLTIP)
+        mf.addRow("Decoding", self.decoding_combo)
         layout.addWidget(model_box)
 
         opt_box = QgsCollapsibleGroupBox("Options")
@@ -332,7 +344,8 @@ class ViRefSamDock(QgsDockWidget):
         ol.addRow("File", self.output_widget)
         layout.addWidget(out_box)
         layout.addStretch(1)
-        for combo in (self.model_combo, self.mode_combo, self.adapters_combo, self.device_combo):
+        for combo in (self.model_combo, self.mode_combo, self.adapters_combo, self.device_combo,
+                      self.precision_combo, self.decoding_combo):
             combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(12)
 
@@ -399,7 +412,8 @@ class ViRefSamDock(QgsDockWidget):
         self.export_all_action.triggered.connect(lambda: self.export_dialog("all"))
         for w in (self.class_edit,):
             w.editingFinished.connect(self.save_settings)
-        for w in (self.model_combo, self.mode_combo, self.adapters_combo, self.device_combo):
+        for w in (self.model_combo, self.mode_combo, self.adapters_combo, self.device_combo, self.precision_combo,
+                  self.decoding_combo):
             w.currentIndexChanged.connect(self.save_settings)
         for w in (self.tile_spin, self.overlap_spin, self.threshold_spin, self.min_area_spin, self.simplify_spin):
             w.valueChanged.connect(self.save_settings)
@@ -432,6 +446,8 @@ class ViRefSamDock(QgsDockWidget):
         _set_combo_data(self.adapters_combo, settings.get("adapters"))  # before the mode: the mode has the last word
         _set_combo_data(self.mode_combo, settings.get("mode"))
         _set_combo_data(self.device_combo, settings.get("device"))
+        _set_combo_data(self.precision_combo, settings.get("precision"))
+        _set_combo_data(self.decoding_combo, settings.get("decoding"))
         self.tile_spin.setValue(settings.get("tile_size"))
         self.overlap_spin.setValue(settings.get("overlap"))
         self.threshold_spin.setValue(settings.get("threshold"))
@@ -454,6 +470,8 @@ class ViRefSamDock(QgsDockWidget):
         settings.set("adapters", self.adapters_combo.currentData())
         settings.set("adapters_file", self.adapters_file_widget.filePath())
         settings.set("device", self.device_combo.currentData())
+        settings.set("precision", self.precision_combo.currentData())
+        settings.set("decoding", self.decoding_combo.currentData())
         settings.set("tile_size", self.tile_spin.value())
         settings.set("overlap", self.overlap_spin.value())
         settings.set("threshold", self.threshold_spin.value())
@@ -499,6 +517,8 @@ class ViRefSamDock(QgsDockWidget):
     def _update_adapters_widgets(self, *args) -> None:
         choice = self.adapters_combo.currentData()
         self.adapters_file_widget.setEnabled(choice == adapter_choice.FILE)
+        # the decoding only matters when the run is training-free (which "Shipped" is while none are shipped)
+        self.decoding_combo.setEnabled(adapter_choice.runs_training_free(choice, self.model_combo.currentData()))
         self.adapters_status.setText(adapter_choice.describe_choice(
             choice, self.model_combo.currentData(), self.adapters_file_widget.filePath()))
 
@@ -648,7 +668,7 @@ class ViRefSamDock(QgsDockWidget):
         from ..core.params import ModelParams
 
         model = ModelParams(name=name, checkpoint=checkpoint if name != "embedded" else None,
-                            device=self.device_combo.currentData())
+                            device=self.device_combo.currentData(), precision=self.precision_combo.currentData())
         self._preview_pending = False
         task = MaskPreviewTask(ref.to_spec(), model, self.tile_spin.value(), self._preview_generation,
                                on_finished=self._sam_preview_finished)
@@ -797,6 +817,7 @@ class ViRefSamDock(QgsDockWidget):
             checkpoint=checkpoint if name != "embedded" else None,
             adapters=adapters,
             device=self.device_combo.currentData(),
+            precision=self.precision_combo.currentData(),
         )
         output, fmt, overwrite = None, "gpkg", False
         if self.file_radio.isChecked():
@@ -818,6 +839,7 @@ class ViRefSamDock(QgsDockWidget):
             overwrite=overwrite,
             model=model,
             mode=mode,
+            decoding=self.decoding_combo.currentData(),
             tile_size=self.tile_spin.value(),
             overlap=self.overlap_spin.value(),
             threshold=self.threshold_spin.value(),

@@ -36,6 +36,7 @@ from qgis.core import (
 from qgis.PyQt.QtGui import QIcon
 
 from . import adapters as adapter_choice
+from . import run_options
 from .deps import describe_import_error, guard_engine_imports, install_message, missing_dependencies
 from .references import crs_string, raster_path, web_layer_reason
 
@@ -55,6 +56,10 @@ ADAPTER_VALUES = tuple(v for _, v in adapter_choice.CHOICES)  # shipped, none, f
 ADAPTER_LABELS = ("Shipped (ViRefSAM)", "None (training-free)", "File (ADAPTERS_FILE)")
 DEVICE_VALUES = ("auto", "cpu", "cuda")
 DEVICE_LABELS = ("Automatic (CUDA if available)", "CPU", "CUDA GPU")
+PRECISION_VALUES = tuple(v for _, v in run_options.PRECISIONS)  # fp32, bf16, fp16
+PRECISION_LABELS = tuple(label for label, _ in run_options.PRECISIONS)
+DECODING_VALUES = tuple(v for _, v in run_options.DECODINGS)  # local, exact
+DECODING_LABELS = tuple(label for label, _ in run_options.DECODINGS)
 
 
 class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
@@ -69,6 +74,8 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
     ADAPTERS = "ADAPTERS"
     ADAPTERS_FILE = "ADAPTERS_FILE"
     DEVICE = "DEVICE"
+    PRECISION = "PRECISION"
+    DECODING = "DECODING"
     TILE_SIZE = "TILE_SIZE"
     OVERLAP = "OVERLAP"
     THRESHOLD = "THRESHOLD"
@@ -107,6 +114,9 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             "are shipped yet, the run is training-free); None = training-free; File = the .pt file given as "
             "'Adapters file', written by 'python -m core train' for this model (giving a file selects it). The log "
             "says which adapters and mode a run used.\n"
+            "Precision (advanced): fp32 everywhere, bf16 on CUDA or CPUs with native bf16, fp16 on CUDA only. "
+            "Decoding (advanced, training-free runs): Local (fast) decodes each candidate object on a crop around "
+            "it, Exact on the whole tile as SAM does.\n"
             "Output: polygons with class_name, score, area, source raster, reference id and model, in the CRS of "
             "the first target raster.\n\n"
             "Needs the Python packages torch, segment-anything, mobilesam-mirror and timm: "
@@ -164,8 +174,18 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
         adapters_file.setHelp("A .pt file of VCP + DTA adapters written by 'python -m core train' for the chosen "
                               "model. Giving a file selects it unless Adapters is None.")
         self.addParameter(adapters_file)
+        precision = QgsProcessingParameterEnum(
+            self.PRECISION, "Precision", options=list(PRECISION_LABELS), defaultValue=0
+        )
+        precision.setHelp(run_options.PRECISION_HELP)
+        decoding = QgsProcessingParameterEnum(
+            self.DECODING, "Decoding (training-free mode)", options=list(DECODING_LABELS), defaultValue=0
+        )
+        decoding.setHelp(run_options.DECODING_HELP)
         advanced = [
             QgsProcessingParameterEnum(self.DEVICE, "Device", options=list(DEVICE_LABELS), defaultValue=0),
+            precision,
+            decoding,
             QgsProcessingParameterNumber(
                 self.TILE_SIZE, "Tile size (pixels)", QgsProcessingParameterNumber.Integer, 1024, minValue=64
             ),
@@ -282,8 +302,10 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
                     checkpoint=checkpoint if model_name != "embedded" else None,
                     adapters=adapters,
                     device=DEVICE_VALUES[self.parameterAsEnum(parameters, self.DEVICE, context)],
+                    precision=PRECISION_VALUES[self.parameterAsEnum(parameters, self.PRECISION, context)],
                 ),
                 mode=mode,
+                decoding=DECODING_VALUES[self.parameterAsEnum(parameters, self.DECODING, context)],
                 tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context),
                 overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
                 threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),
@@ -315,6 +337,8 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
 
         feedback.pushInfo(adapter_choice.describe_run(params))
         try:
+            # an impossible precision: the engine's sentence now, not after loading the model
+            run_options.check_precision(params.model.device, params.model.precision)
             result = pipeline.run(params, progress=progress, is_cancelled=feedback.isCanceled)
         except CancelledError as exc:
             raise QgsProcessingException(str(exc)) from None

@@ -17,6 +17,8 @@ DEFAULTS = {
     "adapters": ("shipped", str),  # shipped | none | file (ui/adapters.py)
     "adapters_file": ("", str),
     "device": ("auto", str),
+    "precision": ("fp32", str),  # fp32 | bf16 | fp16 (ui/run_options.py)
+    "decoding": ("local", str),  # local | exact
     "tile_size": (1024, int),
     "overlap": (128, int),
     "threshold": (0.5, float),

@@ -1,0 +1,55 @@
+"""Decoding and precision choices, shared by the dock and the Processing algorithm.
+
+``core.params.RunParams.decoding``: ``local`` (default) or ``exact``; it only matters when the run is
+training-free (no adapters). ``core.params.ModelParams.precision``: ``fp32`` (default), ``bf16`` or ``fp16``.
+A precision the machine cannot run is refused by the engine with one sentence (``core.device.resolve_precision``),
+but only once SAM is built; :func:`check_precision` gives the same sentence before any model is loaded.
+"""
+
+from __future__ import annotations
+
+DECODINGS = (
+    ("Local (fast)", "local"),
+    ("Exact (SAM on the whole tile)", "exact"),
+)
+DECODING_TOOLTIP = (
+    "How the training-free mode decodes the candidate objects of a tile (adapters do not use it):\n"
+    "• Local (fast): each object is decoded on a crop of the tile's embedding around it; about 8x faster decoding "
+    "on a CPU, the same accuracy against ground truth.\n"
+    "• Exact: each object is decoded on the whole tile, as SAM does."
+)
+DECODING_HELP = (
+    "Training-free mode only. Local (fast): each candidate object is decoded on a crop around it (about 8x faster "
+    "decoding on a CPU, the same accuracy). Exact: decoded on the whole tile, as SAM does."
+)
+
+PRECISIONS = (
+    ("fp32 (default)", "fp32"),
+    ("bf16 (CUDA, or a CPU with AVX512-BF16 / AMX)", "bf16"),
+    ("fp16 (CUDA GPUs only)", "fp16"),
+)
+PRECISION_TOOLTIP = (
+    "Number format of the image encoder (and of the training-free decoding):\n"
+    "• fp32: full precision, runs everywhere.\n"
+    "• bf16: for CUDA GPUs, or CPUs that compute bf16 natively (AVX512-BF16 or AMX); masks agree closely with "
+    "fp32.\n"
+    "• fp16: CUDA GPUs only.\n"
+    "A choice this computer cannot run is refused with one message before the model is loaded."
+)
+PRECISION_HELP = (
+    "fp32 runs everywhere; bf16 on CUDA GPUs or CPUs with native bf16 (AVX512-BF16 / AMX); fp16 on CUDA GPUs "
+    "only. A precision the device cannot run stops the algorithm with one message before the model is loaded."
+)
+
+
+def check_precision(device: str, precision: str) -> None:
+    """Raise the engine's ModelError (one sentence) when ``precision`` cannot run on ``device`` here.
+
+    Imports torch unless the precision is fp32 (which runs everywhere): call it in a worker thread, after
+    :func:`ui.deps.guard_engine_imports`.
+    """
+    if (precision or "fp32") == "fp32":
+        return
+    from ..core.device import resolve_device, resolve_precision
+
+    resolve_precision(precision, resolve_device(device))
