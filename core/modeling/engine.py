@@ -202,7 +202,10 @@ class SamEngine:
             )
         if image.shape[0] < 1 or image.shape[1] < 1:
             raise InputError("The image to segment is empty.")
-        resized = self.transform.apply_image(np.ascontiguousarray(image))
+        image = np.ascontiguousarray(image)
+        target = self.transform.get_preprocess_shape(image.shape[0], image.shape[1], self.transform.target_length)
+        # a tile already at the input size: PIL's resize to the same size is a copy, skipped here
+        resized = image if tuple(target) == image.shape[:2] else self.transform.apply_image(image)
         x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None].float()
         return self.sam.preprocess(x), (int(resized.shape[0]), int(resized.shape[1]))
 

@@ -180,22 +180,38 @@ def _upscaled_mask_windows(md, src: torch.Tensor, hyper: torch.Tensor, size: Tup
 
 def _decode_in_context(sam, tokens: torch.Tensor, src: torch.Tensor, image_pe: torch.Tensor,
                        context: torch.Tensor, fill: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Each prompt's tokens (N x T x C) decoded on its own crop of the image: ``context`` N x 4 windows of ONE
-    size (row0, col0, row1, col1), src / image_pe 1 x C x h x w. -> logits N x 4h x 4w (``fill`` outside the
-    crop), iou N."""
+    """Each prompt's tokens (N x T x C) decoded on its own crop of the image: ``context`` N x 4 windows (row0,
+    col0, row1, col1), src / image_pe 1 x C x h x w. -> logits N x 4h x 4w (``fill`` outside the crop), iou N.
+
+    Prompts whose crops have one size share the image-side work (one batch per size); the token-side work
+    (self-attention, MLPs, norms, output heads) runs once for all N prompts."""
     md = sam.mask_decoder
     tr = md.transformer
     n, _, c = tokens.shape
     h, w = src.shape[-2:]
-    sizes = (context[:, 2] - context[:, 0], context[:, 3] - context[:, 1])
-    ch, cw = int(sizes[0][0]), int(sizes[1][0])
-    assert bool((sizes[0] == ch).all() and (sizes[1] == cw).all()), "context windows of one call share a size"
-    rows = (context[:, :1] + torch.arange(ch)).view(n, ch, 1)
-    cols = (context[:, 1:2] + torch.arange(cw)).view(n, 1, cw)
-    idx = (rows * w + cols).reshape(n, ch * cw).to(src.device)  # N, l: flat indices of each crop
-    flat = src[0].flatten(1).t()  # L, C
-    keys = flat[idx]  # N, l, C
-    pe = image_pe[0].flatten(1).t()[idx]
+    flat, flat_pe = src[0].flatten(1).t(), image_pe[0].flatten(1).t()  # L, C
+    sizes = (context[:, 2] - context[:, 0]) * (w + 1) + (context[:, 3] - context[:, 1])
+    groups = []  # (prompt ids, (ch, cw), keys, pe) per crop size
+    for size in torch.unique(sizes).tolist():
+        ids = torch.nonzero(sizes == size)[:, 0]
+        ch, cw = int(context[ids[0], 2] - context[ids[0], 0]), int(context[ids[0], 3] - context[ids[0], 1])
+        rows = (context[ids, :1] + torch.arange(ch)).view(-1, ch, 1)
+        cols = (context[ids, 1:2] + torch.arange(cw)).view(-1, 1, cw)
+        idx = (rows * w + cols).reshape(len(ids), ch * cw).to(src.device)  # flat indices of each crop
+        groups.append([ids.to(src.device), (ch, cw), flat[idx], flat_pe[idx]])
+
+    def per_group(fn, x: torch.Tensor) -> torch.Tensor:
+        """x N x T x C -> fn(group, x[group ids]) scattered back into N x T x C."""
+        if len(groups) == 1:
+            return fn(groups[0], x)
+        out = None
+        for g in groups:
+            part = fn(g, x[g[0]])
+            if out is None:  # autocast may change the dtype
+                out = x.new_empty(x.shape, dtype=part.dtype)
+            out[g[0]] = part
+        return out
+
     queries, query_pe = tokens, tokens
     for layer in tr.layers:
         if layer.skip_first_layer_pe:
@@ -204,17 +220,24 @@ def _decode_in_context(sam, tokens: torch.Tensor, src: torch.Tensor, image_pe: t
             q = queries + query_pe
             queries = queries + layer.self_attn(q=q, k=q, v=queries)
         queries = layer.norm1(queries)
-        kp = keys + pe
-        queries = layer.norm2(queries + _t2i(layer.cross_attn_token_to_image, queries + query_pe, kp, keys))
+        t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+        queries = layer.norm2(queries + per_group(lambda g, qq: _t2i(t2i, qq, g[2] + g[3], g[2]),
+                                                  queries + query_pe))
         queries = layer.norm3(queries + layer.mlp(queries))
-        keys = layer.norm4(keys + _i2t(layer.cross_attn_image_to_token, kp, queries + query_pe, queries))
+        qp = queries + query_pe
+        for g in groups:
+            kp = g[2] + g[3]
+            g[2] = layer.norm4(g[2] + _i2t(i2t, kp, qp[g[0]], queries[g[0]]))
     final = tr.final_attn_token_to_image
-    queries = tr.norm_final_attn(queries + _t2i(final, queries + query_pe, keys + pe, keys))
+    queries = tr.norm_final_attn(queries + per_group(lambda g, qq: _t2i(final, qq, g[2] + g[3], g[2]),
+                                                     queries + query_pe))
     hyper = md.output_hypernetworks_mlps[0](queries[:, 1])
-    crop = _upscaled_mask(md, keys, hyper, (ch, cw))  # N, 4ch, 4cw
     out = src.new_full((n, 4 * h, 4 * w), fill)
-    for i, (r0, c0, _, _) in enumerate(context.tolist()):
-        out[i, 4 * r0 : 4 * (r0 + ch), 4 * c0 : 4 * (c0 + cw)] = crop[i]
+    for ids, (ch, cw), keys, _ in groups:
+        crop = _upscaled_mask(md, keys, hyper[ids], (ch, cw))  # n_g, 4ch, 4cw
+        for k, i in enumerate(ids.tolist()):
+            r0, c0 = int(context[i, 0]), int(context[i, 1])
+            out[i, 4 * r0 : 4 * (r0 + ch), 4 * c0 : 4 * (c0 + cw)] = crop[k]
     iou = md.iou_prediction_head(queries[:, 0])[:, 0]
     return out, iou
 
@@ -227,7 +250,7 @@ def decode_single_mask(sam, emb: torch.Tensor, image_pe: torch.Tensor, sparse: t
     emb, image_pe: 1 x C x h x w; sparse: N x S x C; dense: 1 x C x h x w or N x C x h x w with equal rows (no
     mask input: the prompt encoder's ``no_mask_embed``, broadcast). -> (low-res logits N x 4h x 4w, iou N).
 
-    ``context`` (N x 4 ints, windows of one size): each prompt decoded on its own crop (see the module
+    ``context`` (N x 4 ints, windows of any sizes): each prompt decoded on its own crop (see the module
     docstring: not the whole-tile result); its logits outside the crop are ``fill``; ``windows`` is ignored.
 
     ``windows`` (N x 4 ints: row0, col0, row1, col1 on the h x w grid, e.g. each prompt's box with a margin):

@@ -71,6 +71,7 @@ def component_prompts(
 
 
 DEFAULT_CONTEXT = (0.5, 8)  # local decoding: crop = box x (1 + 2 x 0.5), at least 8 x 8 embedding cells
+CONTEXT_STEP = 4  # crop sides are multiples of this many cells: prompts of one size share the image-side work
 DEFAULT_WINDOW_MARGIN = 0.5  # the predictor's: masks within 1.5x their box (IoU >= 0.997 with whole-image masks)
 WINDOW_MIN_CELLS = 4  # smallest margin of a mask window, in embedding cells (16 px of the 1024 input each)
 
@@ -191,31 +192,26 @@ def decode_prompts(
 
 
 def _decode_in_contexts(sam, emb, pe, points, boxes, chunk, context):
-    """:func:`decode_prompts` with local decoding: prompts grouped by crop size, ``chunk`` at a time."""
+    """:func:`decode_prompts` with local decoding, ``chunk`` prompts at a time (the shared decoder batches the
+    prompts of one crop size together)."""
     from . import shared_decoder
 
     margin, min_cells = context
     cell = float(sam.prompt_encoder.input_image_size[0]) / emb.shape[-1]
-    win = context_windows(boxes, margin, min_cells, emb.shape[-2:], cell)
-    order, lows, ious = [], [], []
-    sizes = (win[:, 2] - win[:, 0]) * 10000 + (win[:, 3] - win[:, 1])
-    for size in torch.unique(sizes).tolist():
-        ids = torch.nonzero(sizes == size)[:, 0]
-        for s in range(0, len(ids), chunk):
-            sel = ids[s : s + chunk]
-            pts = None
-            if points is not None:
-                p = points[sel].to(emb.device, emb.dtype)[:, None]
-                pts = (p, torch.ones(p.shape[:2], dtype=torch.int, device=emb.device))
-            bx = boxes[sel].to(emb.device, emb.dtype)
-            sparse, dense = sam.prompt_encoder(points=pts, boxes=bx, masks=None)
-            lo, io = shared_decoder.decode_single_mask(sam, emb, pe, sparse.to(emb.dtype), dense.to(emb.dtype),
-                                                       fill=NO_MASK_LOGIT, context=win[sel])
-            order.append(sel)
-            lows.append(lo)
-            ious.append(io)
-    inverse = torch.argsort(torch.cat(order)).to(emb.device)  # back to the prompts' order
-    return torch.cat(lows)[inverse], torch.cat(ious)[inverse]
+    win = context_windows(boxes, margin, min_cells, emb.shape[-2:], cell, step=CONTEXT_STEP)
+    lows, ious = [], []
+    for s in range(0, boxes.shape[0], chunk):
+        pts = None
+        if points is not None:
+            p = points[s : s + chunk].to(emb.device, emb.dtype)[:, None]
+            pts = (p, torch.ones(p.shape[:2], dtype=torch.int, device=emb.device))
+        bx = boxes[s : s + chunk].to(emb.device, emb.dtype)
+        sparse, dense = sam.prompt_encoder(points=pts, boxes=bx, masks=None)
+        low, iou = shared_decoder.decode_single_mask(sam, emb, pe, sparse.to(emb.dtype), dense.to(emb.dtype),
+                                                     fill=NO_MASK_LOGIT, context=win[s : s + chunk])
+        lows.append(low)
+        ious.append(iou)
+    return torch.cat(lows), torch.cat(ious)
 
 
 def mask_prototype_match(
