@@ -82,6 +82,17 @@ DEVICES = (("Automatic (CUDA if available)", "auto"), ("CPU", "cpu"), ("CUDA GPU
 ICON = os.path.join(os.path.dirname(os.path.dirname(__file__)), "resources", "icon.svg")
 
 
+def _choice_combo(name: str, choices, tooltip: str = "") -> QComboBox:
+    """A QComboBox named ``name`` holding (label, value) ``choices``, with an optional tooltip."""
+    combo = QComboBox()
+    combo.setObjectName(name)
+    for label, value in choices:
+        combo.addItem(label, value)
+    if tooltip:
+        combo.setToolTip(tooltip)
+    return combo
+
+
 def _set_combo_data(combo: QComboBox, value) -> None:
     i = combo.findData(value)
     if i >= 0:
@@ -240,26 +251,16 @@ class ViRefSamDock(QgsDockWidget):
         model_box = QgsCollapsibleGroupBox("3. Model")
         mf = QFormLayout(model_box)
         mf.setRowWrapPolicy(QFormLayout.WrapLongRows)
-        self.model_combo = QComboBox()
-        self.model_combo.setObjectName("model")
-        for label, value in MODELS:
-            self.model_combo.addItem(label, value)
+        self.model_combo = _choice_combo("model", MODELS)
         mf.addRow("Model", self.model_combo)
         self.checkpoint_widget = QgsFileWidget()
         self.checkpoint_widget.setObjectName("checkpoint")
         self.checkpoint_widget.setFilter("PyTorch checkpoint (*.pth *.pt);;All files (*)")
         self.checkpoint_widget.setDialogTitle("SAM checkpoint")
         mf.addRow("Checkpoint", self.checkpoint_widget)
-        self.mode_combo = QComboBox()
-        self.mode_combo.setObjectName("mode")
-        for label, value in MODES:
-            self.mode_combo.addItem(label, value)
+        self.mode_combo = _choice_combo("mode", MODES)
         mf.addRow("Mode", self.mode_combo)
-        self.adapters_combo = QComboBox()
-        self.adapters_combo.setObjectName("adapters")
-        for label, value in adapter_choice.CHOICES:
-            self.adapters_combo.addItem(label, value)
-        self.adapters_combo.setToolTip(adapter_choice.TOOLTIP)
+        self.adapters_combo = _choice_combo("adapters", adapter_choice.CHOICES, adapter_choice.TOOLTIP)
         mf.addRow("Adapters", self.adapters_combo)
         self.adapters_file_widget = QgsFileWidget()
         self.adapters_file_widget.setObjectName("adapters_file")
@@ -271,22 +272,11 @@ class ViRefSamDock(QgsDockWidget):
         self.adapters_status.setObjectName("adapters_status")
         self.adapters_status.setWordWrap(True)
         mf.addRow("", self.adapters_status)
-        self.device_combo = QComboBox()
-        self.device_combo.setObjectName("device")
-        for label, value in DEVICES:
-            self.device_combo.addItem(label, value)
+        self.device_combo = _choice_combo("device", DEVICES)
         mf.addRow("Device", self.device_combo)
-        self.precision_combo = QComboBox()
-        self.precision_combo.setObjectName("precision")
-        for label, value in run_options.PRECISIONS:
-            self.precision_combo.addItem(label, value)
-        self.precision_combo.setToolTip(run_options.PRECISION_TOOLTIP)
+        self.precision_combo = _choice_combo("precision", run_options.PRECISIONS, run_options.PRECISION_TOOLTIP)
         mf.addRow("Precision", self.precision_combo)
-        self.decoding_combo = QComboBox()
-        self.decoding_combo.setObjectName("decoding")
-        for label, value in run_options.DECODINGS:
-            self.decoding_combo.addItem(label, value)
-        self.decoding_combo.setToolTip(run_options.DECODING_TOOLTIP)
+        self.decoding_combo = _choice_combo("decoding", run_options.DECODINGS, run_options.DECODING_TOOLTIP)
         mf.addRow("Decoding", self.decoding_combo)
         layout.addWidget(model_box)
 

@@ -85,6 +85,17 @@ def _token_values_out(attn, queries: torch.Tensor) -> torch.Tensor:
     return (v @ wo).transpose(1, 2).reshape(n, t * h, -1)
 
 
+def _token_self_attention(layer, queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
+    """A TwoWayAttentionBlock's first step on the tokens alone (N x T x C): self-attention (without the token
+    PE in the first block), residual unless first, norm1."""
+    if layer.skip_first_layer_pe:
+        queries = layer.self_attn(q=queries, k=queries, v=queries)
+    else:
+        q = queries + query_pe
+        queries = queries + layer.self_attn(q=q, k=q, v=queries)
+    return layer.norm1(queries)
+
+
 def _t2i_shared(attn, qtok: torch.Tensor, k_img: torch.Tensor, v_img: torch.Tensor) -> torch.Tensor:
     """Token-to-image attention of N token sets (``qtok`` N x T x C, with their PE) on ONE image whose keys and
     values (``attn.k_proj(keys + pe)``, ``attn.v_proj(keys)``, L x H*d) were projected once."""
@@ -214,12 +225,7 @@ def _decode_in_context(sam, tokens: torch.Tensor, src: torch.Tensor, image_pe: t
 
     queries, query_pe = tokens, tokens
     for layer in tr.layers:
-        if layer.skip_first_layer_pe:
-            queries = layer.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + query_pe
-            queries = queries + layer.self_attn(q=q, k=q, v=queries)
-        queries = layer.norm1(queries)
+        queries = _token_self_attention(layer, queries, query_pe)
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
         queries = layer.norm2(queries + per_group(lambda g, qq: _t2i(t2i, qq, g[2] + g[3], g[2]),
                                                   queries + query_pe))
@@ -271,12 +277,7 @@ def decode_single_mask(sam, emb: torch.Tensor, image_pe: torch.Tensor, sparse: t
 
     queries, query_pe, keys = tokens, tokens, src
     for layer in tr.layers:
-        if layer.skip_first_layer_pe:
-            queries = layer.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + query_pe
-            queries = queries + layer.self_attn(q=q, k=q, v=queries)
-        queries = layer.norm1(queries)
+        queries = _token_self_attention(layer, queries, query_pe)
 
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
         kp = keys + pe
