@@ -73,6 +73,15 @@ def resolve_adapters(model: ModelParams) -> Optional[Path]:
     return path
 
 
+def check_precision(model: ModelParams) -> None:
+    """A precision the device cannot run (fp16 on a CPU, bf16 on a CPU without it) ends in the engine's one
+    sentence (ModelError) here, before any model is built."""
+    if model.precision != "fp32":
+        from .device import resolve_device, resolve_precision
+
+        resolve_precision(model.precision, resolve_device(model.device))
+
+
 def load_engine(model: ModelParams):
     """The SamEngine for these model parameters, built once per process (thread-safe).
 
@@ -83,6 +92,7 @@ def load_engine(model: ModelParams):
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
+            check_precision(model)  # refused before SAM is built, not after
             from .modeling.engine import SamEngine
             from .modeling.registry import build_sam
 
@@ -99,11 +109,10 @@ def load_engine(model: ModelParams):
 def make_predictor(engine, params: RunParams, adapters):
     """The run's ReferencePredictor (its class looked up at call time, so that the bench can time it)."""
     from .modeling import predictor as predictor_module
-    from .modeling.training_free import DEFAULT_CONTEXT
+    from .modeling.training_free import decoder_context
 
-    context = DEFAULT_CONTEXT if params.decoding == "local" else None
     return predictor_module.ReferencePredictor(engine, mode=params.mode, adapters=adapters, seed=params.seed,
-                                               decoder_context=context)
+                                               decoder_context=decoder_context(params.decoding))
 
 
 def make_densifier(engine):
@@ -264,6 +273,7 @@ def run(params: RunParams, progress: Optional[Progress] = None,
     # 0. inputs, before the model ----------------------------------------------------------------------------
     say(0.0, "checking the inputs")
     _check_output(params)
+    check_precision(params.model)
     adapters = resolve_adapters(params.model) if params.mode == "virefsam" else None
     sources: List = []
     results: List[TargetResult] = []

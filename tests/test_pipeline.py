@@ -189,6 +189,23 @@ def test_reference_outside_raster_is_refused(tmp_path, shared_data):
     assert not (tmp_path / "out.gpkg").exists()
 
 
+def test_precision_the_device_cannot_run_is_refused_before_the_model(tmp_path, shared_data):
+    """fp16 on the CPU: the engine's one sentence (ModelError) while the inputs are checked, no model loaded and
+    no output written (the CLI, the dock and Processing all go through core.pipeline.run)."""
+    import dataclasses
+
+    from core.errors import ModelError
+
+    d = shared_data / "spacenet_atlanta/tiles/images"
+    params = _params(tmp_path, d / "sn_tile_r0_c1.tif", ("POLYGON ((0 0, 1 0, 1 1, 0 1, 0 0))",),
+                     [d / "sn_tile_r1_c1.tif"])
+    params = dataclasses.replace(params, model=ModelParams(device="cpu", precision="fp16"))
+    steps = []
+    with pytest.raises(ModelError, match="^fp16 runs on CUDA GPUs only"):
+        run(params, progress=lambda f, m="": steps.append(m))
+    assert "loading the model" not in steps and not any(tmp_path.iterdir())
+
+
 def test_scribble_reference_is_densified_by_sam(tmp_path):
     """A short freehand line inside a house of the demo reference becomes a dense mask (SAM, points along it)."""
     from core.pipeline import load_engine, make_densifier

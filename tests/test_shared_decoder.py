@@ -211,7 +211,7 @@ def test_decoding_parameter_reaches_the_predictor(engine):
     from core.errors import InputError
     from core.params import ReferenceSpec, RunParams
     from core.pipeline import make_predictor
-    from core.training.evaluate import decoder_context
+    from core.modeling.training_free import decoder_context
     from core.modeling.training_free import DEFAULT_CONTEXT
 
     demo = Path(__file__).resolve().parents[1] / "resources" / "demo"

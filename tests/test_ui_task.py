@@ -341,7 +341,8 @@ def test_a_precision_the_device_cannot_run_is_one_sentence(dock, tiles, qgis_ifa
     assert task is not None and task.params.model.precision == "fp16"
     qtbot.waitUntil(lambda: not dock.is_running(), timeout=60000)
     sentence = "fp16 runs on CUDA GPUs only: choose fp32 (or bf16 on a CPU that supports it)."
-    assert task.error == sentence and task.details is None and task.message == ""  # no "loading the model"
+    # refused while the inputs are checked: the run never got to "loading the model"
+    assert task.error == sentence and task.details is None and task.message == "checking the inputs"
     assert messages(qgis_iface) == [(sentence, Qgis.Critical)]
     assert len(QgsProject.instance().mapLayers()) == n_layers and dock.run_button.isEnabled()
 

@@ -337,8 +337,6 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
 
         feedback.pushInfo(adapter_choice.describe_run(params))
         try:
-            # an impossible precision: the engine's sentence now, not after loading the model
-            run_options.check_precision(params.model.device, params.model.precision)
             result = pipeline.run(params, progress=progress, is_cancelled=feedback.isCanceled)
         except CancelledError as exc:
             raise QgsProcessingException(str(exc)) from None

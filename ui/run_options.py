@@ -2,8 +2,8 @@
 
 ``core.params.RunParams.decoding``: ``local`` (default) or ``exact``; it only matters when the run is
 training-free (no adapters). ``core.params.ModelParams.precision``: ``fp32`` (default), ``bf16`` or ``fp16``.
-A precision the machine cannot run is refused by the engine with one sentence (``core.device.resolve_precision``),
-but only once SAM is built; :func:`check_precision` gives the same sentence before any model is loaded.
+A precision the machine cannot run is refused with the engine's one sentence before any model is loaded
+(``core.pipeline.check_precision``).
 """
 
 from __future__ import annotations
@@ -41,15 +41,3 @@ PRECISION_HELP = (
     "only. A precision the device cannot run stops the algorithm with one message before the model is loaded."
 )
 
-
-def check_precision(device: str, precision: str) -> None:
-    """Raise the engine's ModelError (one sentence) when ``precision`` cannot run on ``device`` here.
-
-    Imports torch unless the precision is fp32 (which runs everywhere): call it in a worker thread, after
-    :func:`ui.deps.guard_engine_imports`.
-    """
-    if (precision or "fp32") == "fp32":
-        return
-    from ..core.device import resolve_device, resolve_precision
-
-    resolve_precision(precision, resolve_device(device))

@@ -23,7 +23,6 @@ from qgis.core import Qgis, QgsMessageLog, QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 
 from .deps import describe_import_error, guard_engine_imports
-from .run_options import check_precision
 
 LOG_TAG = "ViRefSAM"
 
@@ -81,8 +80,6 @@ class SegmentTask(QgsTask):
                 guard_engine_imports()
                 from ..core import pipeline
 
-                # an impossible precision: the engine's sentence now, not after loading the model
-                check_precision(self.params.model.device, self.params.model.precision)
                 runner = pipeline.run
             self.result = runner(self.params, progress=self._progress, is_cancelled=self.isCanceled)
             if self.isCanceled():  # the engine finished just as the user cancelled: honour the cancel
@@ -164,7 +161,6 @@ class MaskPreviewTask(QgsTask):
             from ..core.pipeline import load_engine, make_densifier
             from .overlay import mask_wkt
 
-            check_precision(self.model.device, self.model.precision)
             densify = make_densifier(load_engine(self.model))
             if self.isCanceled():
                 return False

@@ -36,7 +36,13 @@ import torch.nn.functional as F
 
 from ..errors import InputError, ModelError
 from .prototypes import GRID, Prototypes, build_prototypes, valid_grid
-from .training_free import DEFAULT_CONTEXT, DEFAULT_WINDOW_MARGIN, static_prompt_logits, static_prompts_from_mask, training_free_logits
+from .training_free import (
+    DEFAULT_CONTEXT,
+    DEFAULT_WINDOW_MARGIN,
+    static_prompt_logits,
+    static_prompts_from_mask,
+    training_free_logits,
+)
 
 MODES = ("virefsam", "training_free", "static_prompt")
 

@@ -250,7 +250,8 @@ def _decode_in_context(sam, tokens: torch.Tensor, src: torch.Tensor, image_pe: t
 
 def decode_single_mask(sam, emb: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
                        dense: torch.Tensor, windows: Optional[torch.Tensor] = None,
-                       fill: float = -20.0, context: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                       fill: float = -20.0,
+                       context: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Like ``sam.mask_decoder(emb, image_pe, sparse, dense, multimask_output=False)`` for N prompts on one image.
 
     emb, image_pe: 1 x C x h x w; sparse: N x S x C; dense: 1 x C x h x w or N x C x h x w with equal rows (no

@@ -109,6 +109,22 @@ def dense_pe(sam) -> torch.Tensor:
     return hit[1]
 
 
+def decoder_context(decoding: str) -> Optional[Tuple[float, int]]:
+    """``RunParams.decoding`` / eval's ``--decoding`` -> the predictor's ``decoder_context``: ``local`` ->
+    :data:`DEFAULT_CONTEXT`, ``exact`` -> None (the whole tile), ``MARGIN,CELLS`` -> (margin, cells)."""
+    from ..errors import InputError
+
+    if decoding == "local":
+        return DEFAULT_CONTEXT
+    if decoding == "exact":
+        return None
+    try:
+        margin, cells = decoding.split(",")
+        return float(margin), int(cells)
+    except ValueError:
+        raise InputError(f"--decoding takes local, exact or MARGIN,CELLS (e.g. 0.5,8), not {decoding!r}.") from None
+
+
 def context_windows(boxes: torch.Tensor, margin: float, min_cells: int, grid: Tuple[int, int], cell: float,
                     step: int = 4) -> torch.Tensor:
     """Square decoding contexts around prompts: boxes N x 4 (input px) -> N x 4 long (row0, col0, row1, col1)
@@ -159,8 +175,10 @@ def decode_prompts(
     pe = dense_pe(sam).to(emb.dtype)
     fast = (shared and emb.shape[0] == 1 and not (torch.is_grad_enabled() and emb.requires_grad)
             and shared_decoder.supports(sam))
+    cell = float(sam.prompt_encoder.input_image_size[0]) / emb.shape[-1]
+    crops = None  # local decoding: one crop per prompt with a box
     if fast and context is not None and boxes is not None:
-        return _decode_in_contexts(sam, emb, pe, points, boxes, chunk, context)
+        crops = context_windows(boxes, context[0], context[1], emb.shape[-2:], cell, step=CONTEXT_STEP)
     lows, ious = [], []
     for s in range(0, n, chunk):
         pts = None
@@ -171,11 +189,11 @@ def decode_prompts(
         sparse, dense = sam.prompt_encoder(points=pts, boxes=bx, masks=None)
         if fast:
             win = None
-            if window_margin is not None and bx is not None:  # a point alone says nothing of the object's size
-                win = prompt_windows(bx, window_margin, emb.shape[-2:],
-                                     float(sam.prompt_encoder.input_image_size[0]) / emb.shape[-1])
-            low, iou = shared_decoder.decode_single_mask(sam, emb, pe, sparse.to(emb.dtype), dense.to(emb.dtype),
-                                                         windows=win, fill=NO_MASK_LOGIT)
+            if crops is None and window_margin is not None and bx is not None:  # a point alone: no object size
+                win = prompt_windows(bx, window_margin, emb.shape[-2:], cell)
+            low, iou = shared_decoder.decode_single_mask(
+                sam, emb, pe, sparse.to(emb.dtype), dense.to(emb.dtype), windows=win, fill=NO_MASK_LOGIT,
+                context=None if crops is None else crops[s : s + chunk])
             lows.append(low)
             ious.append(iou)
             continue
@@ -188,29 +206,6 @@ def decode_prompts(
         )
         lows.append(low[:, 0])
         ious.append(iou[:, 0])
-    return torch.cat(lows), torch.cat(ious)
-
-
-def _decode_in_contexts(sam, emb, pe, points, boxes, chunk, context):
-    """:func:`decode_prompts` with local decoding, ``chunk`` prompts at a time (the shared decoder batches the
-    prompts of one crop size together)."""
-    from . import shared_decoder
-
-    margin, min_cells = context
-    cell = float(sam.prompt_encoder.input_image_size[0]) / emb.shape[-1]
-    win = context_windows(boxes, margin, min_cells, emb.shape[-2:], cell, step=CONTEXT_STEP)
-    lows, ious = [], []
-    for s in range(0, boxes.shape[0], chunk):
-        pts = None
-        if points is not None:
-            p = points[s : s + chunk].to(emb.device, emb.dtype)[:, None]
-            pts = (p, torch.ones(p.shape[:2], dtype=torch.int, device=emb.device))
-        bx = boxes[s : s + chunk].to(emb.device, emb.dtype)
-        sparse, dense = sam.prompt_encoder(points=pts, boxes=bx, masks=None)
-        low, iou = shared_decoder.decode_single_mask(sam, emb, pe, sparse.to(emb.dtype), dense.to(emb.dtype),
-                                                     fill=NO_MASK_LOGIT, context=win[s : s + chunk])
-        lows.append(low)
-        ious.append(iou)
     return torch.cat(lows), torch.cat(ious)
 
 

@@ -65,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _predictors(args, engine):
     """mode -> (ReferencePredictor, note) for the requested modes; skipped modes -> (None, reason)."""
     from ..modeling.predictor import ReferencePredictor
+    from ..modeling.training_free import decoder_context
     from ..modeling.virefsam import ViRefSAM
 
     out = OrderedDict()
@@ -93,22 +94,6 @@ def _predictors(args, engine):
             disable_dta(model)
             out[mode] = (ReferencePredictor(engine, mode="virefsam", adapters=model, seed=args.seed), note)
     return out
-
-
-def decoder_context(text: str):
-    """``--decoding`` -> the predictor's ``decoder_context``: local -> the default crop, exact -> None,
-    MARGIN,CELLS -> (margin, cells)."""
-    from ..modeling.training_free import DEFAULT_CONTEXT
-
-    if text == "local":
-        return DEFAULT_CONTEXT
-    if text == "exact":
-        return None
-    try:
-        margin, cells = text.split(",")
-        return float(margin), int(cells)
-    except ValueError:
-        raise InputError(f"--decoding takes local, exact or MARGIN,CELLS (e.g. 0.5,8), not {text!r}.") from None
 
 
 def disable_dta(model) -> None:
