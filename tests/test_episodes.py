@@ -1,5 +1,6 @@
 """Episode readers and sampling: synthetic folders for the rules, the shared data for the real layouts."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -197,3 +198,84 @@ def test_mixed_stream_over_datasets(tiny):
     assert single == list(itertools.islice(E.iter_episodes(tiny, [1, 2], seed=5), 12))
     with pytest.raises(InputError, match="named twice"):
         next(E.iter_mixed_episodes([(tiny, [1]), (tiny, [2])]))
+
+
+def test_groups_never_pair(tiny):
+    """An index's ``group`` column: a support never comes from the query's group (collages of the same source
+    tiles, crops of one scene); without groups the episodes are those of before."""
+    plain = E.sample_episodes(tiny, n=12, seed=3)
+    grouped_items = [dataclasses.replace(it, group=f"g{i // 2}") for i, it in enumerate(tiny.items)]
+    g = E.SegDataset("tiny", tiny.root, grouped_items, tiny.classes, ignore_ids=(9,), folds=tiny.folds,
+                     min_pixels=100)
+    same = E.SegDataset("tiny", tiny.root, [dataclasses.replace(it, group=None) for it in tiny.items],
+                        tiny.classes, ignore_ids=(9,), folds=tiny.folds, min_pixels=100)
+    assert E.sample_episodes(same, n=12, seed=3) == plain
+    eps = E.sample_episodes(g, n=12, seed=3, shots=2) + list(itertools.islice(E.iter_episodes(g, [1, 2], seed=3), 40))
+    groups = g.groups()
+    for e in eps:
+        assert all(groups[s] != groups[e.query] for s in e.support)
+    one = E.SegDataset("tiny", tiny.root, [dataclasses.replace(it, group="all") for it in tiny.items],
+                       tiny.classes, ignore_ids=(9,), min_pixels=100)
+    with pytest.raises(InputError, match="outside its group"):
+        E.sample_episodes(one, n=1)
+
+
+def test_group_column_in_index(tmp_path):
+    root = tmp_path / "collages"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((40, 40, 3), i * 20, np.uint8)).save(root / "images" / f"{i}.png")
+        lab = np.zeros((40, 40), np.uint8)
+        lab[:30, :30] = 1
+        Image.fromarray(lab).save(root / "masks" / f"{i}.png")
+    rows = "\n".join(f"images/{i}.png,masks/{i}.png,{'ab'[i % 2]}" for i in range(4))
+    (root / "index.csv").write_text("image,mask,group\n" + rows + "\n")
+    (root / "classes.json").write_text('{"classes": {"1": "building"}, "min_pixels": 100}')
+    ds = E.open_dataset(root)
+    assert [it.group for it in ds.items] == ["a", "b", "a", "b"]
+    for e in E.sample_episodes(ds, n=8):
+        assert (e.query - e.support[0]) % 2 == 1
+
+
+def _collage_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "oam_collages.py"
+    spec = importlib.util.spec_from_file_location("oam_collages", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_collage_keeps_pixels_and_labels_together():
+    """Every turned / flipped tile of a collage carries its own mask: a tile whose red band is its mask gives a
+    collage whose red band is the collage's mask."""
+    oc = _collage_script()
+    rng = np.random.default_rng(1)
+    tiles = []
+    for _ in range(3):
+        m = (rng.random((256, 256)) > 0.7).astype(np.uint8)
+        im = np.stack([m * 255, rng.integers(0, 255, (256, 256)), np.zeros((256, 256))]).astype(np.uint8)
+        tiles.append((im, m))
+    img, msk = oc.collage(tiles, 3, np.random.default_rng(0))
+    assert img.shape == (768, 768, 3) and msk.shape == (768, 768)
+    assert np.array_equal(img[..., 0] == 255, msk == 1)
+    img2, _ = oc.collage(tiles, 3, np.random.default_rng(0))
+    assert np.array_equal(img, img2)
+
+
+def test_collage_folders_from_shared_tiles(shared_data, tmp_path, monkeypatch):
+    """scripts/oam_collages.py on the real OpenAerialMap tiles: a generic dataset folder whose groups keep a
+    target's source tiles out of its references."""
+    oc = _collage_script()
+    monkeypatch.setattr(oc, "SRC", shared_data / "oam_buildings")
+    monkeypatch.setattr(oc, "SPLITS", {"oam_collages_x": {"areas": ("4",), "grids": {2: 2}}})
+    oc.main(str(tmp_path))
+    ds = E.open_dataset(tmp_path / "oam_collages_x")
+    assert ds.name == "oam_collages_x" and len(ds) == 4 and ds.classes == {1: "building"}
+    assert sorted({it.group for it in ds.items}) == ["area4a", "area4b"]
+    assert ds.image(0).shape == (512, 512, 3)
+    for e in E.sample_episodes(ds, n=4):
+        assert ds.items[e.query].group != ds.items[e.support[0]].group

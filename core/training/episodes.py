@@ -6,7 +6,9 @@ foreground nor as background in the metrics. Images are read as ``HxWx3 uint8`` 
 replicated, non-8-bit rasters are stretched 2-98 %), masks as ``bool`` for the class of the episode.
 
 Episodes (:class:`Episode`) name a class, K support ("reference") images and one query ("target") image,
-always a different file from every support. An image counts for a class only where the class covers at least
+always a different file from every support. Where the index gives images a ``group`` (an optional column of
+``index.csv``: e.g. collages cut from the same source tiles, or crops of one scene), supports are also drawn
+from other groups than the query's, so a reference never shows the target's own pixels. An image counts for a class only where the class covers at least
 ``min_pixels`` pixels. Sampling is deterministic: the same dataset, classes, seed and arguments give the same
 episodes on every machine, and the episodes of one class do not change when other classes are added.
 
@@ -183,6 +185,7 @@ class Item:
     key: str     # the image path relative to the dataset root: unique, stable, used in episode files
     image: Path
     mask: Path
+    group: Optional[str] = None  # images of one group never pair as support and query (None: its own group)
 
 
 class SegDataset:
@@ -205,6 +208,7 @@ class SegDataset:
         self.min_pixels = int(min_pixels)
         self.note = note
         self._counts: Optional[np.ndarray] = None
+        self._groups: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -289,6 +293,23 @@ class SegDataset:
         col = list(self.classes).index(class_id)
         return [int(i) for i in np.nonzero(self.pixel_counts()[:, col] >= max(mp, 1))[0]]
 
+    def groups(self) -> np.ndarray:
+        """One integer per image: equal for images that must not pair as support and query."""
+        if self._groups is None:
+            ids: Dict[str, int] = {}
+            self._groups = np.asarray([ids.setdefault(it.group if it.group else f"\0{i}", len(ids))
+                                       for i, it in enumerate(self.items)], dtype=np.int64)
+        return self._groups
+
+    def others(self, pool: np.ndarray, q: int, shots: int = 1) -> np.ndarray:
+        """The images of ``pool`` that may be supports for the query ``q``: not ``q``, not of its group."""
+        g = self.groups()
+        out = pool[(pool != q) & (g[pool] != g[q])]
+        if len(out) < shots:
+            raise InputError(f"{self.items[q].key} of {self.name} has {len(out)} possible references outside its "
+                             f"group '{self.items[q].group}'; a {shots}-shot episode needs {shots}.")
+        return out
+
     # --- folds -----------------------------------------------------------------------------------------------
     def novel_classes(self, fold: Optional[int]) -> List[int]:
         """The classes held out of training in ``fold`` (all classes when ``fold`` is None)."""
@@ -314,7 +335,7 @@ def _index_items(root: Path, index: str = "index.csv") -> List[Item]:
         raise InputError(f"No {index} in {root}; is this one of the shared datasets?")
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    return [Item(r["image"], root / r["image"], root / r["mask"]) for r in rows]
+    return [Item(r["image"], root / r["image"], root / r["mask"], r.get("group") or None) for r in rows]
 
 
 def nwpu_vhr10_dev(root) -> SegDataset:
@@ -523,7 +544,7 @@ def sample_episodes(ds: SegDataset, classes: Optional[Sequence[int]] = None, n: 
             while len(queries) < n:
                 queries.extend(int(q) for q in rng.permutation(pool))
             for q in queries[:n]:
-                others = pool[pool != q]
+                others = ds.others(pool, q, shots)
                 sup = rng.choice(others, size=shots, replace=False)
                 episodes.append(Episode(ds.name, c, ds.classes[c], tuple(int(s) for s in sup), int(q)))
         return episodes
@@ -537,7 +558,7 @@ def sample_episodes(ds: SegDataset, classes: Optional[Sequence[int]] = None, n: 
         q = int(rng.choice(images))
         c = int(rng.choice(holders[q]))
         pool = np.asarray(eligible[c])
-        sup = rng.choice(pool[pool != q], size=shots, replace=False)
+        sup = rng.choice(ds.others(pool, q, shots), size=shots, replace=False)
         episodes.append(Episode(ds.name, c, ds.classes[c], tuple(int(s) for s in sup), q))
     return episodes
 
@@ -560,7 +581,7 @@ def iter_episodes(ds: SegDataset, classes: Sequence[int], shots: int = 1, seed: 
         c = classes[int(rng.integers(len(classes)))]
         pool = eligible[c]
         q = int(rng.choice(pool))
-        sup = rng.choice(pool[pool != q], size=shots, replace=False)
+        sup = rng.choice(ds.others(pool, q, shots), size=shots, replace=False)
         if k >= start:
             yield Episode(ds.name, c, ds.classes[c], tuple(int(s) for s in sup), q)
         k += 1
@@ -596,7 +617,7 @@ def iter_mixed_episodes(pools: Sequence[Tuple[SegDataset, Sequence[int]]], shots
         ds, c = pairs[int(rng.integers(len(pairs)))]
         pool = eligible[(ds.name, c)]
         q = int(rng.choice(pool))
-        sup = rng.choice(pool[pool != q], size=shots, replace=False)
+        sup = rng.choice(ds.others(pool, q, shots), size=shots, replace=False)
         if k >= start:
             yield Episode(ds.name, c, ds.classes[c], tuple(int(s) for s in sup), q)
         k += 1
