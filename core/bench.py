@@ -22,8 +22,9 @@ e2e        ``core.pipeline.run`` on one reference and one large target (``zanzib
            (``before8``: PyTorch encoder, SAM's MaskDecoder module for the training-free prompts), with
            whole-tile masks (``whole``: the shared decoder before its per-prompt windows), with decoding
            ``exact`` (``exact``: every prompt decoded on the whole tile, before local decoding), in virefsam mode
-           with random-init adapters (``virefsam``, timing only: the pipeline's default is the training-free
-           mode; ``vcponly``: adapters trained without DTA, no adapted encoder pass), with precision bf16
+           with random-init adapters (``virefsam``: timing only, the same passes as the shipped adapters that
+           the pipeline uses by default; ``vcponly``: adapters trained without DTA, no adapted encoder pass; the
+           other variants run the training-free mode, ``--adapters none``), with precision bf16
            (``bf16``: encoder and training-free decoding autocast), each optionally with ``_t<n>`` threads or
            ``_tbest`` (the encoder section's fastest count); ``--e2e-rounds`` interleaves them.
 multi      one reference, three targets in one run: encoder calls are counted (the reference crop is
@@ -83,7 +84,9 @@ def add_arguments(p) -> None:
     p.add_argument("--truth", help="ground-truth mask raster on the target's grid (default: <target>_buildings.tif)")
     p.add_argument("--reference", default=str(DEFAULT_REFERENCE))
     p.add_argument("--reference-geometry", default=str(DEFAULT_REFERENCE_GEOMETRY))
-    p.add_argument("--adapters", default="default", help="as for segment: 'default', 'none' or a .pt path")
+    p.add_argument("--adapters", default="none",
+                   help="as for segment: 'default', 'none' or a .pt path (default none: the e2e variants time the "
+                        "training-free mode; the virefsam variant times the adapters' passes)")
     p.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads (0: their defaults)")
     p.add_argument("--rounds", type=int, default=0, help="interleaved timing rounds (0: 3, quick 1)")
     p.add_argument("--no-vit-b", action="store_true", help="skip the vit_b encoder (30-60 s a pass on 2 cores)")

@@ -250,7 +250,7 @@ def test_algorithm_in_a_processing_model(provider, paths, qgis_processing, tmp_p
 
 
 # -- adapters ------------------------------------------------------------------------------------------------------
-TRAINED = Path(__file__).resolve().parent.parent / "resources" / "adapters" / "embedded_virefsam_mixed_fold0.pt"
+TRAINED = Path(__file__).resolve().parent.parent / "resources" / "adapters" / "embedded_virefsam.pt"
 
 
 def test_adapters_parameters_with_their_help(provider):

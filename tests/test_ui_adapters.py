@@ -13,7 +13,7 @@ from qgis.PyQt.QtCore import Qt  # noqa: E402
 from qgis_iface import close_dock, flush_deletes, set_up_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAINED = ROOT / "resources" / "adapters" / "embedded_virefsam_mixed_fold0.pt"  # a real adapters file
+TRAINED = ROOT / "resources" / "adapters" / "embedded_virefsam.pt"  # a real adapters file
 TILE = "area2_OAM-1238452-1046530-21"
 
 
