@@ -48,7 +48,7 @@ def collage(tiles, grid: int, rng: np.random.Generator):
     msk = np.zeros((grid * TILE, grid * TILE), np.uint8)
     for slot, t in enumerate(order):
         im, m = tiles[t]
-        im, m = im.transpose(1, 2, 0), m
+        im = im.transpose(1, 2, 0)
         k, flip = int(rng.integers(4)), bool(rng.integers(2))
         im, m = np.rot90(im, k), np.rot90(m, k)
         if flip:
@@ -60,7 +60,8 @@ def collage(tiles, grid: int, rng: np.random.Generator):
 
 
 def main(out: str, seed: int = 0) -> None:
-    rows = list(csv.DictReader(open(SRC / "index.csv", newline="")))
+    with open(SRC / "index.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     for name, spec in SPLITS.items():
         d = Path(out) / name
         (d / "images").mkdir(parents=True, exist_ok=True)

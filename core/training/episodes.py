@@ -8,8 +8,8 @@ replicated, non-8-bit rasters are stretched 2-98 %), masks as ``bool`` for the c
 Episodes (:class:`Episode`) name a class, K support ("reference") images and one query ("target") image,
 always a different file from every support. Where the index gives images a ``group`` (an optional column of
 ``index.csv``: e.g. collages cut from the same source tiles, or crops of one scene), supports are also drawn
-from other groups than the query's, so a reference never shows the target's own pixels. An image counts for a class only where the class covers at least
-``min_pixels`` pixels. Sampling is deterministic: the same dataset, classes, seed and arguments give the same
+from other groups than the query's, so a reference never shows the target's own pixels. An image counts for a
+class only where the class covers at least ``min_pixels`` pixels. Sampling is deterministic: the same dataset, classes, seed and arguments give the same
 episodes on every machine, and the episodes of one class do not change when other classes are added.
 
 Datasets under ``../shared/data`` (see each folder's README.txt; research-only data is read in place, never
