@@ -9,6 +9,7 @@ OpenStreetMap footprints of the targets: pixel IoU, precision, recall, and the s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -27,14 +28,18 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     p.add_argument("--mode", default="virefsam", choices=("virefsam", "training_free", "static_prompt"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--scale", default="auto", help="working scale: auto (default) or a zoom such as 0.5 or 1")
+    p.add_argument("--spread", action="store_true",
+                   help="the spread-reference variant: houses marked far apart on the reference raster")
     p.add_argument("--quiet", action="store_true")
 
 
-def demo_params(out: Path, mode: str = "virefsam", device: str = "auto") -> RunParams:
+def demo_params(out: Path, mode: str = "virefsam", device: str = "auto", scale: str = "auto",
+                spread: bool = False) -> RunParams:
     from .segment_cli import read_geometries
 
     fg, bg, crs = read_geometries(str(DEMO / "reference_houses.geojson"))
-    return RunParams(
+    params = RunParams(
         class_name="building",
         references=(ReferenceSpec(raster=str(DEMO / "reference.tif"), foreground=fg, background=bg, crs=crs,
                                   ref_id="demo_houses"),),
@@ -43,7 +48,41 @@ def demo_params(out: Path, mode: str = "virefsam", device: str = "auto") -> RunP
         overwrite=True,
         model=ModelParams(device=device),
         mode=mode,
+        scale=scale,
     )
+    if spread:
+        params = dataclasses.replace(params, references=(spread_reference(),))
+    return params
+
+
+# The spread-reference variant (``--spread``): four houses of the shared 4096 x 4096 Zanzibar orthophoto,
+# 1,000 to 3,500 pixels apart (centres as (col, row)), none within a tile of the demo's Zanzibar target.
+SPREAD_MOSAIC = RESOURCES.parent.parent / "shared" / "data" / "oam_mosaics" / "zanzibar.tif"
+SPREAD_HOUSES = ((4050, 375), (1587, 2358), (1293, 2410), (919, 3852))
+
+
+def spread_reference(mosaic: Path = SPREAD_MOSAIC) -> ReferenceSpec:
+    """The spread-reference variant's reference: the OSM footprints (from the mosaic's building mask) of the
+    houses whose centres are :data:`SPREAD_HOUSES`."""
+    import rasterio
+    from rasterio import features
+    from scipy import ndimage
+    from shapely.geometry import shape
+
+    from .errors import InputError
+
+    labels_path = mosaic.with_name(mosaic.stem + "_buildings.tif")
+    if not mosaic.is_file() or not labels_path.is_file():
+        raise InputError(f"The spread-reference demo needs the shared orthophoto {mosaic} and its building mask.")
+    with rasterio.open(labels_path) as ds:
+        lab, _ = ndimage.label(ds.read(1) > 0)
+        transform, crs = ds.transform, ds.crs
+    wkts = []
+    for col, row in SPREAD_HOUSES:
+        k = int(lab[row, col])
+        polys = [shape(g) for g, v in features.shapes((lab == k).astype(np.uint8), transform=transform) if v == 1]
+        wkts.append(max(polys, key=lambda p: p.area).wkt)
+    return ReferenceSpec(raster=str(mosaic), foreground=tuple(wkts), crs=crs.to_string(), ref_id="spread_houses")
 
 
 def _rasterize(geoms, shape, transform) -> np.ndarray:
@@ -134,7 +173,7 @@ def run(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    params = demo_params(out, args.mode, args.device)
+    params = demo_params(out, args.mode, args.device, args.scale, args.spread)
     progress = _Progress(args.quiet)
     t0 = time.perf_counter()
     try:
@@ -144,6 +183,7 @@ def run(args) -> int:
     scores: List[dict] = []
     print(f"ViRefSAM demo: class 'building', 1 reference (4 houses), mode {result.targets and params.mode}, "
           f"model {result.targets[0].features[0].attributes['model'] if result.targets[0].features else params.model.name}")
+    print(f"  {result.scale}")
     for (name, raster), t in zip(TARGETS.items(), result.targets):
         with rasterio.open(raster) as ds:
             s = score([f.geometry for f in t.features], _osm(name), (ds.height, ds.width), ds.transform)
@@ -152,7 +192,7 @@ def run(args) -> int:
         print(f"  {name:9s} {s['polygons']:3d} polygons  vs OSM: IoU {s['iou']:.2f}  precision {s['precision']:.2f}  "
               f"recall {s['recall']:.2f}  houses found {s['houses_found']}/{s['osm_houses']}  ({t.seconds:.0f} s)")
     render(result, params, out / "demo.png")
-    (out / "demo_scores.json").write_text(json.dumps({"scores": scores, "timings": result.timings,
+    (out / "demo_scores.json").write_text(json.dumps({"scores": scores, "scale": result.scale, "timings": result.timings,
                                                        "seconds": result.seconds}, indent=2))
     print(f"Wrote {result.output}, {out / 'demo.png'} and {out / 'demo_scores.json'} "
           f"in {time.perf_counter() - t0:.0f} s.")

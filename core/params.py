@@ -94,6 +94,7 @@ class RunParams:
     match_resolution: bool = True
     seed: int = 0
     decoding: str = "local"
+    scale: str = "auto"
 
     def __post_init__(self) -> None:
         from .errors import InputError
@@ -118,6 +119,12 @@ class RunParams:
                 raise InputError("The ONNX Runtime encoder runs on the CPU in fp32 only: choose 'auto' or 'torch'.")
         if self.decoding not in DECODINGS:
             raise InputError(f"Unknown decoding '{self.decoding}': choose one of {', '.join(DECODINGS)}.")
+        from .scale import parse_scale
+
+        try:
+            parse_scale(self.scale)
+        except (TypeError, ValueError):
+            raise InputError(f"The scale '{self.scale}' is neither 'auto' nor a positive number such as 0.5.") from None
         if self.output_format not in FORMATS:
             raise InputError(f"Unknown output format '{self.output_format}': choose gpkg or shp.")
         if not self.references:

@@ -8,11 +8,12 @@ Order of work for one run (one class, K references, N targets):
    geometry, CRS and raster) and every target raster are checked, so that a wrong path or a bad file ends in
    one sentence within a second instead of after the model has loaded;
 1. the model: built once per (model, checkpoint, device, precision) and kept for later runs in this process;
-2. the references: each reference's geometry becomes a crop and a mask on its raster's grid (scribbles are
-   densified with SAM prompted by points along them); the K crops go through the frozen encoder ONCE, and
-   the prototypes are built from them (``ReferencePredictor.set_references``);
-3. each target raster, tile by tile (read window by window, resampled to the reference's ground
-   resolution, all-nodata tiles skipped): ``predict(tile)`` -> probabilities blended into a full-size map on
+2. the references: the working scale is chosen from the marked objects' size (``RunParams.scale``, see
+   :mod:`core.scale`), and each cluster of marked objects becomes one crop at that scale (a shot; scribbles
+   are densified with SAM prompted by points along them); the K crops go through the frozen encoder ONCE,
+   and the prototypes are built from them (``ReferencePredictor.set_references``);
+3. each target raster, tile by tile (read window by window, resampled to the working ground resolution,
+   all-nodata tiles skipped): ``predict(tile)`` -> probabilities blended into a full-size map on
    disk (no seams, an object across tile borders stays one object);
 4. the map is vectorised once per target (polygons in the raster's CRS);
 5. the output file, when asked for, is written under a temporary name and renamed when complete, with the
@@ -254,7 +255,7 @@ def run(params: RunParams, progress: Optional[Progress] = None,
         is_cancelled: Optional[IsCancelled] = None) -> RunResult:
     """Segment every target raster of ``params`` (see the module docstring)."""
     from .raster import RasterSource
-    from .reference import build_reference
+    from .reference import reference_set
     from .tiling import ProbabilityStitcher, TileGrid, read_tiles, resolution_scale
     from .vectorize import to_features, vectorize
     from .writers import write_results
@@ -279,8 +280,9 @@ def run(params: RunParams, progress: Optional[Progress] = None,
     results: List[TargetResult] = []
     try:
         with stage("reference"):  # without SAM: scribbles are densified again once the model is there
-            refs = [build_reference(spec, densify=None, crop_size=params.tile_size, bands=params.bands)
-                    for spec in params.references]
+            ref_set = reference_set(params.references, params.scale, crop_size=params.tile_size,
+                                    bands=params.bands)
+            refs, scale = ref_set
         for path in params.targets:  # open all first: a bad target fails before any work on the others
             sources.append(RasterSource(path, bands=params.bands))
         check_cancel()
@@ -298,12 +300,15 @@ def run(params: RunParams, progress: Optional[Progress] = None,
         say(0.02, "preparing the reference")
         densify = make_densifier(engine)
         with stage("reference"):
-            for k, spec in enumerate(params.references):
-                if refs[k].kind != "polygon":
-                    refs[k] = build_reference(spec, densify=densify, crop_size=params.tile_size, bands=params.bands)
-                check_cancel()
+            if any(r.kind != "polygon" for r in refs):
+                ref_set = reference_set(params.references, params.scale, densify=densify,
+                                        crop_size=params.tile_size, bands=params.bands)
+                refs, scale = ref_set
+            check_cancel()
+        notes.extend(ref_set.notes)
         if densify.on_cpu:
             notes.append(densify.note)
+        scale_note = f"The {scale.describe()}; {len(refs)} reference crop{'s' if len(refs) != 1 else ''}."
         shots = [(r.image, r.mask) for r in refs]
 
         def on_cpu(fail: BaseException):
@@ -340,8 +345,13 @@ def run(params: RunParams, progress: Optional[Progress] = None,
         # 3. + 4. targets ---------------------------------------------------------------------------------------
         grids = []
         for src in sources:
-            scale = resolution_scale(src.ground_pixel_size(), ref_pixel_size) if params.match_resolution else 1.0
-            grids.append(TileGrid(src.width, src.height, params.tile_size, params.overlap, scale))
+            tile_scale = 1.0
+            if params.match_resolution:
+                target_size = src.ground_pixel_size()
+                # without ground sizes on both sides, the target is taken to share the reference's native pixels
+                tile_scale = (resolution_scale(target_size, ref_pixel_size) if target_size and ref_pixel_size
+                              else (1.0 if abs(scale.zoom - 1.0) < 1e-6 else 1.0 / scale.zoom))
+            grids.append(TileGrid(src.width, src.height, params.tile_size, params.overlap, tile_scale))
         total_tiles = max(1, sum(len(g) for g in grids))
         done = 0
         for src, grid in zip(sources, grids):
@@ -398,7 +408,7 @@ def run(params: RunParams, progress: Optional[Progress] = None,
             Path(output + ".params.json").write_text(params.to_json())
     say(1.0, "done")
     return RunResult(params=params, targets=results, output=output, seconds=time.perf_counter() - t_start,
-                     timings=dict(timings), notes=notes)
+                     timings=dict(timings), notes=notes, scale=scale_note)
 
 
 def _tiles_before(grids, grid) -> int:

@@ -183,7 +183,12 @@ def sample_points_along(lines, n: int) -> np.ndarray:
     return np.asarray(pts, dtype=np.float64).reshape(-1, 2)
 
 
-def _parse(wkts: Sequence[str], ref_id: str, what: str) -> List:
+def _parse(wkts: Sequence[str], ref_id: str, what: str, repaired: Optional[List[str]] = None) -> List:
+    """WKT -> polygons, lines and points. An invalid polygon (a bow-tie, a ring that crosses itself) is made
+    valid as QGIS's Fix Geometries does (``make_valid``) and its reason appended to ``repaired``; one that
+    leaves nothing with an area is refused with the reason."""
+    from shapely.validation import explain_validity, make_valid
+
     out = []
     for i, text in enumerate(wkts):
         if text is None or not str(text).strip():
@@ -202,7 +207,22 @@ def _parse(wkts: Sequence[str], ref_id: str, what: str) -> List:
                 f"The {what} geometry {i + 1} of reference '{ref_id}' is a {g.geom_type}; draw polygons, "
                 "lines or points."
             )
-        out.extend(parts)
+        fixed = []
+        for part in parts:
+            if isinstance(part, Polygon) and not part.is_valid:
+                reason = explain_validity(part).split("[")[0].strip().lower()
+                polys = [q for q in _flatten(make_valid(part)) if isinstance(q, Polygon) and q.area > 0]
+                if not polys:
+                    raise InputError(
+                        f"The {what} polygon {i + 1} of reference '{ref_id}' cannot be repaired ({reason}): "
+                        "it encloses no area; draw it again."
+                    )
+                if repaired is not None:
+                    repaired.append(reason)
+                fixed.extend(polys)
+            else:
+                fixed.append(part)
+        out.extend(fixed)
     return out
 
 
@@ -308,26 +328,42 @@ def _points_of(geoms) -> np.ndarray:
     return np.concatenate(pts) if pts else np.zeros((0, 2), np.float64)
 
 
-def build_reference(
-    spec: ReferenceSpec,
-    densify: Optional[Densify] = None,
-    margin: int = 32,
-    crop_size: int = 1024,
-    line_width: float = 3.0,
-    bands: Optional[Sequence[int]] = None,
-) -> Reference:
-    """Build the reference crop and masks for ``spec`` (see the module docstring).
+@dataclass
+class _Marks:
+    """A reference's marks in native pixel coordinates of its raster (parsed, transformed, clipped)."""
 
-    margin:     minimum context in native pixels kept around the foreground marks.
-    crop_size:  side of the crop in pixels (the model's tile size).
-    line_width: buffer radius in crop pixels for scribbles (without densify) and background lines.
-    bands:      band choice for the reference raster (as RasterSource).
-    Raises InputError for: no geometry, only background marks, unparsable WKT, an unknown or untransformable CRS,
-    geometries outside the raster, and marks that cover no valid pixel.
-    """
+    spec: ReferenceSpec
+    name: str
+    width: int
+    height: int
+    fg: List
+    bg: List
+    pixel_size: Optional[Tuple[float, float]]  # native ground metres per pixel (None without a usable CRS)
+    repaired: List[str]  # why each repaired (invalid) polygon was invalid
+
+    def boxes(self) -> List[Tuple[float, float, float, float]]:
+        return [g.bounds for g in self.fg]
+
+    def polygon_sizes(self) -> np.ndarray:
+        """sqrt(area) in native pixels of each foreground polygon."""
+        return np.asarray([math.sqrt(g.area) for g in self.fg if isinstance(g, Polygon)], np.float64)
+
+    def line_sizes(self) -> np.ndarray:
+        """The longer side of each scribble's extent (native pixels): a rough object size without densifying."""
+        out = []
+        for g in self.fg:
+            if isinstance(g, (LineString, Point)):
+                x0, y0, x1, y1 = g.bounds
+                out.append(max(x1 - x0, y1 - y0, 1.0))
+        return np.asarray(out, np.float64)
+
+
+def _read_marks(spec: ReferenceSpec, src: RasterSource) -> _Marks:
+    """Parse the spec's geometries and bring them to ``src``'s native pixels (see the module docstring)."""
     ref_id = spec.ref_id
-    fg = _parse(spec.foreground, ref_id, "foreground")
-    bg = _parse(spec.background, ref_id, "background")
+    repaired: List[str] = []
+    fg = _parse(spec.foreground, ref_id, "foreground", repaired)
+    bg = _parse(spec.background, ref_id, "background", repaired)
     if not fg:
         if bg:
             raise InputError(
@@ -336,55 +372,58 @@ def build_reference(
         raise InputError(
             f"Reference '{ref_id}' has no geometry; draw at least one polygon or scribble on an example of the class."
         )
-    with RasterSource(spec.raster, bands=bands) as src:
-        name = os.path.basename(src.path)
-        tr = _transformer(spec.crs, src, ref_id)
-        if tr is not None:
-            raster_crs = src.crs.to_string()
-            fg = _apply(tr, fg, ref_id, spec.crs, raster_crs)
-            bg = _apply(tr, bg, ref_id, spec.crs, raster_crs)
-        # to native pixel coordinates, clipped to the raster
-        inv = ~src.transform
-        to_px = [inv.a, inv.b, inv.d, inv.e, inv.c, inv.f]
-        if not src.georeferenced and tr is None and min(g.bounds[1] for g in fg + bg) >= 0:
-            to_px = [1, 0, 0, 1, 0, 0]  # image coordinates (y = row, downwards), see the module docstring
-        frame = box(0, 0, src.width, src.height)
+    name = os.path.basename(src.path)
+    tr = _transformer(spec.crs, src, ref_id)
+    if tr is not None:
+        raster_crs = src.crs.to_string()
+        fg = _apply(tr, fg, ref_id, spec.crs, raster_crs)
+        bg = _apply(tr, bg, ref_id, spec.crs, raster_crs)
+    inv = ~src.transform
+    to_px = [inv.a, inv.b, inv.d, inv.e, inv.c, inv.f]
+    if not src.georeferenced and tr is None and min(g.bounds[1] for g in fg + bg) >= 0:
+        to_px = [1, 0, 0, 1, 0, 0]  # image coordinates (y = row, downwards), see the module docstring
+    frame = box(0, 0, src.width, src.height)
 
-        def clip(geoms):
-            out = []
-            for g in geoms:
-                p = affinity.affine_transform(g, to_px)
-                if isinstance(p, Point):
-                    if frame.covers(p):
-                        out.append(p)
-                    continue
-                p = p.intersection(frame) if not frame.covers(p) else p
-                out.extend(q for q in _flatten(p) if type(q) is type(g) or isinstance(g, LineString))
-            return out
+    def clip(geoms):
+        out = []
+        for g in geoms:
+            p = affinity.affine_transform(g, to_px)
+            if isinstance(p, Point):
+                if frame.covers(p):
+                    out.append(p)
+                continue
+            p = p.intersection(frame) if not frame.covers(p) else p
+            out.extend(q for q in _flatten(p) if type(q) is type(g) or isinstance(g, LineString))
+        return out
 
-        fg_px, bg_px = clip(fg), clip(bg)
-        fg_px = [g for g in fg_px if not (isinstance(g, Polygon) and g.area == 0)]
-        if not fg_px:
-            raise InputError(
-                f"The foreground marks of reference '{ref_id}' lie outside the raster '{name}'; check that they "
-                "were drawn on this raster and that their CRS is right."
-            )
-        minx = min(g.bounds[0] for g in fg_px)
-        miny = min(g.bounds[1] for g in fg_px)
-        maxx = max(g.bounds[2] for g in fg_px)
-        maxy = max(g.bounds[3] for g in fg_px)
-        window, f = _crop_window((minx, miny, maxx, maxy), src.width, src.height, int(crop_size), int(margin))
-        out_shape = (max(1, int(round(window.height / f))), max(1, int(round(window.width / f))))
-        image, valid = src.read_rgb8(window, out_shape=out_shape)
-        transform = src.window_transform(window, out_shape)
-        sx, sy = out_shape[1] / window.width, out_shape[0] / window.height
-        to_crop = [sx, 0, 0, sy, -window.col_off * sx, -window.row_off * sy]
-        fg_c = [affinity.affine_transform(g, to_crop) for g in fg_px]
-        bg_c = [affinity.affine_transform(g, to_crop) for g in bg_px]
-        shape = out_shape
-        crs = src.crs
-        res = (abs(transform.a), abs(transform.e))
-        pixel_size = ground_pixel_size(crs, transform, out_shape[1], out_shape[0]) if crs is not None else None
+    fg_px, bg_px = clip(fg), clip(bg)
+    fg_px = [g for g in fg_px if not (isinstance(g, Polygon) and g.area == 0)]
+    if not fg_px:
+        raise InputError(
+            f"The foreground marks of reference '{ref_id}' lie outside the raster '{name}'; check that they "
+            "were drawn on this raster and that their CRS is right."
+        )
+    pixel_size = src.ground_pixel_size() if src.crs is not None else None
+    return _Marks(spec, name, src.width, src.height, fg_px, bg_px, pixel_size, repaired)
+
+
+def _crop(src: RasterSource, marks: _Marks, window: Window, f: float, densify: Optional[Densify],
+          line_width: float) -> Reference:
+    """The reference of ``marks`` in ``window`` (native pixels) read at ``f`` native pixels per crop pixel."""
+    spec, ref_id, name = marks.spec, marks.spec.ref_id, marks.name
+    out_shape = (max(1, int(round(window.height / f))), max(1, int(round(window.width / f))))
+    image, valid = src.read_rgb8(window, out_shape=out_shape)
+    transform = src.window_transform(window, out_shape)
+    sx, sy = out_shape[1] / window.width, out_shape[0] / window.height
+    to_crop = [sx, 0, 0, sy, -window.col_off * sx, -window.row_off * sy]
+    frame = box(0, 0, out_shape[1], out_shape[0])
+    fg_c = [affinity.affine_transform(g, to_crop) for g in marks.fg]
+    fg_c = [g for g in fg_c if g.intersects(frame)]
+    bg_c = [affinity.affine_transform(g, to_crop) for g in marks.bg]
+    shape = out_shape
+    crs = src.crs
+    res = (abs(transform.a), abs(transform.e))
+    pixel_size = ground_pixel_size(crs, transform, out_shape[1], out_shape[0]) if crs is not None else None
 
     fg_polys, fg_lines = _polys_of(fg_c), _lines_of(fg_c)
     bg_polys, bg_lines = _polys_of(bg_c), _lines_of(bg_c)
@@ -424,3 +463,125 @@ def build_reference(
         crs=crs, res=res, pixel_size=pixel_size, downsample=f, raster=spec.raster, ref_id=ref_id, kind=kind,
         densified=densified,
     )
+
+
+def build_reference(
+    spec: ReferenceSpec,
+    densify: Optional[Densify] = None,
+    margin: int = 32,
+    crop_size: int = 1024,
+    line_width: float = 3.0,
+    bands: Optional[Sequence[int]] = None,
+) -> Reference:
+    """One crop around ALL of ``spec``'s marks (enlarged and downsampled when they do not fit in crop_size).
+
+    The mask preview and single-crop callers use it; a run uses :func:`build_references` (one crop per cluster
+    of objects at the working scale, never a crop downsampled because the marks are far apart).
+
+    margin:     minimum context in native pixels kept around the foreground marks.
+    crop_size:  side of the crop in pixels (the model's tile size).
+    line_width: buffer radius in crop pixels for scribbles (without densify) and background lines.
+    bands:      band choice for the reference raster (as RasterSource).
+    Raises InputError for: no geometry, only background marks, unparsable WKT, an unknown or untransformable CRS,
+    geometries outside the raster, and marks that cover no valid pixel.
+    """
+    with RasterSource(spec.raster, bands=bands) as src:
+        marks = _read_marks(spec, src)
+        b = marks.boxes()
+        bbox = (min(v[0] for v in b), min(v[1] for v in b), max(v[2] for v in b), max(v[3] for v in b))
+        window, f = _crop_window(bbox, src.width, src.height, int(crop_size), int(margin))
+        return _crop(src, marks, window, f, densify, line_width)
+
+
+def build_references(
+    spec: ReferenceSpec,
+    zoom: float = 1.0,
+    densify: Optional[Densify] = None,
+    margin: int = 32,
+    crop_size: int = 1024,
+    line_width: float = 3.0,
+    bands: Optional[Sequence[int]] = None,
+) -> List[Reference]:
+    """The K-shot references of ``spec`` at ``zoom`` (working pixels per native pixel): one ``crop_size`` crop
+    per cluster of marked objects (:func:`core.scale.plan_crops`), each a shot. Errors as :func:`build_reference`.
+    A crop whose marks cover no valid pixel is left out; the error is raised only when every crop is empty."""
+    from .scale import plan_crops
+
+    with RasterSource(spec.raster, bands=bands) as src:
+        marks = _read_marks(spec, src)
+        crops = plan_crops(marks.boxes(), zoom, src.width, src.height, int(crop_size), int(margin))
+        refs, first_error = [], None
+        for c0, r0, w, h in crops:
+            try:
+                refs.append(_crop(src, marks, Window(c0, r0, w, h), 1.0 / zoom, densify, line_width))
+            except InputError as e:
+                first_error = first_error or e
+        if not refs:
+            raise first_error
+        return refs
+
+
+@dataclass
+class ReferenceSet:
+    """A run's references: the shots (:class:`Reference`, one per crop), the working scale
+    (:class:`core.scale.ScaleChoice`) and sentences for the run notes (polygons repaired)."""
+
+    refs: List[Reference]
+    scale: object
+    notes: List[str]
+
+    def __iter__(self):  # refs, scale = reference_set(...)
+        return iter((self.refs, self.scale))
+
+
+def reference_set(
+    specs: Sequence[ReferenceSpec],
+    scale=None,
+    densify: Optional[Densify] = None,
+    margin: int = 32,
+    crop_size: int = 1024,
+    line_width: float = 3.0,
+    bands: Optional[Sequence[int]] = None,
+):
+    """All references of a run at one working scale -> :class:`ReferenceSet` (unpacks as ``refs, scale``).
+
+    ``scale`` None / ``"auto"``: the rule of :mod:`core.scale` on the marked objects' sizes (polygons: their
+    area; scribbles: the densified masks at native resolution when ``densify`` is given, else their extent).
+    A number: the zoom relative to the FIRST reference raster's native resolution. The working ground
+    resolution is the same for every reference: the zoom of reference k is its native pixel size over the
+    working one (rasters without CRS: the same zoom).
+    """
+    from .scale import choose, object_sizes
+
+    marks: List[_Marks] = []
+    for spec in specs:
+        with RasterSource(spec.raster, bands=bands) as src:
+            marks.append(_read_marks(spec, src))
+    gsd = [math.sqrt(m.pixel_size[0] * m.pixel_size[1]) if m.pixel_size else None for m in marks]
+    native = {}
+    sizes = []  # in native pixels of the first reference
+    for k, m in enumerate(marks):
+        if densify is not None and m.line_sizes().size:
+            native[k] = build_references(m.spec, 1.0, densify, margin, crop_size, line_width, bands)
+            ks = np.concatenate([object_sizes(r.mask) for r in native[k]])
+        else:
+            ks = np.concatenate([m.polygon_sizes(), m.line_sizes()])
+        ratio = gsd[k] / gsd[0] if gsd[k] and gsd[0] else 1.0
+        sizes.append(ks * ratio)
+    choice = choose(np.concatenate(sizes), scale)
+    refs: List[Reference] = []
+    for k, m in enumerate(marks):
+        zoom = choice.zoom * (gsd[k] / gsd[0] if gsd[k] and gsd[0] else 1.0)
+        if k in native and abs(zoom - 1.0) < 1e-6:
+            refs.extend(native[k])
+        else:
+            refs.extend(build_references(m.spec, zoom, densify, margin, crop_size, line_width, bands))
+    notes = []
+    for m in marks:
+        if m.repaired:
+            n = len(m.repaired)
+            notes.append(
+                f"Reference '{m.spec.ref_id}': {n} invalid polygon{'s were' if n > 1 else ' was'} repaired "
+                f"({', '.join(sorted(set(m.repaired)))}), as QGIS's Fix Geometries does."
+            )
+    return ReferenceSet(refs, choice, notes)

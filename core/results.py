@@ -49,6 +49,7 @@ class RunResult:
     seconds: float = 0.0
     timings: Dict[str, float] = field(default_factory=dict)  # seconds per stage: read, encoder, vcp, ...
     notes: List[str] = field(default_factory=list)  # sentences the user should read (e.g. a fallback to the CPU)
+    scale: str = ""  # the working scale and the number of reference crops, one sentence (core.scale)
 
     def summary(self) -> str:
         parts = [f"{t.n_objects} in {t.raster.rsplit('/', 1)[-1]}" for t in self.targets if t.skipped is None]
@@ -57,4 +58,4 @@ class RunResult:
         if skipped:
             text += f"; {len(skipped)} skipped"
         text += f" ({self.seconds:.1f} s)."
-        return " ".join([text, *self.notes])
+        return " ".join([text, *([self.scale] if self.scale else []), *self.notes])

@@ -48,6 +48,9 @@ def add_arguments(p) -> None:
                    help="training-free mode: local (each candidate object decoded on a crop around it, default) "
                         "or exact (on the whole tile, as SAM does; about 8x slower decoding on a CPU)")
     p.add_argument("--bands", help="1-based bands to use as RGB, e.g. 4,3,2 (default: the first three)")
+    p.add_argument("--scale", default="auto",
+                   help="working resolution as a zoom of the reference raster's native one: auto (default: from "
+                        "the marked objects' size) or a number such as 0.5 (half) or 1 (native)")
     p.add_argument("--tile-size", type=int, default=1024)
     p.add_argument("--overlap", type=int, default=128)
     p.add_argument("--threshold", type=float, default=0.5)
@@ -137,6 +140,7 @@ def params_from_args(args) -> RunParams:
         simplify=args.simplify,
         fill_holes=not args.keep_holes,
         decoding=getattr(args, "decoding", "local"),
+        scale=str(getattr(args, "scale", "auto")),
         match_resolution=not args.no_resample,
         seed=args.seed,
     )
@@ -185,6 +189,8 @@ def run(args) -> int:
             print(f"{name}: {t.n_objects} objects in {t.seconds:.1f} s")
     print(f"Wrote {result.output} ({sum(t.n_objects for t in result.targets)} polygons, "
           f"{time.perf_counter() - t0:.1f} s).")
+    if result.scale:
+        print(result.scale)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     return 0

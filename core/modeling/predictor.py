@@ -102,6 +102,7 @@ class ReferencePredictor:
         decoder_context: Optional[Tuple[float, int]] = DEFAULT_CONTEXT,
         cache_size: int = 2,
         cache: "Optional[OrderedDict]" = None,
+        bg: str = "joint",
     ) -> None:
         if mode not in MODES:
             raise InputError(f"Unknown mode '{mode}': choose one of {', '.join(MODES)}.")
@@ -114,6 +115,7 @@ class ReferencePredictor:
         # training-free: each prompt decoded on a crop around its box ((margin, min cells)); None: the whole tile
         self.decoder_context = decoder_context
         self.cache_size = cache_size
+        self.bg_per_shot = bg == "per_shot"  # background prototypes per shot (K x N_b) or jointly (N_b)
         # tile digest -> plain embedding; pass one OrderedDict to several predictors (other classes, other modes
         # on the same engine) to share the frozen-encoder passes
         self._cache: "OrderedDict[str, _Target]" = OrderedDict() if cache is None else cache
@@ -209,7 +211,7 @@ class ReferencePredictor:
                 [mask_fraction_grid(m, t.input_size, int(t.x.shape[-1]), grid) for m, t in zip(masks, targets)]
             ).to(feats.device, feats.dtype)
             valid = torch.cat([t.valid for t in targets])
-            self._protos = build_prototypes(feats, frac, valid, self.n_bg, self.seed)
+            self._protos = build_prototypes(feats, frac, valid, self.n_bg, self.seed, per_shot=self.bg_per_shot)
 
     # -- prediction -------------------------------------------------------------------------------------------
     def _low_res(self, t: _Target) -> torch.Tensor:

@@ -193,11 +193,25 @@ def build_prototypes(
     valid: Optional[torch.Tensor] = None,
     n_bg: int = 5,
     seed: int = 0,
+    per_shot: bool = False,
 ) -> Prototypes:
-    """Eq. 1 over K shots: feats K x C x h x w, fg_frac K x h x w, valid K x h x w -> batch-1 Prototypes."""
+    """Eq. 1 over K shots: feats K x C x h x w, fg_frac K x h x w, valid K x h x w -> batch-1 Prototypes.
+
+    The foreground prototype pools all shots. ``per_shot`` False: ``n_bg`` Voronoi regions over the background
+    cells of all shots at once (cells of different shots at the same grid position share a region). True: ``n_bg``
+    regions in each shot, ``K * n_bg`` background prototypes in all, so each one describes one scene's
+    background (for K = 1 both are the same). VCP and DTA take any number of prototype rows.
+    """
     fg_w = fg_frac if valid is None else fg_frac * valid.to(fg_frac.dtype)
     fg, fg_valid = masked_average_pool(feats, fg_w)
-    bg, bg_valid, _ = background_prototypes(feats, fg_frac, valid, n_bg, seed)
+    if per_shot and feats.shape[0] > 1:
+        parts = [background_prototypes(feats[k : k + 1], fg_frac[k : k + 1],
+                                       None if valid is None else valid[k : k + 1], n_bg, seed)
+                 for k in range(feats.shape[0])]
+        bg = torch.cat([p[0] for p in parts])
+        bg_valid = torch.cat([p[1] for p in parts])
+    else:
+        bg, bg_valid, _ = background_prototypes(feats, fg_frac, valid, n_bg, seed)
     return Prototypes(fg[None], fg_valid.reshape(1), bg[None], bg_valid[None])
 
 

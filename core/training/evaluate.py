@@ -59,6 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoding", default="local",
                    help="training-free decoding: local (default: each prompt on a crop around its "
                         "box), exact (the whole tile) or MARGIN,CELLS (local with this crop)")
+    p.add_argument("--scale", default="none",
+                   help="working scale: none (whole images, the older protocol), auto (from the reference "
+                        "objects' size, the pipeline's rule) or a zoom factor such as 0.5 or 2")
+    p.add_argument("--bg", default="joint", choices=("per_shot", "joint"),
+                   help="background prototypes of K shots: N_b Voronoi regions over all shots jointly (default) or per shot")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -73,14 +78,14 @@ def _predictors(args, engine):
         if mode not in MODES:
             raise InputError(f"Unknown mode '{mode}': choose from {', '.join(MODES)}.")
         if mode in ("training_free", "static_prompt"):
-            out[mode] = (ReferencePredictor(engine, mode=mode, seed=args.seed,
+            out[mode] = (ReferencePredictor(engine, mode=mode, seed=args.seed, bg=args.bg,
                                             decoder_context=decoder_context(getattr(args, "decoding", "local"))), "")
         elif mode == "virefsam":
             if not args.adapters:
                 out[mode] = (None, "skipped: no --adapters")
                 continue
             model = ViRefSAM.from_adapters(engine.sam, args.adapters, seed=args.seed)
-            out[mode] = (ReferencePredictor(engine, mode="virefsam", adapters=model, seed=args.seed), "")
+            out[mode] = (ReferencePredictor(engine, mode="virefsam", adapters=model, seed=args.seed, bg=args.bg), "")
         else:  # vcp_no_dta
             if args.ablation_adapters:
                 model = ViRefSAM.from_adapters(engine.sam, args.ablation_adapters, seed=args.seed)
@@ -92,8 +97,36 @@ def _predictors(args, engine):
                 out[mode] = (None, "skipped: no --adapters / --ablation-adapters")
                 continue
             disable_dta(model)
-            out[mode] = (ReferencePredictor(engine, mode="virefsam", adapters=model, seed=args.seed), note)
+            out[mode] = (ReferencePredictor(engine, mode="virefsam", adapters=model, seed=args.seed, bg=args.bg), note)
     return out
+
+
+def _scaled(data, scale):
+    """(shots, predict_query(pred) -> prob, zoom) for an episode under ``--scale`` (see :mod:`.scaled`)."""
+    if str(scale).strip().lower() in ("none", ""):
+        h, w = data.query_image.shape[:2]
+        return data.references, (lambda pred: pred.predict(data.query_image)), 1024.0 / max(h, w)
+    from .scaled import predict_at_zoom, reference_shots, zoom_for
+
+    zoom = zoom_for(data.support_masks, scale).zoom
+    shots = reference_shots(data.support_images, data.support_masks, zoom)
+    return shots, (lambda pred: predict_at_zoom(pred.predict, data.query_image, zoom)), zoom
+
+
+def _episode_row(ep, zoom: float, data, pred_mask) -> dict:
+    """One episode's IoU with the median object size (sqrt of area) of query and references at work (px)."""
+    import numpy as np
+
+    from ..scale import object_sizes
+
+    gt = data.query_mask & ~data.query_ignore if data.query_ignore is not None else data.query_mask
+    pm = pred_mask & ~data.query_ignore if data.query_ignore is not None else pred_mask
+    inter, union = int((gt & pm).sum()), int((gt | pm).sum())
+    q = object_sizes(data.query_mask)
+    r = np.concatenate([object_sizes(m) for m in data.support_masks])
+    return {"class": ep.class_name, "iou": round(inter / union, 4) if union else None, "zoom": round(zoom, 4),
+            "query_px": round(float(np.median(q)) * zoom, 1) if q.size else None,
+            "ref_px": round(float(np.median(r)) * zoom, 1) if r.size else None}
 
 
 def disable_dta(model) -> None:
@@ -126,7 +159,8 @@ def run(args) -> int:
         classes={str(c): ds.classes[c] for c in classes}, seed=args.seed, threshold=args.threshold,
         protocol="per_fold" if args.per_fold else "per_class",
         model=backbone, device=str(engine.device), precision=args.precision,
-        decoding=getattr(args, "decoding", "local"),
+        decoding=getattr(args, "decoding", "local"), scale=str(getattr(args, "scale", "none")),
+        bg=getattr(args, "bg", "joint"),
         adapters=({"path": str(Path(args.adapters).resolve()), "sha256": file_sha256(args.adapters)}
                   if args.adapters else None),
         ablation_adapters=({"path": str(Path(args.ablation_adapters).resolve()),
@@ -145,6 +179,7 @@ def run(args) -> int:
             eps = sample_episodes(ds, classes, n=args.episodes, shots=k, seed=args.seed, min_pixels=args.min_pixels)
         meters = OrderedDict((m, FewShotMeter()) for m, _ in active)
         seconds = {m: 0.0 for m, _ in active}
+        per_episode = {m: [] for m, _ in active}
         bar = None
         if not args.quiet:
             from tqdm import tqdm
@@ -153,12 +188,14 @@ def run(args) -> int:
         t0 = time.time()
         for n, ep in enumerate(eps, 1):
             data = load_episode(ds, ep)
+            refs, predict_query, zoom = _scaled(data, args.scale)
             for m, pred in active:
                 t = time.time()
-                pred.set_references(data.references)
-                prob = pred.predict(data.query_image)
+                pred.set_references(refs)
+                prob = predict_query(pred)
                 seconds[m] += time.time() - t
                 meters[m].update(ep.class_name, prob > args.threshold, data.query_mask, data.query_ignore)
+                per_episode[m].append(_episode_row(ep, zoom, data, prob > args.threshold))
             if bar is not None:
                 bar.set_postfix({m: f"{meters[m].miou():.1f}" for m, _ in active})
                 bar.update(1)
@@ -168,7 +205,8 @@ def run(args) -> int:
         print(format_table(meters, title=f"{ds.name} {k}-shot, {len(eps)} episodes, seed {args.seed}: IoU %"))
         report["results"][f"{k}-shot"] = OrderedDict(
             episodes=len(eps), episodes_sha256=episodes_sha256(eps), wall_s=round(time.time() - t0, 1),
-            modes=OrderedDict((m, dict(meters[m].summary(), s_per_episode=round(seconds[m] / max(len(eps), 1), 3)))
+            modes=OrderedDict((m, dict(meters[m].summary(), s_per_episode=round(seconds[m] / max(len(eps), 1), 3),
+                                       episodes=per_episode[m]))
                               for m, _ in active))
     report["feature_cache"] = {"hits": engine.hits, "misses": engine.misses}
     for m, (p, note) in preds.items():

@@ -56,12 +56,21 @@ SCHEDULES = {
 CKPT_FORMAT = "virefsam-train-checkpoint"
 
 
+def _fold(text: str):
+    """``--fold``: a fold number, or ``all`` (None: no class held out)."""
+    if str(text).strip().lower() == "all":
+        return None
+    return int(text)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="dataset folder (../shared/data/nwpu_vhr10_dev, iSAID, LoveDA, ...)")
     g.add_argument("--kind", default=None, help="dataset reader (default: from the folder name)")
     g.add_argument("--split", default="train", help="split for iSAID / LoveDA (default train)")
-    g.add_argument("--fold", type=int, required=True, help="fold whose novel classes are held out")
+    g.add_argument("--fold", type=_fold, required=True,
+                   help="fold whose novel classes are held out, or 'all': every class trains (for the adapters "
+                        "a plugin ships: a user's class is never in training, so more base classes help)")
     g.add_argument("--shots", type=int, default=1)
     g.add_argument("--min-pixels", type=int, default=None, help="class pixels an image needs to count")
     g.add_argument("--also", action="append", default=[], metavar="DATA[@CLASS,...]",
@@ -239,8 +248,9 @@ def run(args) -> int:
         raise InputError(f"{out} holds a training already; add --resume to continue it or choose another --out.")
 
     ds = open_data(args)
-    base = ds.base_classes(args.fold)
-    extra = open_extra_data(args, {ds.classes[c] for c in ds.novel_classes(args.fold)})
+    novel = ds.novel_classes(args.fold) if args.fold is not None else []
+    base = ds.base_classes(args.fold) if args.fold is not None else list(ds.classes)
+    extra = open_extra_data(args, {ds.classes[c] for c in novel})
     datasets = {d.name: d for d in [ds] + [d for d, _ in extra]}
     torch.manual_seed(args.seed)
     engine, backbone = build_engine(args)
@@ -259,7 +269,7 @@ def run(args) -> int:
 
     config = {
         "dataset": ds.name, "data": str(Path(args.data).resolve()), "fold": args.fold, "base_classes": base,
-        "novel_classes": ds.novel_classes(args.fold), "class_names": {str(k): v for k, v in ds.classes.items()},
+        "novel_classes": novel, "class_names": {str(k): v for k, v in ds.classes.items()},
         "shots": args.shots, "episodes": sched["episodes"], "batch": sched["batch"], "lr": sched["lr"],
         "warmup": sched["warmup"], "schedule": sched["name"], "weight_decay": args.weight_decay,
         "also": [{"dataset": d.name, "data": str(d.root.resolve()), "classes": c,

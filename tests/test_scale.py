@@ -1,0 +1,124 @@
+"""The working scale follows the marked objects' size, not how far apart the marks are (core.scale, reference_set).
+
+Real rasters: the shared 4096 x 4096 Zanzibar orthophoto and the demo's reference cut-out of it.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.enums import Resampling
+
+from core.demo import DEMO, SPREAD_HOUSES, spread_reference
+from core.errors import InputError
+from core.params import ReferenceSpec, RunParams
+from core.reference import reference_set
+from core.scale import (
+    MAX_ZOOM,
+    MIN_ZOOM,
+    TARGET_OBJECT_PX,
+    auto_zoom,
+    choose,
+    object_sizes,
+    parse_scale,
+    plan_crops,
+)
+from core.segment_cli import read_geometries
+
+
+@pytest.fixture(scope="module")
+def demo_spec():
+    fg, bg, crs = read_geometries(str(DEMO / "reference_houses.geojson"))
+    return ReferenceSpec(str(DEMO / "reference.tif"), fg, bg, crs=crs, ref_id="close")
+
+
+@pytest.fixture(scope="module")
+def spread_spec(shared_data):
+    return spread_reference(shared_data / "oam_mosaics" / "zanzibar.tif")
+
+
+def test_parse_scale():
+    assert parse_scale("auto") is None and parse_scale(None) is None and parse_scale("") is None
+    assert parse_scale("0.5") == 0.5 and parse_scale("2x") == 2.0 and parse_scale(1) == 1.0
+    for bad in ("-1", "0", "fast", "nan"):
+        with pytest.raises(ValueError):
+            parse_scale(bad)
+
+
+def test_auto_zoom_rule():
+    assert auto_zoom([TARGET_OBJECT_PX] * 3) == 1.0
+    assert auto_zoom([TARGET_OBJECT_PX * 2]) == pytest.approx(0.5)
+    assert auto_zoom([TARGET_OBJECT_PX / 1.6]) == pytest.approx(1.6)
+    assert auto_zoom([TARGET_OBJECT_PX * 1.1]) == 1.0  # within the snap: native
+    assert auto_zoom([1.0]) == MAX_ZOOM and auto_zoom([1e5]) == MIN_ZOOM
+    assert auto_zoom([]) == 1.0
+    c = choose([TARGET_OBJECT_PX * 2], "0.8")
+    assert c.zoom == 0.8 and not c.auto and "0.80x" in c.describe()
+
+
+def test_object_sizes():
+    m = np.zeros((100, 100), bool)
+    m[10:20, 10:20] = True  # 100 px
+    m[50:90, 50:60] = True  # 400 px
+    assert sorted(object_sizes(m)) == [10.0, 20.0]
+    assert object_sizes(np.zeros((5, 5), bool)).size == 0
+
+
+def test_plan_crops_spread_marks_become_several_native_crops():
+    boxes = [(100, 100, 200, 200), (3800, 3800, 3900, 3900), (150, 3700, 250, 3800)]
+    crops = plan_crops(boxes, 1.0, 4096, 4096, crop_size=1024)
+    assert len(crops) == 3 and all(c[2] == c[3] == 1024 for c in crops)
+    for x0, y0, x1, y1 in boxes:  # every object inside one crop
+        assert any(c0 <= x0 and x1 <= c0 + w and r0 <= y0 and y1 <= r0 + h for c0, r0, w, h in crops)
+    # close marks: one crop; at zoom 0.5 a crop covers 2048 native pixels
+    assert len(plan_crops(boxes[:1] + [(600, 600, 700, 700)], 1.0, 4096, 4096)) == 1
+    assert len(plan_crops([(0, 0, 100, 100), (1500, 1500, 1600, 1600)], 0.5, 4096, 4096)) == 1
+    # never more than max_crops, the heaviest kept
+    many = [(i * 1100, 0, i * 1100 + 10 + i, 10 + i) for i in range(4)]
+    kept = plan_crops(many, 1.0, 5000, 4096, max_crops=2)
+    assert len(kept) == 2 and kept[0][0] >= 2000
+
+
+def test_spread_marks_keep_the_scale_of_close_marks(demo_spec, spread_spec):
+    """Houses marked 3,500 px apart: the same working scale as houses marked side by side (same object size),
+    several crops at that scale instead of one crop downsampled 3.5x."""
+    close, c_close = reference_set([demo_spec])
+    spread, c_spread = reference_set([spread_spec])
+    assert c_close.auto and c_spread.auto
+    assert c_spread.zoom == pytest.approx(c_close.zoom, rel=0.35)
+    assert len(close) == 1 and len(spread) == len(SPREAD_HOUSES) - 1  # two of the houses share a crop
+    for r in spread:
+        assert r.downsample == pytest.approx(1.0 / c_spread.zoom, rel=0.01)
+        assert max(r.image.shape[:2]) == 1024 and r.mask.any()
+    # the working ground resolution is the same for every crop
+    sizes = {round(r.pixel_size[0], 4) for r in spread}
+    assert len(sizes) == 1
+    # a fixed scale is a fixed scale
+    fixed, c_fixed = reference_set([spread_spec], scale="1")
+    assert c_fixed.zoom == 1.0 and all(r.downsample == 1.0 for r in fixed)
+
+
+def test_scale_follows_object_size_in_pixels(demo_spec, tmp_path):
+    """The same houses on a copy of the raster at half the resolution (houses half as many pixels across): the
+    zoom doubles, so the working ground resolution, and what the model sees, stay the same."""
+    half = tmp_path / "half.tif"
+    with rasterio.open(demo_spec.raster) as src:
+        data = src.read(out_shape=(src.count, src.height // 2, src.width // 2), resampling=Resampling.average)
+        prof = dict(driver="GTiff", dtype=src.dtypes[0], count=src.count, crs=src.crs, width=src.width // 2,
+                    height=src.height // 2, transform=src.transform * src.transform.scale(2, 2))
+    with rasterio.open(half, "w", **prof) as dst:
+        dst.write(data)
+    full_refs, full = reference_set([demo_spec])
+    half_refs, half_c = reference_set([ReferenceSpec(str(half), demo_spec.foreground, crs=demo_spec.crs)])
+    assert half_c.median_object_px == pytest.approx(full.median_object_px / 2, rel=0.05)
+    assert half_c.zoom == pytest.approx(2 * full.zoom, rel=0.05)
+    assert half_refs[0].pixel_size[0] == pytest.approx(full_refs[0].pixel_size[0], rel=0.05)
+
+
+def test_bad_scale_is_one_sentence(demo_spec):
+    with pytest.raises(InputError, match="neither 'auto' nor a positive number"):
+        RunParams("building", (demo_spec,), (demo_spec.raster,), scale="big")
+    p = RunParams("building", (demo_spec,), (demo_spec.raster,), scale="0.5")
+    assert RunParams.from_json(p.to_json()).scale == "0.5"
+    assert math.isclose(float(p.scale), 0.5)
