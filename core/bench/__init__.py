@@ -55,14 +55,20 @@ report.py    speed steps, best thread counts, notes, bench.md
 """
 
 from .cli import DEFAULT_REFERENCE, DEFAULT_REFERENCE_GEOMETRY, DEFAULT_TARGET, SCHEMA, SECTIONS, add_arguments, run
-from .e2e import E2E_KINDS, E2E_VARIANTS, make_random_adapters, run_e2e, run_params, variant
+from .decoder import bench_decoder
+from .e2e import E2E_KINDS, E2E_VARIANTS, E2EVariant, make_random_adapters, run_e2e, run_params, variant
+from .encoder import bench_encoders, count_gflop, fuse_conv_bn, mask_agreement
 from .inputs import mosaic_vrt, real_tile, reference_spec
 from .machine import machine_info, race
+from .memory import bench_memory, memory_child
 from .probe import Probe
-from .report import render_markdown
+from .report import best_threads, render_markdown, speed_steps
+from .roofline import bench_roofline, matmul_gflops
 
 __all__ = [
     "DEFAULT_REFERENCE", "DEFAULT_REFERENCE_GEOMETRY", "DEFAULT_TARGET", "SCHEMA", "SECTIONS", "add_arguments", "run",
-    "E2E_KINDS", "E2E_VARIANTS", "make_random_adapters", "run_e2e", "run_params", "variant", "mosaic_vrt",
-    "real_tile", "reference_spec", "machine_info", "race", "Probe", "render_markdown",
+    "bench_decoder", "E2E_KINDS", "E2E_VARIANTS", "E2EVariant", "make_random_adapters", "run_e2e", "run_params",
+    "variant", "bench_encoders", "count_gflop", "fuse_conv_bn", "mask_agreement", "mosaic_vrt", "real_tile",
+    "reference_spec", "machine_info", "race", "bench_memory", "memory_child", "Probe", "best_threads",
+    "render_markdown", "speed_steps", "bench_roofline", "matmul_gflops",
 ]

@@ -1,4 +1,5 @@
-"""Timers around one ``pipeline.run`` (engine methods, module hooks, the predictor class): no change to the model code."""
+"""Timers around one ``pipeline.run`` (engine methods, module hooks, the predictor class): no change to the
+model code."""
 
 from __future__ import annotations
 

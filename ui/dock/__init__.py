@@ -81,7 +81,6 @@ class ViRefSamDock(ReferenceSection, TargetsSection, ModelSection, RunSection, Q
         self._reference_layer_changed()
         self._references_changed()
 
-
     # ================================================================================================ UI ======
     def _build_ui(self) -> None:
         body = QWidget()
