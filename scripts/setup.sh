@@ -33,12 +33,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv --system-site-packages .venv
 fi
 stamp=.venv/.requirements.sha256
-want=$(cat requirements.txt requirements-dev.txt requirements-nodeps.txt | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing Python requirements into .venv"
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt 2>&1 \
-    | grep -v "^WARNING: Location" || true
-  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt 2>&1 \
     | grep -v "^WARNING: Location" || true
   .venv/bin/python -W ignore -c "import numpy, torch, segment_anything, mobile_sam, onnxruntime; assert numpy.__version__ < '2'" 2>/dev/null \
     || { echo "setup: the Python requirements did not install; see the pip output above." >&2; exit 1; }

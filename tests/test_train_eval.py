@@ -154,3 +154,26 @@ def test_ctrl_c_message_of_other_commands_and_of_a_training_without_checkpoint(t
     argv = ["train", "--data", "d", "--fold", "0", "--out", str(tmp_path / "old"), "--resume"]
     msg = _interrupted(parser.parse_args(argv), argv, 2_000_000.0)
     assert "unchanged" in msg and msg.endswith("python -m core " + " ".join(argv))
+
+
+def test_eval_takes_the_shipped_adapters_by_name(tiny_folder, tmp_path):
+    """``eval --adapters default`` loads the adapters shipped for --model (the file segment, bench, Processing and
+    the dock use for 'default', through core.pipeline.resolve_adapters); 'none' skips the virefsam mode."""
+    from core.pipeline import default_adapters
+    from core.training.train import file_sha256
+
+    shipped = default_adapters("embedded")
+    if shipped is None:
+        pytest.skip("no adapters are shipped for the embedded model")
+    torch.set_num_threads(2)
+    common = ["eval", "--data", str(tiny_folder), "--fold", "0", "--device", "cpu", "--feature-cache",
+              str(tmp_path / "features"), "--quiet", "--shots", "1", "--episodes", "1"]
+    report = tmp_path / "eval.json"
+    assert cli.main(common + ["--modes", "virefsam", "--adapters", "default", "--json", str(report)]) == 0
+    rep = json.loads(report.read_text())
+    assert rep["adapters"]["sha256"] == file_sha256(shipped) and rep["modes"] == {"virefsam": "ok"}
+    assert 0.0 <= rep["results"]["1-shot"]["modes"]["virefsam"]["miou"] <= 100.0
+    assert cli.main(common + ["--modes", "virefsam,training_free", "--adapters", "none", "--json", str(report)]) == 0
+    rep = json.loads(report.read_text())
+    assert rep["adapters"] is None and rep["modes"]["virefsam"] == "skipped: no --adapters"
+    assert cli.main(common + ["--modes", "virefsam", "--adapters", str(tmp_path / "missing.pt")]) == 2

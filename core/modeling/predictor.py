@@ -43,6 +43,7 @@ from .training_free import (
     static_prompts_from_mask,
     training_free_logits,
 )
+from .virefsam import ViRefSAM
 
 MODES = ("virefsam", "training_free", "static_prompt")
 
@@ -124,8 +125,6 @@ class ReferencePredictor:
             mode = "training_free"
         self.mode = mode
         if mode == "virefsam":
-            from .virefsam import ViRefSAM
-
             if isinstance(adapters, ViRefSAM):
                 model = adapters
             elif isinstance(adapters, (str, Path)):

@@ -268,11 +268,3 @@ class ViRefSAM(nn.Module):
             "margin": margin,
             "mask_input": mask_input,
         }
-
-
-def __getattr__(name: str):  # ARCHITECTURE.md names virefsam.ReferencePredictor; it lives in predictor.py
-    if name == "ReferencePredictor":
-        from .predictor import ReferencePredictor
-
-        return ReferencePredictor
-    raise AttributeError(name)

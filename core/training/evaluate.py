@@ -28,6 +28,7 @@ import json
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Optional
 
 from ..errors import InputError
 
@@ -46,8 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-pixels", type=int, default=None)
     p.add_argument("--modes", default="virefsam,training_free,static_prompt,vcp_no_dta")
-    p.add_argument("--adapters", default=None, help="trained adapters (.pt from train)")
-    p.add_argument("--ablation-adapters", default=None, help="adapters trained with --no-dta")
+    p.add_argument("--adapters", default=None,
+                   help="trained VCP+DTA weights, as for segment: 'default' (shipped for --model), 'none' or a .pt "
+                        "path (default: none, the virefsam modes are skipped)")
+    p.add_argument("--ablation-adapters", default=None, help="adapters trained with --no-dta (as --adapters)")
     p.add_argument("--model", default="embedded")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--device", default="auto")
@@ -67,6 +70,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def adapters_file(name: Optional[str], model: str) -> Optional[Path]:
+    """``--adapters`` / ``--ablation-adapters`` as a file, through the one resolver of segment, bench, Processing
+    and the dock (:func:`core.pipeline.resolve_adapters`): 'default' = the shipped file of ``model`` (None where
+    none is shipped), 'none' or nothing = None, else a path that must exist (ModelError)."""
+    if not name or name.lower() == "none":
+        return None
+    from ..params import ModelParams
+    from ..pipeline import resolve_adapters
+
+    return resolve_adapters(ModelParams(name=model, adapters=name))
+
+
 def _predictors(args, engine):
     """mode -> (ReferencePredictor, note) for the requested modes; skipped modes -> (None, reason)."""
     from ..modeling.predictor import ReferencePredictor
@@ -74,6 +89,8 @@ def _predictors(args, engine):
     from ..modeling.virefsam import ViRefSAM
 
     out = OrderedDict()
+    adapters = adapters_file(args.adapters, args.model)
+    ablation = adapters_file(args.ablation_adapters, args.model)
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         if mode not in MODES:
             raise InputError(f"Unknown mode '{mode}': choose from {', '.join(MODES)}.")
@@ -81,17 +98,17 @@ def _predictors(args, engine):
             out[mode] = (ReferencePredictor(engine, mode=mode, seed=args.seed, bg=args.bg,
                                             decoder_context=decoder_context(getattr(args, "decoding", "local"))), "")
         elif mode == "virefsam":
-            if not args.adapters:
-                out[mode] = (None, "skipped: no --adapters")
+            if adapters is None:
+                out[mode] = (None, _no_adapters(args))
                 continue
-            model = ViRefSAM.from_adapters(engine.sam, args.adapters, seed=args.seed)
+            model = ViRefSAM.from_adapters(engine.sam, adapters, seed=args.seed)
             out[mode] = (ReferencePredictor(engine, mode="virefsam", adapters=model, seed=args.seed, bg=args.bg), "")
         else:  # vcp_no_dta
-            if args.ablation_adapters:
-                model = ViRefSAM.from_adapters(engine.sam, args.ablation_adapters, seed=args.seed)
-                note = f"adapters trained with --no-dta: {args.ablation_adapters}"
-            elif args.adapters:
-                model = ViRefSAM.from_adapters(engine.sam, args.adapters, seed=args.seed)
+            if ablation is not None:
+                model = ViRefSAM.from_adapters(engine.sam, ablation, seed=args.seed)
+                note = f"adapters trained with --no-dta: {ablation}"
+            elif adapters is not None:
+                model = ViRefSAM.from_adapters(engine.sam, adapters, seed=args.seed)
                 note = "test-time ablation: the DTA branches of --adapters switched off"
             else:
                 out[mode] = (None, "skipped: no --adapters / --ablation-adapters")
@@ -129,6 +146,12 @@ def _episode_row(ep, zoom: float, data, pred_mask) -> dict:
             "ref_px": round(float(np.median(r)) * zoom, 1) if r.size else None}
 
 
+def _no_adapters(args) -> str:
+    if (args.adapters or "").lower() == "default":
+        return f"skipped: no adapters are shipped for the model '{args.model}'"
+    return "skipped: no --adapters"
+
+
 def disable_dta(model) -> None:
     """Zero every DTA adapter's (zero-initialised) output projection: the adapted encoder pass then returns the
     plain embedding exactly, and VCP works alone."""
@@ -139,6 +162,10 @@ def disable_dta(model) -> None:
         for ad in model.encoder.adapters:
             ad.up.weight.zero_()
             ad.up.bias.zero_()
+
+
+def _file_record(path: Optional[Path], sha256) -> Optional[dict]:
+    return {"path": str(path.resolve()), "sha256": sha256(path)} if path is not None else None
 
 
 def run(args) -> int:
@@ -161,10 +188,8 @@ def run(args) -> int:
         model=backbone, device=str(engine.device), precision=args.precision,
         decoding=getattr(args, "decoding", "local"), scale=str(getattr(args, "scale", "none")),
         bg=getattr(args, "bg", "joint"),
-        adapters=({"path": str(Path(args.adapters).resolve()), "sha256": file_sha256(args.adapters)}
-                  if args.adapters else None),
-        ablation_adapters=({"path": str(Path(args.ablation_adapters).resolve()),
-                            "sha256": file_sha256(args.ablation_adapters)} if args.ablation_adapters else None),
+        adapters=_file_record(adapters_file(args.adapters, args.model), file_sha256),
+        ablation_adapters=_file_record(adapters_file(args.ablation_adapters, args.model), file_sha256),
         modes={m: (note or "ok") for m, (_, note) in preds.items()},
         results=OrderedDict(),
     )

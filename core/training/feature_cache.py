@@ -1,4 +1,4 @@
-"""On-disk cache of frozen features per image, for training, evaluation and the feature study.
+"""On-disk cache of frozen features per image, for training and evaluation.
 
 The frozen SAM image encoder dominates the cost on a CPU (2-6 s per 1024-px image here) and its output does not
 depend on the episode, the class or the adapters: a reference's features and a target's *plain* embedding are
