@@ -45,7 +45,8 @@ def test_zip_holds_the_plugin_and_nothing_else(plugin_zip):
     rel = {n[len("virefsam/"):] for n in names}
     for needed in ("metadata.txt", "LICENSE", "__init__.py", "plugin.py", "requirements.txt", "ui/dock.py",
                    "core/pipeline.py", "resources/icon.svg",
-                   "resources/adapters/embedded_virefsam.pt"):
+                   "resources/adapters/embedded_virefsam.pt", "ui/installer.py", "ui/install_panel.py",
+                   "ui/pip_install.py", "ui/deps_folder.py"):
         assert needed in rel, needed
     assert not [n for n in rel if n.startswith(("tests/", "scripts/", "docs/", ".venv", "out/", "dist/", "."))]
     assert not [n for n in rel if "__pycache__" in n or n.endswith((".pyc", ".part"))]

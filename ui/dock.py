@@ -145,6 +145,13 @@ class ViRefSamDock(QgsDockWidget):
         layout = QVBoxLayout(body)
         layout.setContentsMargins(4, 4, 4, 4)
 
+        # [install panel hook, issue 16] "Install dependencies" / Repair / Remove (ui/install_panel.py); it shows
+        # itself when the engine's packages are missing and is shut down in shutdown().
+        from .install_panel import InstallPanel
+
+        self.install_panel = InstallPanel(self.iface)
+        layout.addWidget(self.install_panel)
+
         # -- class and reference -------------------------------------------------------------------------------
         ref_box = QgsCollapsibleGroupBox("1. Class and reference")
         form = QFormLayout(ref_box)
@@ -949,6 +956,7 @@ class ViRefSamDock(QgsDockWidget):
     def shutdown(self) -> None:
         """Plugin unload: stop listening, cancel a run, take every tool and canvas item away."""
         self._preview_timer.stop()
+        self.install_panel.shutdown()  # [install panel hook, issue 16]
         for signal, slot in (
             (self.project.layersAdded, self._layers_changed),
             (self.project.layersRemoved, self._layers_changed),

@@ -1,0 +1,170 @@
+"""The dock's "Dependencies" panel: Install dependencies, progress, Cancel, Open log, Repair / reinstall, Remove.
+
+Shown open at the top of the dock when the engine's packages are missing or a previous install is
+half-finished; collapsed (for Repair / Remove) when the profile's folder is installed; hidden when the packages
+come from elsewhere (a developer's venv) and the profile has no folder.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from qgis.core import Qgis
+from qgis.gui import QgsCollapsibleGroupBox
+from qgis.PyQt.QtCore import QUrl, pyqtSignal
+from qgis.PyQt.QtGui import QDesktopServices
+from qgis.PyQt.QtWidgets import QComboBox, QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout
+
+from . import deps_folder, installer, pip_install
+from .deps import missing_dependencies
+
+TITLE = "ViRefSAM"
+
+
+class InstallPanel(QgsCollapsibleGroupBox):
+    """Emits ``installed`` after a successful install (the folder is then on sys.path already)."""
+
+    installed = pyqtSignal()
+
+    def __init__(self, iface, parent=None) -> None:
+        super().__init__("Dependencies", parent)
+        self.setObjectName("virefsam_install_panel")
+        self.iface = iface
+        self.task: Optional[installer.InstallTask] = None
+        self._gpu: Optional[bool] = None
+
+        layout = QVBoxLayout(self)
+        self.status_label = QLabel()
+        self.status_label.setObjectName("deps_status")
+        self.status_label.setWordWrap(True)
+        layout.addWidget(self.status_label)
+
+        row = QHBoxLayout()
+        row.addWidget(QLabel("PyTorch build"))
+        self.variant_combo = QComboBox()
+        self.variant_combo.setObjectName("deps_variant")
+        self.variant_combo.addItem("CPU", "cpu")
+        self.variant_combo.addItem("CUDA (NVIDIA GPU)", "cuda")
+        self.variant_combo.setToolTip("CUDA is offered when an NVIDIA driver is present (nvidia-smi); the CPU "
+                                      "build works everywhere and is the smaller download.")
+        row.addWidget(self.variant_combo, 1)
+        layout.addLayout(row)
+
+        buttons = QHBoxLayout()
+        self.install_button = QPushButton("Install dependencies")
+        self.install_button.setObjectName("deps_install")
+        self.repair_button = QPushButton("Repair / reinstall")
+        self.repair_button.setObjectName("deps_repair")
+        self.remove_button = QPushButton("Remove")
+        self.remove_button.setObjectName("deps_remove")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setObjectName("deps_cancel")
+        self.log_button = QPushButton("Open log")
+        self.log_button.setObjectName("deps_log")
+        for b in (self.install_button, self.repair_button, self.remove_button, self.cancel_button, self.log_button):
+            buttons.addWidget(b)
+        layout.addLayout(buttons)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setObjectName("deps_progress")
+        self.progress_bar.setRange(0, 100)
+        layout.addWidget(self.progress_bar)
+
+        self.install_button.clicked.connect(lambda: self.start())
+        self.repair_button.clicked.connect(lambda: self.start())
+        self.remove_button.clicked.connect(self.remove)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.log_button.clicked.connect(self.open_log)
+        self.variant_combo.setCurrentIndex(1 if self.gpu_present() else 0)  # CUDA when an NVIDIA driver answers
+        self.refresh()
+
+    # -- state -----------------------------------------------------------------------------------------------------
+    def gpu_present(self) -> bool:
+        if self._gpu is None:
+            self._gpu = pip_install.nvidia_driver()
+        return self._gpu
+
+    def refresh(self) -> None:
+        folder = installer.profile_deps_dir()
+        st = deps_folder.state(folder)
+        missing = missing_dependencies()
+        running = self.task is not None
+        gpu = self.gpu_present()
+        self.variant_combo.model().item(1).setEnabled(gpu)
+        if not gpu:
+            self.variant_combo.setCurrentIndex(0)
+        if running:
+            text = "Installing ViRefSAM's dependencies in the background (Cancel stops pip)."
+        elif st == deps_folder.INCOMPLETE:
+            text = ("A previous install did not finish, so it is not used: click Repair / reinstall "
+                    f"(needs about {self._needed_gb():.1f} GB free).")
+        elif missing:
+            text = (f"ViRefSAM needs PyTorch and a few other Python packages ({', '.join(missing)} missing). "
+                    f"Install dependencies downloads them (about {self._needed_gb():.1f} GB on disk) into a folder of "
+                    "this QGIS profile and leaves QGIS's own packages alone.")
+        elif st == deps_folder.COMPLETE:
+            text = f"Dependencies installed in {folder}."
+        else:
+            text = "The dependencies come from this Python's own packages."
+        self.status_label.setText(text)
+        self.install_button.setVisible(not running and st == deps_folder.ABSENT and bool(missing))
+        self.repair_button.setVisible(not running and st != deps_folder.ABSENT)
+        self.remove_button.setVisible(not running and st != deps_folder.ABSENT)
+        self.cancel_button.setVisible(running)
+        self.log_button.setEnabled(installer.log_path().is_file())
+        self.progress_bar.setVisible(running)
+        self.variant_combo.setEnabled(not running)
+        needed = bool(missing) or st == deps_folder.INCOMPLETE or running
+        self.setVisible(needed or st == deps_folder.COMPLETE)
+        self.setCollapsed(not needed)
+
+    def _needed_gb(self) -> float:
+        variant = self.variant_combo.currentData() or "cpu"
+        return pip_install.NEEDED_BYTES.get(variant, pip_install.NEEDED_BYTES["cpu"]) / 1e9
+
+    # -- actions ---------------------------------------------------------------------------------------------------
+    def start(self, plan: Optional[pip_install.Plan] = None) -> Optional[installer.InstallTask]:
+        """Start the install task (``plan``: tests give a small one). Returns the task."""
+        if self.task is not None:
+            return None
+        self.progress_bar.setValue(0)
+        self.task = installer.start_install(self.variant_combo.currentData(), on_finished=self._finished,
+                                            on_progress=self._progress, plan=plan)
+        self.refresh()
+        return self.task
+
+    def _progress(self, fraction: float, message: str) -> None:
+        self.progress_bar.setValue(int(round(100 * fraction)))
+        if message:
+            self.progress_bar.setFormat(f"%p%  {message[:60]}")
+
+    def _finished(self, ok: bool, message: str) -> None:
+        self.task = None
+        self.iface.messageBar().pushMessage(TITLE, message, Qgis.Success if ok else Qgis.Warning, 10 if ok else 0)
+        self.refresh()
+        if ok:
+            self.installed.emit()
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    def remove(self) -> None:
+        try:
+            message, level = installer.remove_folder(), Qgis.Info
+        except pip_install.InstallError as exc:
+            message, level = str(exc), Qgis.Warning
+        self.iface.messageBar().pushMessage(TITLE, message, level, 10)
+        self.refresh()
+
+    def open_log(self) -> None:
+        path = installer.log_path()
+        if path.is_file():
+            QDesktopServices.openUrl(QUrl.fromLocalFile(str(path)))
+
+    def shutdown(self) -> None:
+        """Dock closing / plugin unload: a running install is cancelled (pip killed) and forgets the panel."""
+        if self.task is not None:
+            self.task.on_finished = None
+            self.task.on_progress = None
+            self.task.cancel()
+            self.task = None
