@@ -1,8 +1,8 @@
 """The dock's "Dependencies" panel: Install dependencies, progress, Cancel, Open log, Repair / reinstall, Remove.
 
-Shown open at the top of the dock when the engine's packages are missing or a previous install is
-half-finished; collapsed (for Repair / Remove) when the profile's folder is installed; hidden when the packages
-come from elsewhere (a developer's venv) and the profile has no folder.
+Shown at the top of the dock when the engine's packages are missing or a previous install is half-finished;
+one line with Repair / reinstall and Remove when the profile's folder is installed; hidden when the packages come
+from elsewhere (a developer's venv) and the profile has no folder.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Optional
 
 from qgis.core import Qgis
-from qgis.gui import QgsCollapsibleGroupBox
 from qgis.PyQt.QtCore import QUrl, pyqtSignal
 from qgis.PyQt.QtGui import QDesktopServices
-from qgis.PyQt.QtWidgets import QComboBox, QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout
+from qgis.PyQt.QtWidgets import (QComboBox, QGroupBox, QHBoxLayout, QLabel, QProgressBar, QPushButton,
+                                 QVBoxLayout, QWidget)
 
 from . import deps_folder, installer, pip_install
 from .deps import missing_dependencies
@@ -21,7 +21,7 @@ from .deps import missing_dependencies
 TITLE = "ViRefSAM"
 
 
-class InstallPanel(QgsCollapsibleGroupBox):
+class InstallPanel(QGroupBox):
     """Emits ``installed`` after a successful install (the folder is then on sys.path already)."""
 
     installed = pyqtSignal()
@@ -39,7 +39,9 @@ class InstallPanel(QgsCollapsibleGroupBox):
         self.status_label.setWordWrap(True)
         layout.addWidget(self.status_label)
 
-        row = QHBoxLayout()
+        self.variant_row = QWidget()
+        row = QHBoxLayout(self.variant_row)
+        row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(QLabel("PyTorch build"))
         self.variant_combo = QComboBox()
         self.variant_combo.setObjectName("deps_variant")
@@ -48,7 +50,7 @@ class InstallPanel(QgsCollapsibleGroupBox):
         self.variant_combo.setToolTip("CUDA is offered when an NVIDIA driver is present (nvidia-smi); the CPU "
                                       "build works everywhere and is the smaller download.")
         row.addWidget(self.variant_combo, 1)
-        layout.addLayout(row)
+        layout.addWidget(self.variant_row)
 
         buttons = QHBoxLayout()
         self.install_button = QPushButton("Install dependencies")
@@ -114,8 +116,8 @@ class InstallPanel(QgsCollapsibleGroupBox):
         self.progress_bar.setVisible(running)
         self.variant_combo.setEnabled(not running)
         needed = bool(missing) or st == deps_folder.INCOMPLETE or running
+        self.variant_row.setVisible(needed)
         self.setVisible(needed or st == deps_folder.COMPLETE)
-        self.setCollapsed(not needed)
 
     def _needed_gb(self) -> float:
         variant = self.variant_combo.currentData() or "cpu"

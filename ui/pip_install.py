@@ -343,12 +343,15 @@ def run_pip(plan: Plan, progress: Progress = None, is_cancelled: Cancelled = Non
                 lines.put(ln)
             lines.put(None)
 
-        threading.Thread(target=pump, daemon=True).start()
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
         done = False
         while not done:
             if is_cancelled is not None and is_cancelled():
                 _kill(proc)
                 proc.wait()
+                reader.join(timeout=10)
+                proc.stdout.close()  # type: ignore[union-attr]
                 log.write("\n-- cancelled: pip was stopped --\n")
                 raise InstallCancelled("The install was cancelled; the half-finished folder is not used: click "
                                        "Repair / reinstall to install again.")
@@ -365,6 +368,7 @@ def run_pip(plan: Plan, progress: Progress = None, is_cancelled: Cancelled = Non
             if step is not None and progress is not None:
                 progress(*step)
         code = proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
         log.write(f"\n-- pip exit code {code} --\n")
     if code != 0:
         text = plan.log_path.read_text(encoding="utf-8", errors="replace")
