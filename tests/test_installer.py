@@ -194,3 +194,13 @@ def test_full_engine_install(tmp_path):
     assert info["modules"]["numpy"] == QGIS_NUMPY
     assert Path(info["modules"]["torch"]).resolve().is_relative_to(plan.folder.resolve())
     print(f"full install: {info['seconds']} s, {info['bytes'] / 1e9:.2f} GB")
+
+
+def test_unreachable_torch_cpu_index_falls_back_to_pypi(tmp_path, monkeypatch):
+    monkeypatch.setattr(pip_install, "TORCH_CPU_INDEX", "http://127.0.0.1:9/whl/cpu")
+    plan = small_plan(tmp_path, index_args=["--index-url", "http://127.0.0.1:9/whl/cpu", "--extra-index-url",
+                                            pip_install.PYPI])
+    pip_install.pypi_fallback(plan)
+    assert plan.index_args == []  # PyPI only
+    if sys.platform.startswith("linux"):
+        assert plan.needed_bytes == pip_install.NEEDED_BYTES["cuda"]  # PyPI's Linux torch is the CUDA build

@@ -55,7 +55,9 @@ CHECK_MODULES = ("numpy", "torch", "torchvision", "segment_anything", "mobile_sa
 PYPI = "https://pypi.org/simple"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu128"  # Windows; Linux's PyPI torch is the CUDA build
-# Room needed while installing (the wheels are unpacked; no pip cache is kept), measured with some margin.
+# Room needed while installing (downloaded wheels + unpacked packages; no pip cache is kept). Estimates: the CUDA
+# set of this project's venv takes 5.5 GB installed (torch 1.2, nvidia 3.2, triton 0.9 GB); the CPU wheels of
+# torch are far smaller. Not measured for the CPU set (download.pytorch.org is unreachable from the dev machine).
 NEEDED_BYTES = {"cpu": 2_500_000_000, "cuda": 9_000_000_000}
 
 Progress = Optional[Callable[[float, str], None]]
@@ -247,6 +249,20 @@ def check_network(plan: Plan, timeout: float = 15) -> None:
             reason = getattr(exc, "reason", exc)
             raise InstallError(f"The package index {host} cannot be reached ({reason}): check the network "
                                "connection (or the proxy) and try again.") from None
+
+
+def pypi_fallback(plan: Plan) -> None:
+    """PyTorch's CPU index unreachable (a firewall that lets PyPI through): take torch from PyPI instead (on
+    Linux that is the larger CUDA build, which runs on the CPU too; the disk needed grows accordingly)."""
+    if TORCH_CPU_INDEX not in plan.index_args:
+        return
+    try:
+        check_network(Plan(folder=plan.folder, requirements=[], constraints=[],
+                           index_args=["--index-url", TORCH_CPU_INDEX]), timeout=10)
+    except InstallError:
+        plan.index_args = []
+        if sys.platform.startswith("linux"):
+            plan.needed_bytes = max(plan.needed_bytes, NEEDED_BYTES["cuda"])
 
 
 def check_pip(python: str) -> None:
@@ -453,6 +469,7 @@ def install(plan: Plan, progress: Progress = None, is_cancelled: Cancelled = Non
     plan.python = plan.python or find_python()
     say(0.0, "Checking pip, the network and the disk")
     check_pip(plan.python)
+    pypi_fallback(plan)
     check_network(plan)
     check_disk(plan)
     remove(plan.folder)  # a repair starts clean
