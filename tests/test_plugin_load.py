@@ -153,7 +153,7 @@ MISSING_TORCH = textwrap.dedent(
     # the dock still opens, and Run repeats the install sentence instead of failing
     plugin.action.trigger()
     panel = plugin.dock.install_panel
-    panel_shown = panel.isVisible() and panel.install_button.isVisible()
+    panel_shown = panel.isVisibleTo(plugin.dock) and panel.install_button.isVisibleTo(plugin.dock)
     iface.messageBar().clearWidgets()
     plugin.dock.run()
     run_texts = [item.text() for item in iface.messageBar().items()]
