@@ -262,6 +262,7 @@ def pypi_fallback(plan: Plan) -> None:
     except InstallError:
         plan.index_args = []
         if sys.platform.startswith("linux"):
+            plan.variant = "cuda"
             plan.needed_bytes = max(plan.needed_bytes, NEEDED_BYTES["cuda"])
 
 
