@@ -49,6 +49,9 @@ QGIS_PROVIDED: Dict[str, str] = {
     "matplotlib": "matplotlib", "Pillow": "PIL", "h5py": "h5py", "netCDF4": "netCDF4", "psycopg2": "psycopg2",
     "lxml": "lxml",
 }
+# Build tools pulled in by torch's metadata but not used by the engine: QGIS's own copies stay the ones imported
+# (a newer setuptools first on sys.path could hide pkg_resources from QGIS and other plugins).
+BUILD_TOOLS = ("setuptools", "pip", "wheel")
 # The engine's modules, imported by the check after install (module names).
 CHECK_MODULES = ("numpy", "torch", "torchvision", "segment_anything", "mobile_sam", "timm", "onnx", "onnxruntime")
 
@@ -476,7 +479,8 @@ def install(plan: Plan, progress: Progress = None, is_cancelled: Cancelled = Non
     remove(plan.folder)  # a repair starts clean
     plan.folder.mkdir(parents=True)
     run_pip(plan, progress, is_cancelled)
-    pruned = prune_provided(plan.folder, [c.split("==")[0] for c in plan.constraints])
+    provided = [c.split("==")[0] for c in plan.constraints] + [t for t in BUILD_TOOLS if importlib.util.find_spec(t)]
+    pruned = prune_provided(plan.folder, provided)
     say(0.95, "Checking that the packages import")
     files = check_imports(plan)
     info = {
