@@ -45,7 +45,8 @@ def _open(url: str):
         reason = getattr(exc, "reason", None) or exc
         raise NetworkError(
             f"The npm registry could not be reached ({reason}): check the network connection (or a proxy), or "
-            "fetch the tarball on another machine and give it with --model-file."
+            "fetch the tarball on another machine and give it with setup-model --model-file (in QGIS: Model from "
+            "file… in the ViRefSAM dock)."
         ) from None
 
 
