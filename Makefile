@@ -8,7 +8,7 @@ OUT ?= out
 export QT_QPA_PLATFORM ?= offscreen
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test demo bench qgis screenshot train eval clean
+.PHONY: setup test demo bench qgis screenshot train eval clean package
 
 setup:
 	@bash scripts/setup.sh
@@ -30,5 +30,9 @@ qgis: setup
 screenshot: setup
 	@bash scripts/qgis.sh --screenshot $(OUT)/screenshot.png
 
+# The plugin ZIP for QGIS's Plugins > Install from ZIP (dist/virefsam-<version>.zip; stdlib only, no set-up).
+package:
+	@python3 scripts/package.py --out dist
+
 clean:
-	rm -rf $(OUT) .pytest_cache
+	rm -rf $(OUT) .pytest_cache dist

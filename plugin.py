@@ -4,7 +4,11 @@ Processing provider.
 ``unload()`` takes away everything ``initGui()`` added (actions, menu entry, dock, map tools, rubber bands,
 provider, message-bar item), so loading and unloading repeatedly leaves QGIS as it was. A missing Python
 dependency (torch, segment_anything, ...) does not stop the plugin from loading: it is reported once in the
-message bar with the pip command that installs it.
+message bar, which points to the dock's "Install dependencies" (``ui/installer.py``).
+
+Before anything imports the engine, every plugin start (desktop, Processing, ``qgis_process``) puts the
+plugin's own package folder in the QGIS profile on ``sys.path`` when its install completed
+(``ui/deps_folder.py``); a half-finished folder is never used and is reported once.
 """
 
 from __future__ import annotations
@@ -17,11 +21,19 @@ from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction
 
+from .ui import deps_folder
 from .ui.deps import install_message, missing_dependencies
 
 PLUGIN_DIR = os.path.dirname(os.path.abspath(__file__))
 ICON = os.path.join(PLUGIN_DIR, "resources", "icon.svg")
 MENU = "&ViRefSAM"
+INCOMPLETE_MESSAGE = ("A previous install of ViRefSAM's dependencies did not finish, so it is not used: open the "
+                      'ViRefSAM dock and click "Repair / reinstall".')
+
+
+def activate_dependencies() -> str:
+    """Put the profile's complete dependency folder on sys.path (never a half-finished one); its state."""
+    return deps_folder.activate(deps_folder.deps_dir(QgsApplication.qgisSettingsDirPath()))
 
 
 class ViRefSamPlugin:
@@ -32,6 +44,7 @@ class ViRefSamPlugin:
         self.provider = None
         self.dependency_message = None
         self.missing = []
+        self.deps_state = activate_dependencies()  # before any engine import
 
     # -- Processing (also called alone by qgis_process) ---------------------------------------------------------
     def initProcessing(self) -> None:  # noqa: N802 (QGIS's name)
@@ -55,7 +68,8 @@ class ViRefSamPlugin:
         self.missing = missing_dependencies()
         if self.missing:
             bar = self.iface.messageBar()
-            self.dependency_message = bar.createMessage("ViRefSAM", install_message(self.missing))
+            text = INCOMPLETE_MESSAGE if self.deps_state == deps_folder.INCOMPLETE else install_message(self.missing)
+            self.dependency_message = bar.createMessage("ViRefSAM", text)
             self.dependency_message.setLevel(Qgis.Warning)
             bar.pushItem(self.dependency_message)
 

@@ -152,12 +152,14 @@ MISSING_TORCH = textwrap.dedent(
     texts = [item.text() for item in iface.messageBar().items()]
     # the dock still opens, and Run repeats the install sentence instead of failing
     plugin.action.trigger()
+    panel = plugin.dock.install_panel
+    panel_shown = panel.isVisibleTo(plugin.dock) and panel.install_button.isVisibleTo(plugin.dock)
     iface.messageBar().clearWidgets()
     plugin.dock.run()
     run_texts = [item.text() for item in iface.messageBar().items()]
     unloaded = qgis.utils.unloadPlugin("virefsam")
     left = sorted(m for m in sys.modules if m.split(".")[0] == "virefsam")
-    print("RESULT" + json.dumps({{"ok": bool(ok), "texts": texts, "run_texts": run_texts, "unloaded": unloaded,
+    print("RESULT" + json.dumps({{"ok": bool(ok), "texts": texts, "run_texts": run_texts, "unloaded": unloaded, "panel": panel_shown,
                                   "left": left}}))
     sys.stdout.flush()
     os._exit(0)
@@ -185,8 +187,9 @@ def test_missing_torch_plugin_still_loads_and_says_how_to_install(plugin_parent,
     assert out["left"] == []  # a fresh QGIS: unloading removed every module of the plugin
     assert len(out["texts"]) == 1
     text = out["texts"][0]
-    assert "torch" in text and "pip install" in text and "Couldn't load" not in text
-    assert any("pip install" in t and "torch" in t for t in out["run_texts"])
+    assert "torch" in text and '"Install dependencies"' in text and "Couldn't load" not in text
+    assert any('"Install dependencies"' in t and "torch" in t for t in out["run_texts"])
+    assert out["panel"]  # the dock shows its Install dependencies panel
 
 
 def test_metadata_is_complete_for_the_plugin_repository():
@@ -202,7 +205,7 @@ def test_metadata_is_complete_for_the_plugin_repository():
         assert g.get(key), key
     assert g["name"] == "ViRefSAM" and g["qgisMinimumVersion"] == "3.22" and g["version"] == "0.1.0"
     assert g["category"] == "Raster" and g["experimental"] == "True"
-    assert "pip install" in g["about"] and "2507.02294" in g["about"]
+    assert '"Install dependencies"' in g["about"] and "2507.02294" in g["about"]
     assert (root / g["icon"]).is_file()
     from qgis.PyQt.QtGui import QIcon  # noqa: F401  (the icon is a valid SVG for Qt)
     import xml.dom.minidom

@@ -72,7 +72,7 @@ def test_algorithm_is_registered_with_its_parameters(provider):
               "CHECKPOINT", "MODE", "DEVICE", "PRECISION", "DECODING", "TILE_SIZE", "OVERLAP", "THRESHOLD",
               "MIN_AREA", "SIMPLIFY", "OUTPUT"):
         assert n in names
-    assert "pip install" in alg.shortHelpString()
+    assert '"Install dependencies"' in alg.shortHelpString() and "pip install" in alg.shortHelpString()
     assert [o.name() for o in alg.outputDefinitions()] == ["OUTPUT", "N_OBJECTS"]
 
 

@@ -1,4 +1,5 @@
-"""Which Python packages the engine needs, and the one sentence that says how to install the missing ones.
+"""Which Python packages the engine needs, and the one sentence that says where to install the missing ones
+(the dock's "Install dependencies", :mod:`.installer`).
 
 Checked without importing (``importlib.util.find_spec``) so that QGIS starts fast; a package that is present
 but broken is reported when a run imports it (see :func:`describe_import_error`).
@@ -42,12 +43,14 @@ def pip_command(modules: List[str]) -> str:
     return "python3 -m pip install " + " ".join(f'"{n}"' if "<" in n or ">" in n else n for n in names)
 
 
-def install_message(modules: List[str]) -> str:
-    """One sentence for the message bar: what is missing and the pip command that installs it."""
-    return (
-        f"ViRefSAM needs the Python package(s) {', '.join(modules)}, which QGIS's Python cannot import: install "
-        f"them with `{pip_command(modules)}` (on Windows in the OSGeo4W Shell), then restart QGIS."
-    )
+def install_message(modules: List[str], processing: bool = False) -> str:
+    """One sentence for the message bar (or a Processing error): what is missing and where to install it."""
+    what = f"ViRefSAM needs the Python package(s) {', '.join(modules)}, which QGIS's Python cannot import"
+    if processing:
+        return (f'{what}: open the ViRefSAM dock (Raster menu > ViRefSAM) and click "Install dependencies", then '
+                "run the algorithm again.")
+    return (f'{what}: click "Install dependencies" in the ViRefSAM dock (Raster menu > ViRefSAM); they go into a '
+            "folder of this QGIS profile and leave QGIS's own packages alone.")
 
 
 def describe_import_error(exc: ImportError) -> str:

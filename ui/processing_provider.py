@@ -119,8 +119,9 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             "it, Exact on the whole tile as SAM does.\n"
             "Output: polygons with class_name, score, area, source raster, reference id and model, in the CRS of "
             "the first target raster.\n\n"
-            "Needs the Python packages torch, segment-anything, mobilesam-mirror and timm: "
-            "python3 -m pip install torch torchvision segment-anything mobilesam-mirror timm"
+            "Needs the Python packages torch, segment-anything, mobilesam-mirror and timm: open the ViRefSAM dock "
+            "(Raster menu > ViRefSAM) and click \"Install dependencies\" (or, by hand: python3 -m pip install torch "
+            "torchvision segment-anything mobilesam-mirror timm)."
         )
 
     def createInstance(self):
@@ -319,7 +320,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):
         missing = missing_dependencies()
         if missing:
-            raise QgsProcessingException(install_message(missing))
+            raise QgsProcessingException(install_message(missing, processing=True))
         params = self.build_params(parameters, context)
         first_target_crs = self.parameterAsLayerList(parameters, self.TARGETS, context)[0].crs()
 

