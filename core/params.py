@@ -74,6 +74,8 @@ class RunParams:
     ``decoding`` (training-free mode): ``local`` (default) decodes each candidate object on a crop of the tile's
     embedding around its box (:data:`core.modeling.training_free.DEFAULT_CONTEXT`), ``exact`` on the whole
     tile as SAM does (about 8x slower on CPU, masks IoU ~0.95 with local, the same accuracy against truth).
+    ``cluster``: where the tile loop runs: ``""`` in this process (default), ``local:N`` on N Dask worker processes
+    of this computer, ``tcp://HOST:PORT`` on the workers of an existing Dask scheduler (:mod:`core.cluster`).
     """
 
     class_name: str
@@ -94,6 +96,7 @@ class RunParams:
     match_resolution: bool = True
     seed: int = 0
     decoding: str = "local"
+    cluster: str = ""  # "" this process; "local:N" N Dask worker processes here; "tcp://HOST:PORT" a scheduler
 
     def __post_init__(self) -> None:
         from .errors import InputError
@@ -118,6 +121,10 @@ class RunParams:
                 raise InputError("The ONNX Runtime encoder runs on the CPU in fp32 only: choose 'auto' or 'torch'.")
         if self.decoding not in DECODINGS:
             raise InputError(f"Unknown decoding '{self.decoding}': choose one of {', '.join(DECODINGS)}.")
+        if self.cluster:
+            from .cluster import check_address
+
+            check_address(self.cluster)
         if self.output_format not in FORMATS:
             raise InputError(f"Unknown output format '{self.output_format}': choose gpkg or shp.")
         if not self.references:

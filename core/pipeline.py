@@ -255,7 +255,8 @@ def run(params: RunParams, progress: Optional[Progress] = None,
     """Segment every target raster of ``params`` (see the module docstring)."""
     from .raster import RasterSource
     from .reference import build_reference
-    from .tiling import ProbabilityStitcher, TileGrid, read_tiles, resolution_scale
+    from .executors import make_executor
+    from .tiling import ProbabilityStitcher, TileGrid, resolution_scale
     from .vectorize import to_features, vectorize
     from .writers import write_results
 
@@ -277,6 +278,7 @@ def run(params: RunParams, progress: Optional[Progress] = None,
     adapters = resolve_adapters(params.model) if params.mode == "virefsam" else None
     sources: List = []
     results: List[TargetResult] = []
+    executor = None  # [cluster #17] who runs the tile loop (core.executors)
     try:
         with stage("reference"):  # without SAM: scribbles are densified again once the model is there
             refs = [build_reference(spec, densify=None, crop_size=params.tile_size, bands=params.bands)
@@ -284,6 +286,7 @@ def run(params: RunParams, progress: Optional[Progress] = None,
         for path in params.targets:  # open all first: a bad target fails before any work on the others
             sources.append(RasterSource(path, bands=params.bands))
         check_cancel()
+        executor = make_executor(params, say)  # [cluster #17] a cluster is reached and checked before any work
 
         # 1. model --------------------------------------------------------------------------------------------
         say(0.01, "loading the model")
@@ -344,26 +347,22 @@ def run(params: RunParams, progress: Optional[Progress] = None,
             grids.append(TileGrid(src.width, src.height, params.tile_size, params.overlap, scale))
         total_tiles = max(1, sum(len(g) for g in grids))
         done = 0
+        # [cluster #17] the tile loop: in this process, or on a Dask cluster given the predictor's references
+        executor.start(lambda rgb: cuda_safe(lambda: predictor.predict(rgb)), predictor, stage)
         for src, grid in zip(sources, grids):
             t0 = time.perf_counter()
             result = TargetResult(raster=src.path, crs_wkt=src.crs_wkt)
             stitcher = ProbabilityStitcher(src.width, src.height, feather=grid.feather)
             try:
-                n_valid = 0
-                tiles = read_tiles(src, grid, skip_empty=True, is_cancelled=cancelled)
-                while True:
-                    with stage("read"):
-                        item = next(tiles, None)
-                    if item is None:
-                        break
-                    tile, rgb, valid = item
-                    with stage("predict"):
-                        prob = cuda_safe(lambda: predictor.predict(rgb))
-                    with stage("stitch"):
-                        stitcher.add(tile.window, prob, valid)
-                    n_valid += 1
-                    done = _tiles_before(grids, grid) + tile.index + 1
-                    say(0.05 + 0.85 * done / total_tiles, f"{src.name}: tile {tile.index + 1}/{len(grid)}")
+                n_valid = n_done = 0
+                for tile, prob, valid in executor.tiles(src, grid, cancelled):  # prob None: all nodata, skipped
+                    n_done += 1
+                    if prob is not None:
+                        with stage("stitch"):
+                            stitcher.add(tile.window, prob, valid)
+                        n_valid += 1
+                    done = _tiles_before(grids, grid) + n_done
+                    say(0.05 + 0.85 * done / total_tiles, f"{src.name}: tile {n_done}/{len(grid)}")
                 if n_valid == 0:
                     result.skipped = "no valid pixel (all nodata)"
                 else:
@@ -384,6 +383,8 @@ def run(params: RunParams, progress: Optional[Progress] = None,
             results.append(result)
             check_cancel()
     finally:
+        if executor is not None:
+            executor.close()
         for src in sources:
             src.close()
 
