@@ -309,6 +309,8 @@ class ViRefSamDock(QgsDockWidget):
         self.simplify_spin.setDecimals(2)
         self.simplify_spin.setSuffix(" px")
         of.addRow("Simplification", self.simplify_spin)
+        from . import run_on  # [cluster #17] hook: "Run on: this computer / Dask cluster at" (ui/run_on.py)
+        self.run_on = run_on.add_to_form(of)
         layout.addWidget(opt_box)
 
         # -- output ----------------------------------------------------------------------------------------------
@@ -835,6 +837,7 @@ class ViRefSamDock(QgsDockWidget):
             threshold=self.threshold_spin.value(),
             min_area=self.min_area_spin.value(),
             simplify=self.simplify_spin.value(),
+            cluster=self.run_on.cluster(),  # [cluster #17] hook: "" = this computer (ui/run_on.py)
         )
 
     def is_running(self) -> bool:

@@ -76,6 +76,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
     DEVICE = "DEVICE"
     PRECISION = "PRECISION"
     DECODING = "DECODING"
+    CLUSTER = "CLUSTER"
     TILE_SIZE = "TILE_SIZE"
     OVERLAP = "OVERLAP"
     THRESHOLD = "THRESHOLD"
@@ -182,6 +183,10 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             self.DECODING, "Decoding (training-free mode)", options=list(DECODING_LABELS), defaultValue=0
         )
         decoding.setHelp(run_options.DECODING_HELP)
+        cluster = QgsProcessingParameterString(self.CLUSTER, "Dask scheduler", defaultValue="", optional=True)
+        cluster.setHelp("Empty: the tiles are segmented here. An address (tcp://HOST:8786): on the workers of that "
+                        "Dask scheduler (dask scheduler; dask worker tcp://HOST:8786 in the plugin's environment), "
+                        "which read the rasters themselves (the paths must reach them); the result is the same.")
         advanced = [
             QgsProcessingParameterEnum(self.DEVICE, "Device", options=list(DEVICE_LABELS), defaultValue=0),
             precision,
@@ -204,6 +209,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
                 minValue=0,
             ),
             QgsProcessingParameterBoolean(self.FILL_HOLES, "Fill holes", defaultValue=True),
+            cluster,
         ]
         for p in advanced:
             p.setFlags(p.flags() | p.FlagAdvanced)
@@ -312,6 +318,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
                 min_area=self.parameterAsDouble(parameters, self.MIN_AREA, context),
                 simplify=self.parameterAsDouble(parameters, self.SIMPLIFY, context),
                 fill_holes=self.parameterAsBool(parameters, self.FILL_HOLES, context),
+                cluster=(self.parameterAsString(parameters, self.CLUSTER, context) or "").strip(),
             )
         except VirefsamError as exc:
             raise QgsProcessingException(str(exc)) from None
