@@ -11,7 +11,7 @@ Per worker process, kept between tasks and runs:
   never encoded again;
 * the open target rasters (``RasterSource``), the last few.
 
-:func:`predict_tiles` answers ``{"worker", "tiles": [(index, prob uint8 HxW | None, valid packed | None)],
+:func:`predict_tiles` answers ``{"worker", "tiles": [(index, prob float32 HxW | None, valid packed | None)],
 "error": None | {"kind": "read" | "model", "file", "message"}}``: a user's fault (a raster the worker cannot
 read, a model it cannot load) comes back as a value, so the client can say it in one sentence naming the worker.
 """
@@ -125,19 +125,20 @@ def _model_file(params) -> str:
 def predict_tiles(job: dict, reference: dict) -> dict:
     """``job``: ``{"params": RunParams JSON, "token": the reference's id, "path", "bands", "tiles": [(index,
     col_off, row_off, width, height, out_rows, out_cols), ...]}``; ``reference``: the scattered
-    :meth:`ReferencePredictor.reference_state`. Returns the tiles' probabilities as uint8 (p * 255, rounded: a
-    threshold of 0.5 cuts exactly where the float map would), and their valid masks packed (None: all valid)."""
+    :meth:`ReferencePredictor.reference_state`. Returns the tiles' probabilities as computed (float32: see
+    :mod:`core.cluster` for why not uint8), and their valid masks packed (None: all valid)."""
     from rasterio.windows import Window
 
     from .executors import tile_job
     from .tiling import Tile
 
-    out = {"worker": _address(), "tiles": [], "error": None, "seconds": 0.0}
-    t0 = time.perf_counter()
+    out = {"worker": _address(), "tiles": [], "error": None, "seconds": 0.0, "setup_seconds": 0.0}
     params = _params(job["params"])
     with _LOCK:
+        t0 = time.perf_counter()
         try:
             predictor = _predictor(params, job["token"], reference)
+            out["setup_seconds"] = time.perf_counter() - t0  # the model's build, once per worker process
         except VirefsamError as exc:
             out["error"] = {"kind": "model", "file": _model_file(params), "message": str(exc)}
             return out
@@ -157,9 +158,8 @@ def predict_tiles(job: dict, reference: dict) -> dict:
                 out["tiles"].append((index, None, None))
                 continue
             prob, valid = res
-            u8 = np.rint(np.clip(prob, 0.0, 1.0) * 255.0).astype(np.uint8)
             packed = None if valid.all() else (np.packbits(valid), valid.shape)
-            out["tiles"].append((index, u8, packed))
+            out["tiles"].append((index, np.ascontiguousarray(prob, dtype=np.float32), packed))
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -200,12 +200,11 @@ def stats() -> dict:
 
 def unpack(entry: Tuple[int, Optional[np.ndarray], Optional[tuple]]):
     """``(index, prob float32 or None, valid bool or None)`` from one entry of :func:`predict_tiles`."""
-    index, u8, packed = entry
-    if u8 is None:
+    index, prob, packed = entry
+    if prob is None:
         return index, None, None
-    prob = u8.astype(np.float32) / np.float32(255.0)
     if packed is None:
-        return index, prob, np.ones(u8.shape, bool)
+        return index, prob, np.ones(prob.shape, bool)
     bits, shape = packed
     valid = np.unpackbits(bits, count=int(shape[0]) * int(shape[1])).astype(bool).reshape(shape)
     return index, prob, valid

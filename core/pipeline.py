@@ -349,6 +349,7 @@ def run(params: RunParams, progress: Optional[Progress] = None,
         done = 0
         # [cluster #17] the tile loop: in this process, or on a Dask cluster given the predictor's references
         executor.start(lambda rgb: cuda_safe(lambda: predictor.predict(rgb)), predictor, stage)
+        notes.extend(executor.notes)
         for src, grid in zip(sources, grids):
             t0 = time.perf_counter()
             result = TargetResult(raster=src.path, crs_wkt=src.crs_wkt)
