@@ -7,8 +7,8 @@ gives them to another worker); this module only decides what travels:
   least one worker is there, and every worker runs the same packages (torch, numpy, onnxruntime, dask, ...) and
   the same ``core`` code as this computer; otherwise one sentence (InputError);
 * once per run (:meth:`ClusterExecutor.start`): the reference as the client's predictor prepared it
-  (:meth:`ReferencePredictor.reference_state`: prototypes or static prompts, a few KB), scattered to every worker
-  (``broadcast=True``), not sent per tile;
+  (:meth:`ReferencePredictor.reference_state`: prototypes or static prompts, a few KB) and the run's parameters
+  (JSON), scattered to every worker (``broadcast=True``), not sent per tile;
 * per tile: a task of a few hundred bytes (the target's path as given, which the worker opens itself, and the
   tile's window); back: the tile's probability map as the predictor computed it (float32, 4 bytes per tile
   pixel: 4 MiB for a 1024 x 1024 tile) and its valid mask, packed, when not all valid. Each worker process builds
@@ -91,6 +91,9 @@ class ClusterExecutor:
         self.reference = None
         self.token = ""
         self.remote = _remote()
+        import cloudpickle
+
+        self._remote_bytes = len(cloudpickle.dumps(self.remote))  # sent with every task (by value)
         self.notes: List[str] = []
         self.stats = {"tiles": 0, "tasks": 0, "bytes_sent": 0, "bytes_received": 0, "worker_seconds": 0.0,
                       "worker_setup_seconds": 0.0, "reference_bytes": 0, "loop_seconds": 0.0, "workers": 0}
@@ -167,12 +170,11 @@ class ClusterExecutor:
     # -- the run ----------------------------------------------------------------------------------------------
     def start(self, predict=None, predictor=None, stage=None) -> None:
         """Scatter the predictor's reference state to every worker, once."""
-        state = predictor.reference_state()
+        shared = {"state": predictor.reference_state(), "params": self.params.to_json()}
         self.token = uuid.uuid4().hex
-        self.stats["reference_bytes"] = len(pickle.dumps(state, protocol=5))
-        [self.reference] = self.client.scatter([state], broadcast=True, hash=False)
+        self.stats["reference_bytes"] = len(pickle.dumps(shared, protocol=5))
+        [self.reference] = self.client.scatter([shared], broadcast=True, hash=False)
         self.stage = stage
-        self.params_json = self.params.to_json()
         n = len(self.client.scheduler_info(n_workers=-1).get("workers", {}))
         self.notes.append(f"The tiles were segmented on the Dask cluster at {self.address} ({n} workers).")
 
@@ -185,10 +187,10 @@ class ClusterExecutor:
         futures = []
         for tile in grid:
             w = tile.window
-            job = {"params": self.params_json, "token": self.token, "path": src.path, "bands": self.params.bands,
+            job = {"token": self.token, "path": src.path, "bands": self.params.bands,
                    "tiles": [(tile.index, int(w.col_off), int(w.row_off), int(w.width), int(w.height),
                               int(tile.out_shape[0]), int(tile.out_shape[1]))]}
-            self.stats["bytes_sent"] += len(pickle.dumps(job, protocol=5))
+            self.stats["bytes_sent"] += len(pickle.dumps(job, protocol=5)) + self._remote_bytes
             futures.append(self.client.submit(self.remote, "predict_tiles", ROOT, job, self.reference, pure=False,
                                               key=f"virefsam-tile-{tile.index}-{self.token[:8]}-{uuid.uuid4().hex[:8]}"))
         self.stats["tasks"] += len(futures)

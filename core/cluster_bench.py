@@ -51,20 +51,21 @@ def bench_rows(target: str = str(DEFAULT_TARGET), cluster: str = "local:2", adap
     with tempfile.TemporaryDirectory(prefix="virefsam_cluster_bench_") as tmp:
         for where in ("", cluster):
             out = os.path.join(tmp, f"out_{len(rows)}.gpkg")
+            tiles = set()
+
+            def progress(fraction, message, tiles=tiles):
+                if ": tile " in message:
+                    tiles.add(message)
+
             t0 = time.perf_counter()
-            result = run(_params(target, out, where, adapters, threads, tile_size))
+            result = run(_params(target, out, where, adapters, threads, tile_size), progress=progress)
             wall = time.perf_counter() - t0
             t = result.timings
             row = {"run": where or "in-process", "seconds": round(wall, 1),
                    "objects": sum(x.n_objects for x in result.targets)}
             if not where:
                 loop = t.get("read", 0.0) + t.get("predict", 0.0) + t.get("stitch", 0.0)
-                n = None
-                from .raster import RasterSource
-                from .tiling import TileGrid
-
-                with RasterSource(str(target)) as src:
-                    n = len(TileGrid(src.width, src.height, tile_size, 128))
+                n = max(1, len(tiles))
                 row.update(tiles=n, loop_seconds=round(loop, 1), seconds_per_tile=round(loop / n, 2))
             else:
                 s = dict(cluster_module.LAST_STATS)

@@ -122,10 +122,10 @@ def _model_file(params) -> str:
     return str(cache_dir())
 
 
-def predict_tiles(job: dict, reference: dict) -> dict:
-    """``job``: ``{"params": RunParams JSON, "token": the reference's id, "path", "bands", "tiles": [(index,
-    col_off, row_off, width, height, out_rows, out_cols), ...]}``; ``reference``: the scattered
-    :meth:`ReferencePredictor.reference_state`. Returns the tiles' probabilities as computed (float32: see
+def predict_tiles(job: dict, shared: dict) -> dict:
+    """``job``: ``{"token": the run's id, "path", "bands", "tiles": [(index, col_off, row_off, width, height,
+    out_rows, out_cols), ...]}``; ``shared`` (scattered once per run): ``{"state": the client predictor's
+    :meth:`ReferencePredictor.reference_state`, "params": the RunParams JSON}``. Returns the tiles' probabilities as computed (float32: see
     :mod:`core.cluster` for why not uint8), and their valid masks packed (None: all valid)."""
     from rasterio.windows import Window
 
@@ -133,11 +133,11 @@ def predict_tiles(job: dict, reference: dict) -> dict:
     from .tiling import Tile
 
     out = {"worker": _address(), "tiles": [], "error": None, "seconds": 0.0, "setup_seconds": 0.0}
-    params = _params(job["params"])
+    params = _params(shared["params"])
     with _LOCK:
         t0 = time.perf_counter()
         try:
-            predictor = _predictor(params, job["token"], reference)
+            predictor = _predictor(params, job["token"], shared["state"])
             out["setup_seconds"] = time.perf_counter() - t0  # the model's build, once per worker process
         except VirefsamError as exc:
             out["error"] = {"kind": "model", "file": _model_file(params), "message": str(exc)}

@@ -187,6 +187,15 @@ def test_cancel_on_the_cluster_leaves_no_output(tmp_path, tcp_cluster):
         run(_params(out, [DEMO / "target_kampala.tif"], cluster=tcp_cluster.address, tile_size=512, overlap=64),
             progress=progress, is_cancelled=lambda: seen.get("cancel", False))
     assert os.listdir(out.parent) == []
+    # each worker process built its engine once over the runs of this module, and loaded each run's references
+    from distributed import Client
+
+    from core.cluster import ROOT as CORE_ROOT, _remote
+
+    with Client(tcp_cluster.address, timeout=10, set_as_default=False) as c:
+        stats = c.run(_remote(), "stats", CORE_ROOT)
+    assert all(s["engines_built"] <= 1 for s in stats.values()), stats
+    assert sum(s["engines_built"] for s in stats.values()) >= 1, stats
 
 
 @pytest.mark.slow
