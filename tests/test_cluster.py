@@ -218,3 +218,17 @@ def test_killed_worker_tiles_are_recomputed_and_the_result_is_the_same(tmp_path,
     run(_params(out, [kampala], cluster=tcp_cluster.address), progress=progress)
     assert killed and killed[0].poll() is not None
     _same_result(in_process, out)
+
+
+def test_cli_cluster_option_unreachable_is_exit_2_with_one_sentence(tmp_path):
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    cmd = [sys.executable, "-m", "core", "segment", "--reference", str(DEMO / "reference.tif"),
+           "--reference-geometry", str(DEMO / "reference_houses.geojson"), "--targets", str(DEMO / "target_kampala.tif"),
+           "--out", str(tmp_path / "out.gpkg"), "--adapters", "none", "--device", "cpu", "--quiet",
+           "--cluster", address]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert f"The Dask scheduler at {address} cannot be reached" in p.stderr
+    assert not any(tmp_path.iterdir())
+    bad = subprocess.run(cmd[:-1] + ["dask:4"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "Unknown cluster 'dask:4'" in bad.stderr
