@@ -112,6 +112,12 @@ class ClusterExecutor:
                              "project's requirements.txt.") from None
         cluster = None
         if address.startswith("local"):
+            import sys
+
+            if not os.path.basename(sys.executable).lower().startswith("python"):
+                # multiprocessing would start sys.executable (QGIS itself) as the workers
+                raise InputError(f"{address} starts worker processes from a Python command line only: inside this "
+                                 "application give a running scheduler's address (tcp://HOST:8786).")
             n = int(address.split(":", 1)[1]) if ":" in address else 2
             say(0.0, f"starting {n} Dask workers on this computer")
             try:

@@ -100,7 +100,11 @@ def _predictor(params, state_token: str, reference: dict):
 def _source(path: str, bands):
     from .raster import RasterSource
 
-    key = (path, None if bands is None else tuple(bands))
+    try:
+        stamp = os.stat(path).st_mtime_ns  # a file written again since: opened again
+    except OSError:
+        stamp = None  # a GDAL path (/vsicurl/...) or missing: RasterSource says so
+    key = (path, None if bands is None else tuple(bands), stamp)
     src = _SOURCES.get(key)
     if src is None:
         src = RasterSource(path, bands=key[1])
