@@ -52,6 +52,7 @@ def _same_result(a, b):
     iou = ua.intersection(ub).area / max(ua.union(ub).area, 1e-9)
     assert iou >= 0.99, iou
     assert abs(len(pa) - len(pb)) <= 0.01 * max(len(pa), len(pb)), (len(pa), len(pb))
+    print(f"union IoU {iou:.6f}, polygons {len(pa)} vs {len(pb)}")
     return iou, len(pa), len(pb)
 
 
