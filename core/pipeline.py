@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -42,79 +41,13 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from .errors import CancelledError, InputError, ModelError
-from .params import ModelParams, RunParams
-from .paths import RESOURCES
+from .errors import CancelledError, InputError
+from .engines import check_precision, default_adapters, load_engine, make_predictor, resolve_adapters  # noqa: F401
+from .params import RunParams
 from .results import Feature, RunResult, TargetResult
 
 Progress = Callable[[float, str], None]
 IsCancelled = Callable[[], bool]
-
-_ENGINES: Dict[tuple, object] = {}
-_ENGINES_LOCK = threading.Lock()
-
-
-def default_adapters(model_name: str) -> Optional[Path]:
-    """The trained VCP + DTA weights shipped for ``model_name`` in ``resources/adapters/``, if there are any."""
-    path = RESOURCES / "adapters" / f"{model_name}_virefsam.pt"
-    return path if path.is_file() else None
-
-
-def resolve_adapters(model: ModelParams) -> Optional[Path]:
-    """``model.adapters`` as a file path, or None for the training-free mode."""
-    if model.adapters in (None, "", "none"):
-        return None
-    if model.adapters == "default":
-        return default_adapters(model.name)
-    path = Path(model.adapters)
-    if not path.is_file():
-        raise ModelError(
-            f"The adapter weights file {path} does not exist: choose the .pt file written by training, or no adapters."
-        )
-    return path
-
-
-def check_precision(model: ModelParams) -> None:
-    """A precision the device cannot run (fp16 on a CPU, bf16 on a CPU without it) ends in the engine's one
-    sentence (ModelError) here, before any model is built."""
-    if model.precision != "fp32":
-        from .device import resolve_device, resolve_precision
-
-        resolve_precision(model.precision, resolve_device(model.device))
-
-
-def load_engine(model: ModelParams):
-    """The SamEngine for these model parameters, built once per process (thread-safe).
-
-    ``model.encoder_backend`` ``auto`` runs the plain encoder passes in ONNX Runtime for the embedded model on the
-    CPU in fp32 when onnxruntime is there (``engine.encoder_backend`` says which backend runs), else in PyTorch.
-    """
-    key = (model.name, model.checkpoint, model.device, model.precision, model.threads, model.encoder_backend)
-    with _ENGINES_LOCK:
-        engine = _ENGINES.get(key)
-        if engine is None:
-            check_precision(model)  # refused before SAM is built, not after
-            from .modeling.engine import SamEngine
-            from .modeling.registry import build_sam
-
-            backend = model.encoder_backend
-            if backend == "auto" and model.name != "embedded":  # only the embedded model has the ORT graph
-                backend = "torch"
-            engine = SamEngine(build_sam(model.name, model.checkpoint), device=model.device,
-                               precision=model.precision, threads=model.threads, encoder_backend=backend)
-            _ENGINES.clear()  # keep one model in memory at a time
-            _ENGINES[key] = engine
-        return engine
-
-
-def make_predictor(engine, params: RunParams, adapters):
-    """The run's ReferencePredictor (its class looked up at call time, so that the bench can time it)."""
-    from .modeling import predictor as predictor_module
-    from .modeling.training_free import decoder_context
-
-    return predictor_module.ReferencePredictor(engine, mode=params.mode, adapters=adapters, seed=params.seed,
-                                               decoder_context=decoder_context(params.decoding))
-
 
 def make_densifier(engine):
     """``densify(image, fg_points, bg_points) -> mask``: SAM prompted with points along a scribble.
@@ -255,8 +188,9 @@ def run(params: RunParams, progress: Optional[Progress] = None,
         is_cancelled: Optional[IsCancelled] = None) -> RunResult:
     """Segment every target raster of ``params`` (see the module docstring)."""
     from .raster import RasterSource
+    from .executors import make_executor
     from .reference import reference_set
-    from .tiling import ProbabilityStitcher, TileGrid, read_tiles, resolution_scale
+    from .tiling import ProbabilityStitcher, TileGrid, resolution_scale
     from .vectorize import to_features, vectorize
     from .writers import write_results
 
@@ -278,6 +212,7 @@ def run(params: RunParams, progress: Optional[Progress] = None,
     adapters = resolve_adapters(params.model) if params.mode == "virefsam" else None
     sources: List = []
     results: List[TargetResult] = []
+    executor = None  # [cluster #17] who runs the tile loop (core.executors)
     try:
         with stage("reference"):  # without SAM: scribbles are densified again once the model is there
             ref_set = reference_set(params.references, params.scale, crop_size=params.tile_size,
@@ -286,6 +221,7 @@ def run(params: RunParams, progress: Optional[Progress] = None,
         for path in params.targets:  # open all first: a bad target fails before any work on the others
             sources.append(RasterSource(path, bands=params.bands))
         check_cancel()
+        executor = make_executor(params, say)  # [cluster #17] a cluster is reached and checked before any work
 
         # 1. model --------------------------------------------------------------------------------------------
         say(0.01, "loading the model")
@@ -354,26 +290,23 @@ def run(params: RunParams, progress: Optional[Progress] = None,
             grids.append(TileGrid(src.width, src.height, params.tile_size, params.overlap, tile_scale))
         total_tiles = max(1, sum(len(g) for g in grids))
         done = 0
+        # [cluster #17] the tile loop: in this process, or on a Dask cluster given the predictor's references
+        executor.start(lambda rgb: cuda_safe(lambda: predictor.predict(rgb)), predictor, stage)
+        notes.extend(executor.notes)
         for src, grid in zip(sources, grids):
             t0 = time.perf_counter()
             result = TargetResult(raster=src.path, crs_wkt=src.crs_wkt)
             stitcher = ProbabilityStitcher(src.width, src.height, feather=grid.feather)
             try:
-                n_valid = 0
-                tiles = read_tiles(src, grid, skip_empty=True, is_cancelled=cancelled)
-                while True:
-                    with stage("read"):
-                        item = next(tiles, None)
-                    if item is None:
-                        break
-                    tile, rgb, valid = item
-                    with stage("predict"):
-                        prob = cuda_safe(lambda: predictor.predict(rgb))
-                    with stage("stitch"):
-                        stitcher.add(tile.window, prob, valid)
-                    n_valid += 1
-                    done = _tiles_before(grids, grid) + tile.index + 1
-                    say(0.05 + 0.85 * done / total_tiles, f"{src.name}: tile {tile.index + 1}/{len(grid)}")
+                n_valid = n_done = 0
+                for tile, prob, valid in executor.tiles(src, grid, cancelled):  # prob None: all nodata, skipped
+                    n_done += 1
+                    if prob is not None:
+                        with stage("stitch"):
+                            stitcher.add(tile.window, prob, valid)
+                        n_valid += 1
+                    done = _tiles_before(grids, grid) + n_done
+                    say(0.05 + 0.85 * done / total_tiles, f"{src.name}: tile {n_done}/{len(grid)}")
                 if n_valid == 0:
                     result.skipped = "no valid pixel (all nodata)"
                 else:
@@ -394,6 +327,8 @@ def run(params: RunParams, progress: Optional[Progress] = None,
             results.append(result)
             check_cancel()
     finally:
+        if executor is not None:
+            executor.close()
         for src in sources:
             src.close()
 

@@ -7,7 +7,8 @@ Example::
 
 K-shot: repeat ``--reference`` / ``--reference-geometry`` in pairs. A feature of a geometry file whose
 property ``role`` is ``background`` marks background; every other feature marks the class (polygons are
-drawn masks, lines are scribbles). ``--params run.json`` replays a run from the JSON written beside its output.
+drawn masks, lines are scribbles). ``--params run.json`` replays a run from the JSON written beside its output
+(``--cluster`` may move it onto a Dask cluster: ``--cluster local:2`` or ``--cluster tcp://HOST:8786``).
 
 Exit codes: 0 done, 1 unexpected failure, 2 a problem with the input (one sentence on stderr), 130 cancelled.
 """
@@ -60,6 +61,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-resample", action="store_true",
                    help="do not resample targets to the reference's ground resolution")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cluster", default="", metavar="local:N|tcp://HOST:PORT",
+                   help="run the tiles on a Dask cluster: local:N (N worker processes here) or an existing "
+                        "scheduler's address (default: in this process)")
     p.add_argument("--params", metavar="JSON", help="replay a run from its parameters file (other options ignored)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -102,9 +106,14 @@ def params_from_args(args) -> RunParams:
         except OSError as exc:
             raise InputError(f"Cannot read the parameters file {args.params}: {exc.strerror}.") from None
         try:
-            return RunParams.from_json(text)
+            params = RunParams.from_json(text)
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{args.params} is not a ViRefSAM parameters file ({exc}).") from None
+        if getattr(args, "cluster", ""):  # the same run elsewhere: --cluster overrides the file's
+            import dataclasses
+
+            params = dataclasses.replace(params, cluster=args.cluster)
+        return params
     if not args.reference:
         raise InputError("Give a reference raster with --reference and its objects with --reference-geometry.")
     if len(args.reference) != len(args.reference_geometry):
@@ -143,6 +152,7 @@ def params_from_args(args) -> RunParams:
         scale=str(getattr(args, "scale", "auto")),
         match_resolution=not args.no_resample,
         seed=args.seed,
+        cluster=getattr(args, "cluster", "") or "",
     )
 
 

@@ -362,3 +362,18 @@ class ProbabilityStitcher:
                 self.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def tile_job(src, tile, predict: Callable[[np.ndarray], np.ndarray], stage=None):
+    """One tile: ``(prob HxW float32 in [0, 1], valid HxW bool)`` at ``tile.out_shape``, or None when the tile has
+    no valid pixel. ``src`` a :class:`core.raster.RasterSource`; ``stage(name)`` times "read" and "predict"."""
+    from contextlib import nullcontext
+
+    timer = stage or (lambda name: nullcontext())
+    with timer("read"):
+        rgb, valid = src.read_rgb8(tile.window, out_shape=tile.out_shape)
+    if not valid.any():
+        return None
+    with timer("predict"):
+        prob = predict(rgb)
+    return prob, valid

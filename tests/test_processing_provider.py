@@ -318,3 +318,20 @@ def test_processing_run_with_an_adapters_file_logs_which_adapters(provider, path
     layer = QgsVectorLayer(result["OUTPUT"], "out", "ogr")
     assert layer.isValid()
     assert {f["model"] for f in layer.getFeatures()} <= {"embedded+adapters"}
+
+
+# -- Dask scheduler (issue #17) ---------------------------------------------------------------------------------
+def test_dask_scheduler_is_an_advanced_parameter_that_becomes_run_params(provider, paths, qgis_project):
+    alg = QgsApplication.processingRegistry().createAlgorithmById(ALG)
+    cluster = alg.parameterDefinition("CLUSTER")
+    assert cluster.description() == "Dask scheduler" and cluster.flags() & cluster.FlagAdvanced
+    assert "dask worker" in cluster.help()
+    context = QgsProcessingContext()
+    context.setProject(qgis_project)
+    params = base_params(paths, "TEMPORARY_OUTPUT")
+    assert alg.build_params(params, context).cluster == ""  # the default: here
+    params["CLUSTER"] = " tcp://10.0.0.5:8786 "
+    assert alg.build_params(params, context).cluster == "tcp://10.0.0.5:8786"
+    params["CLUSTER"] = "dask:4"
+    with pytest.raises(QgsProcessingException, match="Unknown cluster 'dask:4'"):
+        alg.build_params(params, context)

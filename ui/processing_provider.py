@@ -76,6 +76,8 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
     DEVICE = "DEVICE"
     PRECISION = "PRECISION"
     DECODING = "DECODING"
+    CLUSTER = "CLUSTER"
+    SCALE = "SCALE"
     TILE_SIZE = "TILE_SIZE"
     OVERLAP = "OVERLAP"
     THRESHOLD = "THRESHOLD"
@@ -183,7 +185,16 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             self.DECODING, "Decoding (training-free mode)", options=list(DECODING_LABELS), defaultValue=0
         )
         decoding.setHelp(run_options.DECODING_HELP)
+        cluster = QgsProcessingParameterString(self.CLUSTER, "Dask scheduler", defaultValue="", optional=True)
+        cluster.setHelp("Empty: the tiles are segmented here. An address (tcp://HOST:8786): on the workers of that "
+                        "Dask scheduler (dask scheduler; dask worker tcp://HOST:8786 in the plugin's environment), "
+                        "which read the rasters themselves (the paths must reach them); the result is the same.")
+        scale = QgsProcessingParameterString(self.SCALE, "Working scale", defaultValue="auto", optional=True)
+        scale.setHelp("auto (default): the resolution is chosen from the size of the marked objects, and marks far "
+                      "apart become several reference crops at it. A number: the zoom of the reference raster's "
+                      "own resolution (1 = as it is, 0.5 = half, 2 = twice); targets are resampled to match.")
         advanced = [
+            scale,
             QgsProcessingParameterEnum(self.DEVICE, "Device", options=list(DEVICE_LABELS), defaultValue=0),
             precision,
             decoding,
@@ -205,6 +216,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
                 minValue=0,
             ),
             QgsProcessingParameterBoolean(self.FILL_HOLES, "Fill holes", defaultValue=True),
+            cluster,
         ]
         for p in advanced:
             p.setFlags(p.flags() | p.FlagAdvanced)
@@ -313,6 +325,8 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
                 min_area=self.parameterAsDouble(parameters, self.MIN_AREA, context),
                 simplify=self.parameterAsDouble(parameters, self.SIMPLIFY, context),
                 fill_holes=self.parameterAsBool(parameters, self.FILL_HOLES, context),
+                cluster=(self.parameterAsString(parameters, self.CLUSTER, context) or "").strip(),
+                scale=(self.parameterAsString(parameters, self.SCALE, context) or "").strip() or "auto",
             )
         except VirefsamError as exc:
             raise QgsProcessingException(str(exc)) from None

@@ -24,6 +24,7 @@ DEFAULTS = {
     "threshold": (0.5, float),
     "min_area": (16.0, float),
     "simplify": (1.0, float),
+    "scale": ("auto", str),
     "output_to_file": (False, bool),
     "output_path": ("", str),
     "include_reference": (True, bool),

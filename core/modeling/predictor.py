@@ -212,6 +212,32 @@ class ReferencePredictor:
             valid = torch.cat([t.valid for t in targets])
             self._protos = build_prototypes(feats, frac, valid, self.n_bg, self.seed, per_shot=self.bg_per_shot)
 
+    def reference_state(self) -> dict:
+        """What :meth:`set_references` computed, as plain CPU numpy arrays (no project class inside), so that
+        another process (a Dask worker, :mod:`core.cluster`) can predict with it after
+        :meth:`load_reference_state` instead of encoding the references again."""
+        if self._static is not None:
+            return {"mode": self.mode, "points": self._static[0], "boxes": self._static[1]}
+        if self._protos is None:
+            raise InputError("Set the references before predicting.")
+        p = self._protos
+        return {"mode": self.mode, **{k: getattr(p, k).detach().cpu().numpy()
+                                      for k in ("fg", "fg_valid", "bg", "bg_valid")}}
+
+    def load_reference_state(self, state: dict) -> None:
+        """The references of :meth:`reference_state` (of a predictor of the same model and mode), on this
+        predictor's device: the same predictions as after that predictor's :meth:`set_references`."""
+        if state.get("mode") != self.mode:
+            raise ModelError(f"The reference was prepared for the mode '{state.get('mode')}', not '{self.mode}'.")
+        if "points" in state:
+            self._static, self._protos = (np.asarray(state["points"]), np.asarray(state["boxes"])), None
+            return
+        dev, dtype = self._device(), next(self.sam.parameters()).dtype
+        t = {k: torch.from_numpy(np.asarray(state[k])) for k in ("fg", "fg_valid", "bg", "bg_valid")}
+        self._protos = Prototypes(t["fg"].to(dev, dtype), t["fg_valid"].to(dev), t["bg"].to(dev, dtype),
+                                  t["bg_valid"].to(dev))
+        self._static = None
+
     # -- prediction -------------------------------------------------------------------------------------------
     def _low_res(self, t: _Target) -> torch.Tensor:
         # the baselines decode many prompts per tile: under the engine's precision (bf16 / fp16), like its encoder

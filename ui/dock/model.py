@@ -10,11 +10,19 @@ from __future__ import annotations
 from typing import List
 
 from qgis.gui import QgsCollapsibleGroupBox, QgsFileWidget
-from qgis.PyQt.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QSpinBox, QWidget
+from qgis.PyQt.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QLineEdit, QSpinBox, QWidget
 
 from .. import adapters as adapter_choice
 from .. import run_options, settings
 from .common import _choice_combo, _set_combo_data, DEVICES, MODELS, MODES
+
+SCALE_TOOLTIP = (
+    "The resolution the model works at, as a zoom of the reference raster's own resolution:\n"
+    "• auto (empty): chosen from the size of the objects you marked, so that they look to the model as large as "
+    "it works best with; marks far apart are then cut as several reference crops at that scale.\n"
+    "• a number: 1 = the raster's resolution, 0.5 = half (larger objects), 2 = twice (small objects).\n"
+    "Targets are resampled to the same ground resolution. The last run's scale is shown below."
+)
 
 
 class ModelSection:
@@ -82,6 +90,18 @@ class ModelSection:
         self.simplify_spin.setDecimals(2)
         self.simplify_spin.setSuffix(" px")
         of.addRow("Simplification", self.simplify_spin)
+        self.scale_edit = QLineEdit()
+        self.scale_edit.setObjectName("scale")
+        self.scale_edit.setPlaceholderText("auto")
+        self.scale_edit.setToolTip(SCALE_TOOLTIP)
+        of.addRow("Working scale", self.scale_edit)
+        self.scale_status = QLabel()  # the scale the last run worked at (RunResult.scale)
+        self.scale_status.setObjectName("scale_status")
+        self.scale_status.setWordWrap(True)
+        of.addRow("", self.scale_status)
+        from .. import run_on  # "Run on: this computer / Dask cluster at" (ui/run_on.py)
+
+        self.run_on = run_on.add_to_form(of)
         for combo in (self.model_combo, self.mode_combo, self.adapters_combo, self.device_combo,
                       self.precision_combo, self.decoding_combo):
             combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
@@ -98,6 +118,7 @@ class ModelSection:
             w.currentIndexChanged.connect(self.save_settings)
         for w in (self.tile_spin, self.overlap_spin, self.threshold_spin, self.min_area_spin, self.simplify_spin):
             w.valueChanged.connect(self.save_settings)
+        self.scale_edit.editingFinished.connect(self.save_settings)
         self.checkpoint_widget.fileChanged.connect(self.save_settings)
         self.adapters_file_widget.fileChanged.connect(self.save_settings)
 
@@ -115,6 +136,7 @@ class ModelSection:
         self.threshold_spin.setValue(settings.get("threshold"))
         self.min_area_spin.setValue(settings.get("min_area"))
         self.simplify_spin.setValue(settings.get("simplify"))
+        self.scale_edit.setText(settings.get("scale"))
         self._model_changed()
 
     def _save_model_settings(self) -> None:
@@ -131,6 +153,11 @@ class ModelSection:
         settings.set("threshold", self.threshold_spin.value())
         settings.set("min_area", self.min_area_spin.value())
         settings.set("simplify", self.simplify_spin.value())
+        settings.set("scale", self.scale_text())
+
+    def scale_text(self) -> str:
+        """``RunParams.scale``: what the field says, ``auto`` when empty."""
+        return self.scale_edit.text().strip() or "auto"
 
     def _model_changed(self, *args) -> None:
         self.checkpoint_widget.setEnabled(self.model_combo.currentData() != "embedded")

@@ -182,6 +182,8 @@ class RunSection:
             threshold=self.threshold_spin.value(),
             min_area=self.min_area_spin.value(),
             simplify=self.simplify_spin.value(),
+            scale=self.scale_text(),
+            cluster=self.run_on.cluster(),  # "" = this computer (ui/run_on.py)
         )
 
     def is_running(self) -> bool:
@@ -243,6 +245,7 @@ class RunSection:
             return
         result = task.result
         self.progress.setValue(100)
+        self.scale_status.setText(result.scale)
         self.last_layers = add_result_layers(result)
         text = f"{result.summary()} {adapter_choice.describe_run(result.params)}"
         if result.output:

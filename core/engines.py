@@ -1,0 +1,83 @@
+"""The model of a run, built once per process, and the run's predictor.
+
+``load_engine(ModelParams)`` builds a :class:`core.modeling.engine.SamEngine` once per (model, checkpoint,
+device, precision, threads, backend) and keeps it for later runs in this process (one model in memory at a
+time); ``make_predictor`` wraps it in the run's ReferencePredictor; ``resolve_adapters`` turns the one name of
+the shipped adapters (``"default"``), ``"none"`` or a path into a file. Used by the pipeline, the Dask workers
+(``core.cluster_worker``), eval and bench alike, so that no one of them imports another.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Dict, Optional
+
+from .errors import ModelError
+from .params import ModelParams, RunParams
+from .paths import RESOURCES
+
+_ENGINES: Dict[tuple, object] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def default_adapters(model_name: str) -> Optional[Path]:
+    """The trained VCP + DTA weights shipped for ``model_name`` in ``resources/adapters/``, if there are any."""
+    path = RESOURCES / "adapters" / f"{model_name}_virefsam.pt"
+    return path if path.is_file() else None
+
+
+def resolve_adapters(model: ModelParams) -> Optional[Path]:
+    """``model.adapters`` as a file path, or None for the training-free mode."""
+    if model.adapters in (None, "", "none"):
+        return None
+    if model.adapters == "default":
+        return default_adapters(model.name)
+    path = Path(model.adapters)
+    if not path.is_file():
+        raise ModelError(
+            f"The adapter weights file {path} does not exist: choose the .pt file written by training, or no adapters."
+        )
+    return path
+
+
+def check_precision(model: ModelParams) -> None:
+    """A precision the device cannot run (fp16 on a CPU, bf16 on a CPU without it) ends in the engine's one
+    sentence (ModelError) here, before any model is built."""
+    if model.precision != "fp32":
+        from .device import resolve_device, resolve_precision
+
+        resolve_precision(model.precision, resolve_device(model.device))
+
+
+def load_engine(model: ModelParams):
+    """The SamEngine for these model parameters, built once per process (thread-safe).
+
+    ``model.encoder_backend`` ``auto`` runs the plain encoder passes in ONNX Runtime for the embedded model on the
+    CPU in fp32 when onnxruntime is there (``engine.encoder_backend`` says which backend runs), else in PyTorch.
+    """
+    key = (model.name, model.checkpoint, model.device, model.precision, model.threads, model.encoder_backend)
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(key)
+        if engine is None:
+            check_precision(model)  # refused before SAM is built, not after
+            from .modeling.engine import SamEngine
+            from .modeling.registry import build_sam
+
+            backend = model.encoder_backend
+            if backend == "auto" and model.name != "embedded":  # only the embedded model has the ORT graph
+                backend = "torch"
+            engine = SamEngine(build_sam(model.name, model.checkpoint), device=model.device,
+                               precision=model.precision, threads=model.threads, encoder_backend=backend)
+            _ENGINES.clear()  # keep one model in memory at a time
+            _ENGINES[key] = engine
+        return engine
+
+
+def make_predictor(engine, params: RunParams, adapters):
+    """The run's ReferencePredictor (its class looked up at call time, so that the bench can time it)."""
+    from .modeling import predictor as predictor_module
+    from .modeling.training_free import decoder_context
+
+    return predictor_module.ReferencePredictor(engine, mode=params.mode, adapters=adapters, seed=params.seed,
+                                               decoder_context=decoder_context(params.decoding))
