@@ -173,7 +173,9 @@ def step_preview():
             return QTimer.singleShot(1000, step_preview)
         iface.mapCanvas().refresh()
         if os.environ.get("VIREFSAM_SCREENSHOT_RUN") == "1":
-            dock.mode_combo.setCurrentIndex(dock.mode_combo.findData("training_free"))
+            # the default run: ViRefSAM with the shipped adapters
+            dock.mode_combo.setCurrentIndex(dock.mode_combo.findData("virefsam"))
+            dock.adapters_combo.setCurrentIndex(dock.adapters_combo.findData("shipped"))
             dock.device_combo.setCurrentIndex(dock.device_combo.findData("cpu"))
             if dock.run() is None:
                 status("error: Run refused: " + " / ".join(i.text() for i in iface.messageBar().items()))
