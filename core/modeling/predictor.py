@@ -133,6 +133,8 @@ class ReferencePredictor:
             dtype = next(self.sam.parameters()).dtype
             self.model = model.to(device=self._device(), dtype=dtype).eval()
             self.model.encoder_autocast = getattr(engine, "autocast", None)  # bf16/fp16 for the encoder pass only
+            if self.model.use_dta and hasattr(engine, "adapted_encoder"):  # ONNX Runtime where the plain pass is
+                self.model.adapted_runner = engine.adapted_encoder(self.model.encoder, n_table=1 + model.n_bg)
             self.n_bg = model.n_bg
         self._protos: Optional[Prototypes] = None
         self._static: Optional[Tuple[np.ndarray, np.ndarray]] = None

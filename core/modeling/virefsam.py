@@ -124,6 +124,9 @@ class ViRefSAM(nn.Module):
         # optional callable returning a context for the encoder passes (e.g. SamEngine.autocast for bf16/fp16);
         # everything else runs in the parameters' dtype, like SamEngine's decoder
         self.encoder_autocast = None
+        # optional callable (x, DTAContext) -> embedding running the adapted pass outside PyTorch (ONNX Runtime,
+        # SamEngine.adapted_encoder); used for inference only, never when gradients are needed
+        self.adapted_runner = None
 
     # -- training plumbing ------------------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -241,8 +244,13 @@ class ViRefSAM(nn.Module):
 
         # pass 3: adapted encoder (Eq. 5); without DTA it would return the plain embedding exactly
         if self.use_dta:
-            with self._encoder_context():
-                emb = self.encoder(target_x, DTAContext(table, assign))
+            ctx = DTAContext(table, assign)
+            runner = self.adapted_runner
+            if runner is not None and not torch.is_grad_enabled():  # training: the adapters need gradients
+                emb = runner(target_x, ctx)
+            else:
+                with self._encoder_context():
+                    emb = self.encoder(target_x, ctx)
             emb = emb.to(plain.dtype)
         else:
             emb = plain
