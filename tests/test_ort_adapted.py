@@ -67,9 +67,9 @@ class _Recorder:
     def __init__(self, runner):
         self.runner, self.calls = runner, []
 
-    def __call__(self, x, ctx):
-        out = self.runner(x, ctx)
-        self.calls.append((x.clone(), ctx.table.clone(), ctx.assign.clone(), out.clone()))
+    def __call__(self, x, ctx, stem=None):
+        out = self.runner(x, ctx, stem=stem)
+        self.calls.append((x.clone(), ctx.table.clone(), ctx.assign.clone(), stem, out.clone()))
         return out
 
 
@@ -91,7 +91,8 @@ def test_exported_graph_equals_pytorch_on_real_tiles(home, ort_engine, engine, e
     probs_fast = fast.predict_batch(tiles)
     probs_slow = slow.predict_batch(tiles)
     assert len(rec.calls) == len(tiles)
-    for x, table, assign, out in rec.calls:  # the graph against the module, same inputs
+    for x, table, assign, stem, out in rec.calls:  # the graph against the module, same inputs
+        assert stem is not None and stem.shape == (1, 128 * 128, 128)  # handed over by the plain pass
         assert assign.min() >= 0 and assign.max() <= table.shape[1]
         with torch.inference_mode():
             want = fast.model.encoder(x, DTAContext(table, assign))
@@ -131,10 +132,11 @@ def test_corrupt_cached_export_is_rebuilt(home, ort_engine, episode):
         f.truncate(path.stat().st_size // 3)
     again = ort_adapted.OrtAdaptedEncoder(model.encoder, threads=1)
     assert again.rebuilt and again.exported and again.path == path
+    assert not list(path.parent.glob("*.part"))  # no temporary file left behind
     x, _ = ort_engine.preprocess(episode[1][0])
     table = torch.randn(1, 1 + model.n_bg, 256) * 0.1
     assign = torch.randint(0, 2 + model.n_bg, (1, 64, 64))
     ctx = DTAContext(table, assign)
     with torch.inference_mode():
         want = model.encoder(x, ctx)
-    assert float((again(x, ctx) - want).abs().max()) < 1e-4
+    assert float((again(x, ctx) - want).abs().max()) < 1e-4  # stem computed by the runner's own stem graph

@@ -257,6 +257,14 @@ class SamEngine:
             emb = self.sam.image_encoder(x.to(self.device))
         return emb.float().clone()
 
+    def encode_with_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """:meth:`encode` plus the stem's tokens (``Bx16384x128``, the work the adapted pass shares with the plain
+        one, handed to :meth:`adapted_encoder`'s runner) when ONNX Runtime runs the pass; else ``(emb, None)``."""
+        if self._ort is not None and not (x.requires_grad and torch.is_grad_enabled()) \
+                and "encode" not in self.__dict__:  # an instance-level wrapper (bench timer, patch) is respected
+            return self._ort.run_with_stem(x)
+        return self.encode(x), None
+
     def decode(
         self,
         image_embeddings: torch.Tensor,

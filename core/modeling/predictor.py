@@ -54,6 +54,7 @@ class _Target:
     original_size: Tuple[int, int]
     plain: torch.Tensor  # 1 x 256 x 64 x 64
     valid: torch.Tensor  # 1 x 64 x 64 bool
+    stem: Optional[torch.Tensor] = None  # 1 x 16384 x 128: the plain pass's stem tokens, for the adapted pass in ORT
 
 
 def _check_image(image, what: str = "image") -> np.ndarray:
@@ -155,8 +156,11 @@ class ReferencePredictor:
             # the engine's cache holds plain passes of earlier runs (other classes on the same tiles)
             shared = getattr(self.engine, "embeddings", None)
             known = [shared.get(keys[i]) if shared is not None else None for i in todo]
+            stems = None
             if all(k is not None for k in known):
                 plain = torch.cat(known).to(self._device())
+            elif self.model is not None and self.model.adapted_runner is not None:  # keep the shared stem
+                plain, stems = self.engine.encode_with_stem(xs)
             else:
                 plain = self.engine.encode(xs)
                 if shared is not None:
@@ -166,7 +170,8 @@ class ReferencePredictor:
                 input_size = tuple(int(v) for v in pre[j][1])
                 valid = valid_grid(input_size, int(xs.shape[-1]), int(plain.shape[-1]), device=plain.device)
                 fresh[keys[i]] = _Target(
-                    pre[j][0], input_size, tuple(images[i].shape[:2]), plain[j : j + 1], valid[None]
+                    pre[j][0], input_size, tuple(images[i].shape[:2]), plain[j : j + 1], valid[None],
+                    None if stems is None else stems[j : j + 1],
                 )
         out = []
         for k in keys:
@@ -227,7 +232,7 @@ class ReferencePredictor:
                     window_margin=self.window_margin, context=self.decoder_context,
                 )
             return low.float()
-        out = self.model(t.x, self._protos, plain=t.plain, valid=t.valid)
+        out = self.model(t.x, self._protos, plain=t.plain, valid=t.valid, stem=t.stem)
         return out["low_res_logits"][:, :1]
 
     def predict_batch(self, images: Sequence[np.ndarray]) -> List[np.ndarray]:

@@ -103,6 +103,8 @@ class ViRefSAM(nn.Module):
                 from :meth:`reference_prototypes`
       plain     B x 256 x 64 x 64 frozen-encoder embedding of the targets (computed when None)
       valid     B x 64 x 64 bool, cells inside the image (padding excluded); None = all
+      stem      B x 16384 x 128 stem tokens of the plain pass (SamEngine.encode_with_stem), used by
+                ``adapted_runner`` only; None = computed by it
     returns a dict: ``low_res_logits`` B x 1 x 256 x 256, ``iou`` B x 1, ``l_reg`` (scalar), ``pseudo_mask``
     B x 64 x 64 bool, ``margin`` B x 64 x 64, ``mask_input`` B x 1 x 256 x 256.
     """
@@ -228,6 +230,7 @@ class ViRefSAM(nn.Module):
         protos: Prototypes,
         plain: Optional[torch.Tensor] = None,
         valid: Optional[torch.Tensor] = None,
+        stem: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         b = target_x.shape[0]
         if plain is None:
@@ -247,7 +250,7 @@ class ViRefSAM(nn.Module):
             ctx = DTAContext(table, assign)
             runner = self.adapted_runner
             if runner is not None and not torch.is_grad_enabled():  # training: the adapters need gradients
-                emb = runner(target_x, ctx)
+                emb = runner(target_x, ctx, stem=stem)  # stem: the plain pass's shared work, or None
             else:
                 with self._encoder_context():
                     emb = self.encoder(target_x, ctx)
