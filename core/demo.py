@@ -27,10 +27,12 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     p.add_argument("--mode", default="virefsam", choices=("virefsam", "training_free", "static_prompt"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="encoder precision (fp16: CUDA only; default fp32)")
     p.add_argument("--quiet", action="store_true")
 
 
-def demo_params(out: Path, mode: str = "virefsam", device: str = "auto") -> RunParams:
+def demo_params(out: Path, mode: str = "virefsam", device: str = "auto", precision: str = "fp32") -> RunParams:
     from .segment_cli import read_geometries
 
     fg, bg, crs = read_geometries(str(DEMO / "reference_houses.geojson"))
@@ -41,7 +43,7 @@ def demo_params(out: Path, mode: str = "virefsam", device: str = "auto") -> RunP
         targets=tuple(str(p) for p in TARGETS.values()),
         output=str(out / "demo.gpkg"),
         overwrite=True,
-        model=ModelParams(device=device),
+        model=ModelParams(device=device, precision=precision),
         mode=mode,
     )
 
@@ -134,7 +136,7 @@ def run(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    params = demo_params(out, args.mode, args.device)
+    params = demo_params(out, args.mode, args.device, getattr(args, "precision", "fp32"))
     progress = _Progress(args.quiet)
     t0 = time.perf_counter()
     try:

@@ -119,8 +119,12 @@ def test_changed_adapters_get_their_own_export(home, ort_engine, tmp_path):
     runner = pred.model.adapted_runner
     assert runner.key == k1 and runner.exported
     assert runner.path != ort_adapted.graph_path(shipped.encoder, k0) and runner.path.is_file()
-    # the same file again on the same engine: the engine's session, nothing exported or loaded again
-    assert ReferencePredictor(ort_engine, mode="virefsam", adapters=mine).model.adapted_runner is runner
+    # the same file again on the same engine (the dock's second run): the same model and session, nothing read
+    again = ReferencePredictor(ort_engine, mode="virefsam", adapters=mine)
+    assert again.model is pred.model and again.model.adapted_runner is runner
+    torch.save(blob, mine)  # rewritten (a retrained file at the same path): read again
+    os.utime(mine, ns=(mine.stat().st_atime_ns, mine.stat().st_mtime_ns + 10**9))
+    assert ReferencePredictor(ort_engine, mode="virefsam", adapters=mine).model is not pred.model
 
 
 def test_corrupt_cached_export_is_rebuilt(home, ort_engine, episode):

@@ -137,6 +137,9 @@ class SamEngine:
         self.threads = threads
         self._adapted: dict = {}  # graph key -> OrtAdaptedEncoder (one ORT session per adapters file)
         self.adapted_note = ""  # why the adapted pass stays in PyTorch although the plain one runs in ORT
+        # ViRefSAM models built from adapter files for this engine's SAM, kept for the next run (a second run in
+        # the dock loads nothing): (path, mtime_ns, size, seed) -> ViRefSAM; ReferencePredictor fills it
+        self.adapter_models: dict = {}
 
     def adapted_encoder(self, adapted, n_table: int = 6):
         """The ONNX Runtime runner of ViRefSAM's adapted pass for ``adapted`` (a :class:`.dta.AdaptedEncoder` on

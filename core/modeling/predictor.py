@@ -87,6 +87,29 @@ def mask_fraction_grid(
     return F.adaptive_avg_pool2d(m, grid)[0, 0].clamp(0.0, 1.0)
 
 
+def _adapters_model(engine, path: Union[str, Path], seed: int):
+    """``ViRefSAM.from_adapters(engine.sam, path)``, reused from ``engine.adapter_models`` while the file is
+    unchanged (same path, modification time and size): a second run on the same engine reads nothing again."""
+    from .virefsam import ViRefSAM
+
+    cache = getattr(engine, "adapter_models", None)
+    p = Path(path)
+    try:
+        st = p.stat()
+        key = (str(p.resolve()), st.st_mtime_ns, st.st_size, int(seed))
+    except OSError:
+        key = None  # from_adapters says what is wrong with the path
+    if cache is None or key is None:
+        return ViRefSAM.from_adapters(engine.sam, path, seed=seed)
+    model = cache.get(key)
+    if model is None:
+        model = ViRefSAM.from_adapters(engine.sam, path, seed=seed)
+        while len(cache) >= 2:  # a few MB each; two adapter files in turn stay loaded
+            cache.pop(next(iter(cache)))
+        cache[key] = model
+    return model
+
+
 class ReferencePredictor:
     """Segment a class, given by K reference (image, mask) pairs, in target tiles (see the module doc)."""
 
@@ -128,13 +151,15 @@ class ReferencePredictor:
             if isinstance(adapters, ViRefSAM):
                 model = adapters
             elif isinstance(adapters, (str, Path)):
-                model = ViRefSAM.from_adapters(self.sam, adapters, seed=seed)
+                model = _adapters_model(engine, adapters, seed)
             else:
                 raise ModelError("Adapters must be a path to a .pt file or a ViRefSAM model.")
             dtype = next(self.sam.parameters()).dtype
             self.model = model.to(device=self._device(), dtype=dtype).eval()
             self.model.encoder_autocast = getattr(engine, "autocast", None)  # bf16/fp16 for the encoder pass only
-            if self.model.use_dta and hasattr(engine, "adapted_encoder"):  # ONNX Runtime where the plain pass is
+            # ONNX Runtime where the plain pass is; a model kept by the engine keeps its runner (nothing to hash)
+            reused = model is not adapters and model.adapted_runner is not None
+            if self.model.use_dta and hasattr(engine, "adapted_encoder") and not reused:
                 self.model.adapted_runner = engine.adapted_encoder(self.model.encoder, n_table=1 + model.n_bg)
             self.n_bg = model.n_bg
         self._protos: Optional[Prototypes] = None
