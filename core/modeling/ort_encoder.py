@@ -12,8 +12,9 @@ attention reshapes that PyTorch runs op by op (`make bench` measures the gain: o
     ...
     undo()
 
-Only the frozen plain encoder pass can go through ORT: ViRefSAM's adapted pass (DTA adapters inside the
-blocks) stays in PyTorch. ``use_onnxruntime`` refuses (ModelError) an engine that is not on the CPU in fp32 or
+This is the frozen plain encoder pass; ViRefSAM's adapted pass (DTA adapters inside the blocks) has its own
+exported graph (:mod:`.ort_adapted`), fed with this session's second output, the stem's tokens
+(:meth:`OrtImageEncoder.run_with_stem`). ``use_onnxruntime`` refuses (ModelError) an engine that is not on the CPU in fp32 or
 whose encoder does not hold the ONNX graph's weights (any model but ``embedded``).
 
 Integration: ``SamEngine(..., encoder_backend="auto"|"torch"|"onnxruntime")`` holds an ``OrtImageEncoder`` and

@@ -16,6 +16,9 @@ Order of the passes for one target tile and a reference set of K shots. Costs: e
    queries as extra sparse tokens -> SAM's mask decoder, one decoder call per target (~0.2 s).
 
 Per tile with the plain embedding cached, passes 2-5 take 5.4 s; without the cache add one encoder pass.
+(These are PyTorch times. For inference with the embedded model on the CPU, both encoder passes run in ONNX
+Runtime, ~4x faster; pass 3 then starts from the tokens pass 2 computed before the first adapted block:
+``adapted_runner``, :mod:`.ort_adapted`.)
 (Training-free mode for comparison: one encoder pass + SAM's decoder once per prompt, 0.17 s for 1 prompt,
 8.7 s for the cap of 32.)
 
