@@ -154,11 +154,12 @@ class ReferencePredictor:
                 model = _adapters_model(engine, adapters, seed)
             else:
                 raise ModelError("Adapters must be a path to a .pt file or a ViRefSAM model.")
+            # a model kept by the engine (a second run) is ready: on the device, in eval mode (TinyViT's eval()
+            # recomputes its attention biases), with its ONNX Runtime runner (nothing to hash again)
+            reused = model is not adapters and model.adapted_runner is not None and not model.training
             dtype = next(self.sam.parameters()).dtype
-            self.model = model.to(device=self._device(), dtype=dtype).eval()
+            self.model = model if reused else model.to(device=self._device(), dtype=dtype).eval()
             self.model.encoder_autocast = getattr(engine, "autocast", None)  # bf16/fp16 for the encoder pass only
-            # ONNX Runtime where the plain pass is; a model kept by the engine keeps its runner (nothing to hash)
-            reused = model is not adapters and model.adapted_runner is not None
             if self.model.use_dta and hasattr(engine, "adapted_encoder") and not reused:
                 self.model.adapted_runner = engine.adapted_encoder(self.model.encoder, n_table=1 + model.n_bg)
             self.n_bg = model.n_bg
