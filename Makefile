@@ -8,7 +8,7 @@ OUT ?= out
 export QT_QPA_PLATFORM ?= offscreen
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test demo bench qgis screenshot train eval clean package
+.PHONY: setup test demo bench gpu-check qgis screenshot train eval clean package
 
 setup:
 	@bash scripts/setup.sh
@@ -21,6 +21,11 @@ demo: setup
 
 bench: setup
 	$(PY) -m core bench --out $(OUT)/bench
+
+# On a CUDA machine: setup if needed, demo fp32/fp16, e2e, encoder rows, eval smoke -> $(OUT)/gpu-check/ (< 5 min).
+# Without CUDA it says so ("CUDA is absent on this machine") and exits 0; --require-cuda makes that exit 3.
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),python3) scripts/gpu_check.py --out $(OUT)/gpu-check
 
 # The real QGIS desktop with this checkout loaded as the plugin `virefsam` (needs a screen).
 qgis: setup

@@ -22,7 +22,7 @@ from .errors import CancelledError, VirefsamError
 COMMANDS = {
     "segment": ("segment_cli", "segment target rasters from a reference raster + geometry, write polygons"),
     "demo": ("demo", "run the bundled demo: sample rasters, bundled reference, GeoPackage + PNG"),
-    "setup-model": ("modeling.setup_model", "fetch, verify and convert the embedded model (done by make setup)"),
+    "setup-model": ("modeling.prepare", "fetch, verify and convert the embedded model (done by make setup)"),
     "train": ("training.train", "episodic meta-training of the VCP + DTA adapters"),
     "eval": ("training.evaluate", "few-shot evaluation (mIoU, FB-IoU) on episodes from a dataset"),
     "bench": ("bench", "benchmark report: roofline, encoder, end-to-end, memory"),

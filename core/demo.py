@@ -31,11 +31,13 @@ def add_arguments(p) -> None:
     p.add_argument("--scale", default="auto", help="working scale: auto (default) or a zoom such as 0.5 or 1")
     p.add_argument("--spread", action="store_true",
                    help="the spread-reference variant: houses marked far apart on the reference raster")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="encoder precision (fp16: CUDA only; default fp32)")
     p.add_argument("--quiet", action="store_true")
 
 
 def demo_params(out: Path, mode: str = "virefsam", device: str = "auto", scale: str = "auto",
-                spread: bool = False) -> RunParams:
+                spread: bool = False, precision: str = "fp32") -> RunParams:
     from .segment_cli import read_geometries
 
     fg, bg, crs = read_geometries(str(DEMO / "reference_houses.geojson"))
@@ -46,7 +48,7 @@ def demo_params(out: Path, mode: str = "virefsam", device: str = "auto", scale: 
         targets=tuple(str(p) for p in TARGETS.values()),
         output=str(out / "demo.gpkg"),
         overwrite=True,
-        model=ModelParams(device=device),
+        model=ModelParams(device=device, precision=precision),
         mode=mode,
         scale=scale,
     )
@@ -173,7 +175,7 @@ def run(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    params = demo_params(out, args.mode, args.device, args.scale, args.spread)
+    params = demo_params(out, args.mode, args.device, args.scale, args.spread, getattr(args, "precision", "fp32"))
     progress = _Progress(args.quiet)
     t0 = time.perf_counter()
     try:

