@@ -15,9 +15,8 @@ from core.errors import InputError
 from core.params import ReferenceSpec, RunParams
 from core.reference import reference_set
 from core.scale import (
-    MAX_ZOOM,
+    LARGE_OBJECT_PX,
     MIN_ZOOM,
-    TARGET_OBJECT_PX,
     auto_zoom,
     choose,
     object_sizes,
@@ -47,13 +46,14 @@ def test_parse_scale():
 
 
 def test_auto_zoom_rule():
-    assert auto_zoom([TARGET_OBJECT_PX] * 3) == 1.0
-    assert auto_zoom([TARGET_OBJECT_PX * 2]) == pytest.approx(0.5)
-    assert auto_zoom([TARGET_OBJECT_PX / 1.6]) == pytest.approx(1.6)
-    assert auto_zoom([TARGET_OBJECT_PX * 1.1]) == 1.0  # within the snap: native
-    assert auto_zoom([1.0]) == MAX_ZOOM and auto_zoom([1e5]) == MIN_ZOOM
+    """Objects up to LARGE_OBJECT_PX: native resolution (measured best); larger ones brought down to it."""
+    assert auto_zoom([20.0, 60.0, 130.0]) == 1.0 and auto_zoom([LARGE_OBJECT_PX]) == 1.0
+    assert auto_zoom([LARGE_OBJECT_PX * 2]) == pytest.approx(0.5)
+    assert auto_zoom([LARGE_OBJECT_PX * 4, LARGE_OBJECT_PX * 4, 10]) == pytest.approx(0.25)  # the median decides
+    assert auto_zoom([LARGE_OBJECT_PX * 1.1]) == 1.0  # within the snap: native
+    assert auto_zoom([1e6]) == MIN_ZOOM
     assert auto_zoom([]) == 1.0
-    c = choose([TARGET_OBJECT_PX * 2], "0.8")
+    c = choose([LARGE_OBJECT_PX * 2], "0.8")
     assert c.zoom == 0.8 and not c.auto and "0.80x" in c.describe()
 
 
@@ -99,21 +99,32 @@ def test_spread_marks_keep_the_scale_of_close_marks(demo_spec, spread_spec):
     assert c_fixed.zoom == 1.0 and all(r.downsample == 1.0 for r in fixed)
 
 
-def test_scale_follows_object_size_in_pixels(demo_spec, tmp_path):
-    """The same houses on a copy of the raster at half the resolution (houses half as many pixels across): the
-    zoom doubles, so the working ground resolution, and what the model sees, stay the same."""
+def test_scale_follows_object_size_in_pixels(shared_data, tmp_path):
+    """A large object (a 2,000-pixel field marked on the orthophoto): brought down to LARGE_OBJECT_PX. The same
+    object on a copy of the raster at half the resolution (half as many pixels across): the zoom doubles, so the
+    working ground resolution, and what the model sees, stay the same. Small objects stay native."""
+    from shapely.geometry import box
+
+    zanzibar = shared_data / "oam_mosaics" / "zanzibar.tif"
+    with rasterio.open(zanzibar) as src:
+        t, crs = src.transform, src.crs.to_string()
+    x0, y0 = t * (1000, 1000)
+    x1, y1 = t * (3000, 3000)
+    big = ReferenceSpec(str(zanzibar), (box(x0, y1, x1, y0).wkt,), crs=crs)
+    refs, c = reference_set([big])
+    assert c.auto and c.median_object_px == pytest.approx(2000, rel=0.01)
+    assert c.zoom == pytest.approx(LARGE_OBJECT_PX / 2000, rel=0.01) and len(refs) == 1
     half = tmp_path / "half.tif"
-    with rasterio.open(demo_spec.raster) as src:
+    with rasterio.open(zanzibar) as src:
         data = src.read(out_shape=(src.count, src.height // 2, src.width // 2), resampling=Resampling.average)
         prof = dict(driver="GTiff", dtype=src.dtypes[0], count=src.count, crs=src.crs, width=src.width // 2,
                     height=src.height // 2, transform=src.transform * src.transform.scale(2, 2))
     with rasterio.open(half, "w", **prof) as dst:
         dst.write(data)
-    full_refs, full = reference_set([demo_spec])
-    half_refs, half_c = reference_set([ReferenceSpec(str(half), demo_spec.foreground, crs=demo_spec.crs)])
-    assert half_c.median_object_px == pytest.approx(full.median_object_px / 2, rel=0.05)
-    assert half_c.zoom == pytest.approx(2 * full.zoom, rel=0.05)
-    assert half_refs[0].pixel_size[0] == pytest.approx(full_refs[0].pixel_size[0], rel=0.05)
+    half_refs, half_c = reference_set([ReferenceSpec(str(half), big.foreground, crs=crs)])
+    assert half_c.median_object_px == pytest.approx(c.median_object_px / 2, rel=0.01)
+    assert half_c.zoom == pytest.approx(2 * c.zoom, rel=0.01)
+    assert half_refs[0].pixel_size[0] == pytest.approx(refs[0].pixel_size[0], rel=0.02)
 
 
 def test_bad_scale_is_one_sentence(demo_spec):

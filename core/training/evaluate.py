@@ -62,9 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoding", default="local",
                    help="training-free decoding: local (default: each prompt on a crop around its "
                         "box), exact (the whole tile) or MARGIN,CELLS (local with this crop)")
-    p.add_argument("--scale", default="none",
-                   help="working scale: none (whole images, the older protocol), auto (from the reference "
-                        "objects' size, the pipeline's rule) or a zoom factor such as 0.5 or 2")
+    p.add_argument("--scale", default="auto",
+                   help="working scale: auto (default: the pipeline's rule, from the reference objects' size; "
+                        "references cut one crop per cluster of objects, the query tiled), none (whole images "
+                        "resized to 1024, the protocol of evaluation files before it) or a zoom such as 0.5 or 2")
     p.add_argument("--bg", default="joint", choices=("per_shot", "joint"),
                    help="background prototypes of K shots: N_b Voronoi regions over all shots jointly (default) or per shot")
     p.add_argument("--quiet", action="store_true")
@@ -186,7 +187,7 @@ def run(args) -> int:
         classes={str(c): ds.classes[c] for c in classes}, seed=args.seed, threshold=args.threshold,
         protocol="per_fold" if args.per_fold else "per_class",
         model=backbone, device=str(engine.device), precision=args.precision,
-        decoding=getattr(args, "decoding", "local"), scale=str(getattr(args, "scale", "none")),
+        decoding=getattr(args, "decoding", "local"), scale=str(getattr(args, "scale", "auto")),
         bg=getattr(args, "bg", "joint"),
         adapters=_file_record(adapters_file(args.adapters, args.model), file_sha256),
         ablation_adapters=_file_record(adapters_file(args.ablation_adapters, args.model), file_sha256),
