@@ -48,6 +48,8 @@ def _adapters(args, params, attr: str):
     return dataclasses.replace(_model(params, adapters=getattr(args, attr)), mode="virefsam")
 
 
+variant("default", "the default run: ViRefSAM with the shipped adapters (plain and adapted passes in ORT on the CPU)",
+        params=lambda a, p: dataclasses.replace(_model(p, adapters="default"), mode="virefsam"))
 variant("baseline", "the pipeline as it is (encoder backend auto: ORT for the embedded model on the CPU)",
         threads_kind="auto")
 variant("torch", "the encoder forced to PyTorch through the engine's encoder_backend",

@@ -142,7 +142,9 @@ class Probe:
                 super().__init__(*a, **k)
                 probe.mode = self.mode
                 if self.model is not None:
-                    probe.hook(self.model.encoder, "encoder_adapted")
+                    probe.hook(self.model.encoder, "encoder_adapted")  # the adapted pass in PyTorch
+                    if getattr(self.model, "adapted_runner", None) is not None:  # ... or in ONNX Runtime
+                        probe.wrap(self.model, "adapted_runner", "encoder_adapted")
                     for name in ("refine", "queries", "mask_logits"):
                         if hasattr(self.model.vcp, name):
                             probe.wrap(self.model.vcp, name, "vcp")
