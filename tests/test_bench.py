@@ -110,12 +110,19 @@ def quick_report(tmp_path_factory, shared_data):
 def test_quick_bench_report_has_every_section(quick_report):
     r, md = quick_report
     assert r["quick"] is True and r["schema"] == 1
-    for key in ("machine", "roofline", "encoder", "speed_steps", "e2e", "multi", "memory", "notes", "seconds"):
+    for key in ("machine", "roofline", "encoder", "speed_steps", "e2e", "multi", "memory", "cluster", "notes",
+                "seconds"):
         assert key in r, key
     m = r["machine"]
     assert m["cores"] >= 1 and m["torch_threads"] >= 1 and isinstance(m["bf16"], bool)
-    for heading in ("## Roofline", "## Image encoder", "## End to end", "## Several targets", "## Memory"):
+    for heading in ("## Roofline", "## Image encoder", "## End to end", "## Several targets", "## Memory",
+                    "## The same run on a local Dask cluster"):
         assert heading in md
+    # the cluster row: the same objects as in-process, what travels per tile, the overhead per tile
+    local, cluster = r["cluster"]
+    assert cluster["run"] == "local:2" and cluster["objects"] == local["objects"]
+    assert cluster["bytes_sent_per_tile"] > 0 and cluster["bytes_received_per_tile"] > 0
+    assert "overhead_per_tile_s" in cluster
 
 
 def test_quick_bench_values_are_sane(quick_report):

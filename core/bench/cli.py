@@ -18,7 +18,7 @@ from .memory import bench_memory, memory_child
 from .report import _notes, best_threads, render_markdown, speed_steps
 from .roofline import bench_roofline
 
-SECTIONS = ("roofline", "encoder", "e2e", "multi", "memory")
+SECTIONS = ("roofline", "encoder", "e2e", "multi", "memory", "cluster")
 SHARED_DATA = PACKAGE_ROOT.parent / "shared" / "data"
 DEFAULT_TARGET = SHARED_DATA / "oam_mosaics" / "zanzibar.tif"
 DEFAULT_REFERENCE = RESOURCES / "demo" / "reference.tif"
@@ -178,6 +178,16 @@ def run(args) -> int:
             max_tiles = args.max_tiles if args.max_tiles is not None else (0 if args.quick else 2)
             report["memory"] = bench_memory(args, sizes, max_tiles, work, log,
                                             gdal_cachemax=None if args.quick else args.memory_gdal_cachemax)
+        if "cluster" in sections:
+            log("in-process vs a local Dask cluster ...")
+            from ..cluster_bench import bench_rows
+
+            target = args.target
+            if args.quick:
+                w, h = _pixels(args.target)
+                target = mosaic_vrt(args.target, 1024, str(work / "cluster.vrt"), offset=(max(0, w - 1024), 0))
+            report["cluster"] = bench_rows(target, "local:2", None if args.adapters == "none" else args.adapters,
+                                           args.threads, log=log)
     finally:
         for f in sorted(work.glob("*"), reverse=True):
             try:

@@ -176,6 +176,20 @@ def render_markdown(r: dict) -> str:
                      f"{x['peak_rss_mb']} | {x['peak_anon_mb']} | {x['peak_file_mb']} | {x['seconds']:.1f} | "
                      f"{x['features']} |")
         L.append("")
+    cl = r.get("cluster")
+    if cl:
+        L += ["## The same run on a local Dask cluster (`--cluster local:2`, core/cluster_bench.py)", "",
+              "On a machine with fewer cores than workers the workers share the cores: compare the overhead per "
+              "tile (worker time not spent predicting) with a tile's time in-process, not the wall times.", "",
+              "| run | s | tiles | s per tile | overhead per tile | bytes sent per tile | bytes back per tile | "
+              "worker setup s | objects |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for x in cl:
+            over = (f"{x['overhead_per_tile_s']} s ({x.get('overhead_per_tile_pct')}%)"
+                    if "overhead_per_tile_s" in x else "")
+            L.append(f"| {x['run']} | {x['seconds']} | {x['tiles']} | {x['seconds_per_tile']} | {over} | "
+                     f"{x.get('bytes_sent_per_tile', '')} | {x.get('bytes_received_per_tile', '')} | "
+                     f"{x.get('worker_setup_seconds', '')} | {x['objects']} |")
+        L.append("")
     if r.get("notes"):
         L += ["## Notes", ""] + [f"- {n}" for n in r["notes"]] + [""]
     return "\n".join(L)
