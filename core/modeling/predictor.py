@@ -127,7 +127,7 @@ class ReferencePredictor:
         decoder_context: Optional[Tuple[float, int]] = DEFAULT_CONTEXT,
         cache_size: int = 2,
         cache: "Optional[OrderedDict]" = None,
-        bg: str = "joint",
+        bg: str = "per_shot",
     ) -> None:
         if mode not in MODES:
             raise InputError(f"Unknown mode '{mode}': choose one of {', '.join(MODES)}.")
@@ -140,7 +140,9 @@ class ReferencePredictor:
         # training-free: each prompt decoded on a crop around its box ((margin, min cells)); None: the whole tile
         self.decoder_context = decoder_context
         self.cache_size = cache_size
-        self.bg_per_shot = bg == "per_shot"  # background prototypes per shot (K x N_b) or jointly (N_b)
+        # background prototypes: N_b Voronoi regions per shot (K x N_b, the default: on NWPU's novel classes 5-shot
+        # 22.9 mIoU against 19.6 jointly, buildings 56.6 / 56.7) or N_b over all shots at once
+        self.bg_per_shot = bg == "per_shot"
         # tile digest -> plain embedding; pass one OrderedDict to several predictors (other classes, other modes
         # on the same engine) to share the frozen-encoder passes
         self._cache: "OrderedDict[str, _Target]" = OrderedDict() if cache is None else cache

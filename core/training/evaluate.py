@@ -66,8 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="working scale: auto (default: the pipeline's rule, from the reference objects' size; "
                         "references cut one crop per cluster of objects, the query tiled), none (whole images "
                         "resized to 1024, the protocol of evaluation files before it) or a zoom such as 0.5 or 2")
-    p.add_argument("--bg", default="joint", choices=("per_shot", "joint"),
-                   help="background prototypes of K shots: N_b Voronoi regions over all shots jointly (default) or per shot")
+    p.add_argument("--bg", default="per_shot", choices=("per_shot", "joint"),
+                   help="background prototypes of K shots: N_b Voronoi regions per shot (default, as the plugin) or "
+                        "over all shots at once (the protocol of evaluation files before it)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -188,7 +189,7 @@ def run(args) -> int:
         protocol="per_fold" if args.per_fold else "per_class",
         model=backbone, device=str(engine.device), precision=args.precision,
         decoding=getattr(args, "decoding", "local"), scale=str(getattr(args, "scale", "auto")),
-        bg=getattr(args, "bg", "joint"),
+        bg=getattr(args, "bg", "per_shot"),
         adapters=_file_record(adapters_file(args.adapters, args.model), file_sha256),
         ablation_adapters=_file_record(adapters_file(args.ablation_adapters, args.model), file_sha256),
         modes={m: (note or "ok") for m, (_, note) in preds.items()},
