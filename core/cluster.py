@@ -40,7 +40,7 @@ from .errors import CancelledError, InputError, ModelError
 from .params import check_address  # noqa: F401  (the cluster address rule lives with RunParams)
 
 CONNECT_TIMEOUT_S = 5
-LAST_STATS: Dict[str, object] = {}  # the last closed ClusterExecutor's stats (for core.cluster_bench)
+LAST_STATS: Dict[str, object] = {}  # the last closed ClusterExecutor's stats (for core.bench.cluster)
 WORKERS_TIMEOUT_S = 20
 ROOT = str(Path(__file__).resolve().parent.parent)
 _REMOTE_SRC = '''

@@ -180,7 +180,7 @@ def run(args) -> int:
                                             gdal_cachemax=None if args.quick else args.memory_gdal_cachemax)
         if "cluster" in sections:
             log("in-process vs a local Dask cluster ...")
-            from ..cluster_bench import bench_rows
+            from .cluster import bench_rows
 
             target = args.target
             if args.quick:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from ..paths import PACKAGE_ROOT, RESOURCES
+from .inputs import reference_spec
 
 SHARED_DATA = (PACKAGE_ROOT.parent / "shared" / "data").resolve()
 DEFAULT_TARGET = SHARED_DATA / "oam_mosaics" / "zanzibar.tif"
@@ -59,14 +60,6 @@ class _Clock:
     def undo(self) -> None:
         while self._undo:
             self._undo.pop()()
-
-
-def reference_spec(raster: str, geometry: str):
-    from ..params import ReferenceSpec
-    from ..segment_cli import read_geometries
-
-    fg, bg, crs = read_geometries(geometry)
-    return ReferenceSpec(raster=str(raster), foreground=fg, background=bg, crs=crs, ref_id="ref1")
 
 
 def _params(mode: str, target: str, reference: str, geometry: str, output: str, threads: int,

