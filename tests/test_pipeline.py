@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from osgeo import ogr, osr
+from osgeo import ogr
 from rasterio import features
 from shapely import wkb
 from shapely.geometry import shape

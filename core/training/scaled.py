@@ -18,8 +18,8 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from ..scale import choose, object_boxes, object_sizes, plan_crops
-from ..tiling import ProbabilityStitcher, TileGrid, resize_bilinear, resize_nearest
+from ..scale import ScaleChoice, choose, object_boxes, object_sizes, plan_crops
+from ..tiling import ProbabilityStitcher, TileGrid, resize_nearest
 
 
 def resample_rgb(image: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
@@ -35,7 +35,7 @@ def resample_rgb(image: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
     return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def zoom_for(masks: Sequence[np.ndarray], scale) -> "object":
+def zoom_for(masks: Sequence[np.ndarray], scale) -> ScaleChoice:
     """The :class:`core.scale.ScaleChoice` for reference masks (``scale``: "auto" or a zoom)."""
     sizes = np.concatenate([object_sizes(m) for m in masks]) if masks else np.zeros(0)
     return choose(sizes, scale)
@@ -74,4 +74,4 @@ def predict_at_zoom(predict, image: np.ndarray, zoom: float, tile_size: int = 10
         return np.array(st.finalize())
 
 
-__all__ = ["reference_shots", "predict_at_zoom", "zoom_for", "resample_rgb", "resize_bilinear"]
+__all__ = ["reference_shots", "predict_at_zoom", "zoom_for", "resample_rgb"]
