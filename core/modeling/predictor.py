@@ -128,6 +128,7 @@ class ReferencePredictor:
         cache_size: int = 2,
         cache: "Optional[OrderedDict]" = None,
         bg: str = "per_shot",
+        kshot: str = "joint",
     ) -> None:
         if mode not in MODES:
             raise InputError(f"Unknown mode '{mode}': choose one of {', '.join(MODES)}.")
@@ -143,6 +144,8 @@ class ReferencePredictor:
         # background prototypes: N_b Voronoi regions per shot (K x N_b, the default: on NWPU's novel classes 5-shot
         # 22.9 mIoU against 19.6 jointly, buildings 56.6 / 56.7) or N_b over all shots at once
         self.bg_per_shot = bg == "per_shot"
+        self.kshot = kshot
+        self._shots = None
         # tile digest -> plain embedding; pass one OrderedDict to several predictors (other classes, other modes
         # on the same engine) to share the frozen-encoder passes
         self._cache: "OrderedDict[str, _Target]" = OrderedDict() if cache is None else cache
@@ -246,6 +249,11 @@ class ReferencePredictor:
             ).to(feats.device, feats.dtype)
             valid = torch.cat([t.valid for t in targets])
             self._protos = build_prototypes(feats, frac, valid, self.n_bg, self.seed, per_shot=self.bg_per_shot)
+            # K-shot ensemble (trained mode): each shot's own prototypes too (ViRefSAM.forward's ``shots``)
+            self._shots = None
+            if self.kshot in ("ensemble", "mean1shot") and self.mode == "virefsam" and len(images) > 1:
+                self._shots = [build_prototypes(feats[k : k + 1], frac[k : k + 1], valid[k : k + 1], self.n_bg,
+                                                self.seed) for k in range(len(images))]
 
     def reference_state(self) -> dict:
         """What :meth:`set_references` computed, as plain CPU numpy arrays (no project class inside), so that
@@ -287,7 +295,12 @@ class ReferencePredictor:
                     window_margin=self.window_margin, context=self.decoder_context,
                 )
             return low.float()
-        out = self.model(t.x, self._protos, plain=t.plain, valid=t.valid, stem=t.stem)
+        if self.kshot == "mean1shot" and self._shots:
+            probs = [torch.sigmoid(self.model(t.x, p, plain=t.plain, valid=t.valid, stem=t.stem)
+                                   ["low_res_logits"][:, :1].float()) for p in self._shots]
+            prob = torch.stack(probs).mean(0).clamp(1e-6, 1 - 1e-6)
+            return torch.log(prob / (1 - prob))
+        out = self.model(t.x, self._protos, plain=t.plain, valid=t.valid, stem=t.stem, shots=self._shots)
         return out["low_res_logits"][:, :1]
 
     def predict_batch(self, images: Sequence[np.ndarray]) -> List[np.ndarray]:

@@ -234,6 +234,7 @@ class ViRefSAM(nn.Module):
         plain: Optional[torch.Tensor] = None,
         valid: Optional[torch.Tensor] = None,
         stem: Optional[torch.Tensor] = None,
+        shots: Optional[List[Prototypes]] = None,
     ) -> Dict[str, torch.Tensor]:
         b = target_x.shape[0]
         if plain is None:
@@ -261,7 +262,27 @@ class ViRefSAM(nn.Module):
         else:
             emb = plain
 
-        # pass 4: VCP queries (Eq. 4)
+        # passes 4-5 on the joint prototypes
+        out = self._decode(refined, pmask, margin, emb, pe, valid)
+        low = out["low_res_logits"]
+        if shots is not None and len(shots) > 1 and not torch.is_grad_enabled():
+            # K-shot ensemble on the one adapted embedding: each shot's own prototypes (1 fg + its N_b bg, as in
+            # 1-shot) refined, pseudo-mask, queries and decoded; probabilities averaged with the joint ones
+            probs = [torch.sigmoid(low.float())]
+            for p in shots:
+                p = p.expand(b).to(device=plain.device, dtype=plain.dtype)
+                t = self.vcp.refine(p.table(), plain, pe, valid)
+                r = Prototypes(t[:, 0], p.fg_valid, t[:, 1:], p.bg_valid)
+                pm, mg, _ = pseudo_mask(plain, r, valid)
+                probs.append(torch.sigmoid(self._decode(r, pm, mg, emb, pe, valid)["low_res_logits"].float()))
+            prob = torch.stack(probs).mean(0).clamp(1e-6, 1 - 1e-6)
+            low = torch.log(prob / (1 - prob)).to(low.dtype)
+        out["low_res_logits"] = low
+        return out
+
+    def _decode(self, refined: Prototypes, pmask, margin, emb, pe, valid) -> Dict[str, torch.Tensor]:
+        """Passes 4-5 for B targets: VCP queries (Eq. 4) on ``emb`` within ``pmask``, SAM's prompt encoder
+        (prompts derived from the pseudo-mask) + the queries -> mask decoder."""
         queries, l_reg = self.vcp.queries(refined.fg, emb, pe, pmask, valid)
 
         # pass 5: SAM's prompt encoder (prompts derived from the pseudo-mask) + queries -> mask decoder

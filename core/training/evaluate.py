@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--encoder-backend", default="auto", choices=("auto", "torch", "onnxruntime"),
+                   help="what runs the plain encoder pass: auto = as the plugin (ONNX Runtime for the embedded "
+                        "model on the CPU in fp32)")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--feature-cache", default=None, help="frozen-feature cache (default cache_dir()/features)")
     p.add_argument("--json", default=None, help="write the results here")
@@ -69,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bg", default="per_shot", choices=("per_shot", "joint"),
                    help="background prototypes of K shots: N_b Voronoi regions per shot (default, as the plugin) or "
                         "over all shots at once (the protocol of evaluation files before it)")
+    p.add_argument("--kshot", default=None, choices=("joint", "ensemble"),
+                   help="trained modes with K > 1 shots: the joint prototypes alone, or averaged with each shot's "
+                        "own decoding on the same adapted embedding (default: the predictor's, as the plugin)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -82,6 +88,11 @@ def adapters_file(name: Optional[str], model: str) -> Optional[Path]:
     from ..pipeline import resolve_adapters
 
     return resolve_adapters(ModelParams(name=model, adapters=name))
+
+
+def _kshot(args) -> dict:
+    k = getattr(args, "kshot", None)
+    return {"kshot": k} if k else {}
 
 
 def _predictors(args, engine):
@@ -104,7 +115,8 @@ def _predictors(args, engine):
                 out[mode] = (None, _no_adapters(args))
                 continue
             model = ViRefSAM.from_adapters(engine.sam, adapters, seed=args.seed)
-            out[mode] = (ReferencePredictor(engine, mode="virefsam", adapters=model, seed=args.seed, bg=args.bg), "")
+            out[mode] = (ReferencePredictor(engine, mode="virefsam", adapters=model, seed=args.seed, bg=args.bg,
+                                            **_kshot(args)), "")
         else:  # vcp_no_dta
             if ablation is not None:
                 model = ViRefSAM.from_adapters(engine.sam, ablation, seed=args.seed)
@@ -116,7 +128,8 @@ def _predictors(args, engine):
                 out[mode] = (None, "skipped: no --adapters / --ablation-adapters")
                 continue
             disable_dta(model)
-            out[mode] = (ReferencePredictor(engine, mode="virefsam", adapters=model, seed=args.seed, bg=args.bg), note)
+            out[mode] = (ReferencePredictor(engine, mode="virefsam", adapters=model, seed=args.seed, bg=args.bg,
+                                            **_kshot(args)), note)
     return out
 
 
@@ -189,7 +202,7 @@ def run(args) -> int:
         protocol="per_fold" if args.per_fold else "per_class",
         model=backbone, device=str(engine.device), precision=args.precision,
         decoding=getattr(args, "decoding", "local"), scale=str(getattr(args, "scale", "auto")),
-        bg=getattr(args, "bg", "per_shot"),
+        bg=getattr(args, "bg", "per_shot"), kshot=getattr(args, "kshot", None) or "default",
         adapters=_file_record(adapters_file(args.adapters, args.model), file_sha256),
         ablation_adapters=_file_record(adapters_file(args.ablation_adapters, args.model), file_sha256),
         modes={m: (note or "ok") for m, (_, note) in preds.items()},

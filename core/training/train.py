@@ -86,6 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--reg-weight", type=float, default=0.2, help="weight of L_reg")
     g.add_argument("--no-dta", action="store_true", help="train VCP alone (ablation)")
+    g.add_argument("--init", default=None, metavar="ADAPTERS",
+                   help="start from these adapters ('default' = the shipped ones, or a .pt) instead of the "
+                        "zero-initialised DTA and fresh VCP (e.g. to add the held-out classes to trained adapters)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="embedded", help="embedded | vit_t | vit_b | vit_l | vit_h")
@@ -96,6 +99,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto")
     g.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 (autocast of the forward pass)")
     g.add_argument("--threads", type=int, default=0)
+    g.add_argument("--encoder-backend", default="auto", choices=("auto", "torch", "onnxruntime"),
+                   help="what computes the frozen features (the cache's misses): auto = as the plugin")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -117,7 +122,10 @@ def build_engine(args):
     from .feature_cache import CachedEngine, FeatureCache, model_tag
 
     sam = build_sam(args.model, args.checkpoint)
-    engine = SamEngine(sam, device=args.device, precision=args.precision, threads=args.threads)
+    # the plain pass as the plugin runs it (ONNX Runtime for the embedded model on the CPU in fp32, ~4x faster
+    # than PyTorch here); its output is the frozen feature both backends compute (IoU of masks >= 0.99)
+    engine = SamEngine(sam, device=args.device, precision=args.precision, threads=args.threads,
+                       encoder_backend=getattr(args, "encoder_backend", "auto"))
     root = Path(args.feature_cache) if args.feature_cache else cache_dir() / "features"
     cached = CachedEngine(engine, FeatureCache(root, model_tag(sam, args.model)))
     return cached, {"name": args.model, "sha256": backbone_sha256(args.model, args.checkpoint)}
@@ -258,6 +266,16 @@ def run(args) -> int:
     sched = resolve_schedule(args, device.type)
 
     model = ViRefSAM(engine.sam, n_queries=args.n_queries, n_bg=args.n_bg, dta_dim=args.dta_dim, seed=args.seed)
+    init = None
+    if getattr(args, "init", None) and not (args.resume and ckpt_path.exists()):
+        from ..engines import resolve_adapters
+        from ..params import ModelParams
+
+        init_path = resolve_adapters(ModelParams(name=args.model, adapters=args.init))
+        if init_path is None:
+            raise InputError(f"--init {args.init}: no adapters to start from for the model '{args.model}'.")
+        model.load_adapters(init_path)
+        init = {"path": str(Path(init_path).resolve()), "sha256": file_sha256(init_path)}
     model.to(device)
     if args.no_dta:
         model.use_dta = False  # VCP alone: no adapted encoder pass, the DTA weights stay at their zero init
@@ -275,7 +293,7 @@ def run(args) -> int:
         "also": [{"dataset": d.name, "data": str(d.root.resolve()), "classes": c,
                   "class_names": [d.classes[i] for i in c]} for d, c in extra],
         "reg_weight": args.reg_weight, "dta": not args.no_dta, "seed": args.seed, "min_pixels": args.min_pixels,
-        "model": dict(model.config), "backbone": backbone, "precision": args.precision,
+        "model": dict(model.config), "backbone": backbone, "precision": args.precision, "init": init,
     }
     step = 0
     if args.resume and ckpt_path.exists():
