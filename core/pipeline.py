@@ -246,6 +246,7 @@ def run(params: RunParams, progress: Optional[Progress] = None,
             notes.append(densify.note)
         scale_note = f"The {scale.describe()}; {len(refs)} reference crop{'s' if len(refs) != 1 else ''}."
         shots = [(r.image, r.mask) for r in refs]
+        negatives = [(r.image, r.background) for r in ref_set.negatives]  # "not this class" examples
 
         def on_cpu(fail: BaseException):
             """The same model on the CPU, references set again (after CUDA ran out of memory)."""
@@ -259,7 +260,7 @@ def run(params: RunParams, progress: Optional[Progress] = None,
             say(0.05, "GPU out of memory: going on on the CPU")
             engine = load_engine(model)
             predictor = make_predictor(engine, params, adapters)
-            predictor.set_references(shots)
+            predictor.set_references(shots, negatives)
 
         def cuda_safe(call, again: bool = True):
             """``call()``; on CUDA out of memory, once: the CPU fallback, then ``call()`` again if ``again``."""
@@ -273,7 +274,12 @@ def run(params: RunParams, progress: Optional[Progress] = None,
             return call() if again else None
 
         with stage("reference"):
-            cuda_safe(lambda: predictor.set_references(shots), again=False)
+            cuda_safe(lambda: predictor.set_references(shots, negatives), again=False)
+        if negatives:
+            n_neg = getattr(predictor, "n_negatives", 0)
+            notes.append(f"{n_neg} negative example{'s' if n_neg != 1 else ''} (marked 'not {params.class_name}') "
+                         "used as background prototypes." if n_neg else
+                         f"The negative examples were not used: the {predictor.mode} mode has no prototypes.")
         ref_pixel_size = refs[0].pixel_size
         ref_ids = ",".join(r.ref_id for r in refs)
         check_cancel()

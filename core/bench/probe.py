@@ -149,9 +149,9 @@ class Probe:
                         if hasattr(self.model.vcp, name):
                             probe.wrap(self.model.vcp, name, "vcp")
 
-            def set_references(self, references):
+            def set_references(self, references, negatives=()):
                 probe.phase = "reference"
-                return super().set_references(references)
+                return super().set_references(references, negatives)
 
             def predict_batch(self, images):
                 probe.phase = "tiles"
