@@ -127,8 +127,8 @@ class RunSection:
         class_name = self.class_edit.text().strip()
         if not class_name:
             raise InputError("Type the name of the class first (e.g. building).")
-        refs = self.references.non_empty()
-        if not refs:
+        refs = self.references.usable()  # examples of the class and negative examples ("Not <class>")
+        if not any(r.foreground for r in refs):
             raise InputError("No reference yet: mark one example of the class with a scribble or a polygon.")
         for ref in refs:
             if self.project.mapLayer(ref.layer_id) is None:
@@ -247,6 +247,8 @@ class RunSection:
         self.progress.setValue(100)
         self.scale_status.setText(result.scale)
         self.last_layers = add_result_layers(result)
+        for layer in self.last_layers:
+            self.offer_corrections(layer)  # "Not <class>" / "More like this" in its context menu
         text = f"{result.summary()} {adapter_choice.describe_run(result.params)}"
         if result.output:
             text += f" Written to {result.output}."
