@@ -321,6 +321,7 @@ class ReferenceSet:
     scale: object
     notes: List[str]
     negatives: List[Reference] = field(default_factory=list)
+    working_gsd: Optional[float] = None  # ground metres per working pixel (None: rasters without a usable CRS)
 
     def __iter__(self):  # refs, scale = reference_set(...)
         return iter((self.refs, self.scale))
@@ -334,6 +335,7 @@ def reference_set(
     crop_size: int = 1024,
     line_width: float = 3.0,
     bands: Optional[Sequence[int]] = None,
+    working_gsd: Optional[float] = None,
 ):
     """All references of a run at one working scale -> :class:`ReferenceSet` (unpacks as ``refs, scale``).
 
@@ -346,9 +348,12 @@ def reference_set(
     References with background marks only are negative references, allowed on any raster: their marks become
     ``ReferenceSet.negatives`` at the working scale (they do not choose it). At least one reference must have
     foreground marks (else :data:`core.marks.ONLY_BACKGROUND`).
+
+    ``working_gsd`` (ground metres per working pixel) fixes the working resolution instead of ``scale`` (the other
+    classes of a several-class run work at the first class's, so that they share the tiles).
     """
     from .marks import ONLY_BACKGROUND
-    from .scale import choose, object_sizes
+    from .scale import ScaleChoice, choose, object_sizes
 
     marks: List[Marks] = []
     for spec in specs:
@@ -374,6 +379,8 @@ def reference_set(
             ks = np.concatenate([m.polygon_sizes(), m.line_sizes()])
         sizes.append(ks * ratio(k))
     choice = choose(np.concatenate(sizes), scale)
+    if working_gsd and base:
+        choice = ScaleChoice(base / working_gsd, False, choice.median_object_px)
     refs: List[Reference] = []
     negatives: List[Reference] = []
     for k, m in enumerate(marks):
@@ -392,4 +399,4 @@ def reference_set(
                 f"Reference '{m.spec.ref_id}': {n} invalid polygon{'s were' if n > 1 else ' was'} repaired "
                 f"({', '.join(sorted(set(m.repaired)))}), as QGIS's Fix Geometries does."
             )
-    return ReferenceSet(refs, choice, notes, negatives)
+    return ReferenceSet(refs, choice, notes, negatives, base / choice.zoom if base else None)

@@ -18,13 +18,14 @@ Exit codes: 0 done, 1 unexpected failure, 2 a problem with the input (one senten
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from .errors import InputError
-from .params import DECODINGS, ENCODER_BACKENDS, MODES, ModelParams, ReferenceSpec, RunParams
+from .params import DECODINGS, ENCODER_BACKENDS, MODES, ClassSpec, ModelParams, ReferenceSpec, RunParams
 
 
 def add_arguments(p) -> None:
@@ -36,6 +37,12 @@ def add_arguments(p) -> None:
                    help="things that are NOT the class on a raster (e.g. wrong polygons of a result): every "
                         "feature is a negative example; the raster is the target they lie on, or name it as "
                         "VECTOR@RASTER (repeatable)")
+    p.add_argument("--classes", metavar="JSON",
+                   help="several classes in one run: a JSON list of {\"name\": ..., \"references\": [{\"raster\": R, "
+                        "\"geometry\": V}, ...], \"negatives\": [\"V[@R]\", ...]} (instead of --reference)")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="several classes: keep polygons of different classes that overlap (default: the more "
+                        "probable class keeps each pixel)")
     p.add_argument("--targets", nargs="+", default=[], metavar="RASTER", help="rasters to search")
     p.add_argument("--out", metavar="FILE", help="output .gpkg (default) or .shp")
     p.add_argument("--format", choices=("gpkg", "shp"), help="output format (default: from --out's suffix)")
@@ -158,6 +165,35 @@ def negative_spec(arg: str, targets: Sequence[str], k: int) -> ReferenceSpec:
     return ReferenceSpec(raster=raster, foreground=(), background=wkts, crs=crs, ref_id=f"neg{k}")
 
 
+def read_classes(path: str, targets: Sequence[str]) -> Tuple[ClassSpec, ...]:
+    """A classes file (``--classes``): a JSON list of ``{"name", "references": [{"raster", "geometry"}],
+    "negatives": ["VECTOR[@RASTER]"]}`` -> ClassSpecs (the references read as ``--reference-geometry``)."""
+    import json
+
+    try:
+        items = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise InputError(f"Cannot read the classes file {path}: {exc.strerror}.") from None
+    except ValueError as exc:
+        raise InputError(f"The classes file {path} is not JSON ({exc}).") from None
+    if not isinstance(items, list) or not items or not all(isinstance(c, dict) for c in items):
+        raise InputError(f"The classes file {path} must hold a list of classes, each with a name and references.")
+    out = []
+    for c in items:
+        name = str(c.get("name", "")).strip()
+        refs = []
+        for k, r in enumerate(c.get("references") or []):
+            if not isinstance(r, dict) or "raster" not in r or "geometry" not in r:
+                raise InputError(f"Each reference of class '{name}' in {path} needs a raster and a geometry file.")
+            fg, bg, crs = read_geometries(str(r["geometry"]))
+            refs.append(ReferenceSpec(raster=str(r["raster"]), foreground=fg, background=bg, crs=crs,
+                                      ref_id=f"{name}_ref{k + 1}"))
+        for k, arg in enumerate(c.get("negatives") or []):
+            refs.append(dataclasses.replace(negative_spec(str(arg), targets, k + 1), ref_id=f"{name}_neg{k + 1}"))
+        out.append(ClassSpec(name, tuple(refs)))
+    return tuple(out)
+
+
 def params_from_args(args) -> RunParams:
     if args.params:
         try:
@@ -169,11 +205,11 @@ def params_from_args(args) -> RunParams:
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{args.params} is not a ViRefSAM parameters file ({exc}).") from None
         if getattr(args, "cluster", ""):  # the same run elsewhere: --cluster overrides the file's
-            import dataclasses
 
             params = dataclasses.replace(params, cluster=args.cluster)
         return params
-    if not args.reference:
+    classes = read_classes(args.classes, args.targets) if getattr(args, "classes", None) else ()
+    if not args.reference and not classes:
         raise InputError("Give a reference raster with --reference and its objects with --reference-geometry.")
     if len(args.reference) != len(args.reference_geometry):
         raise InputError("Give one --reference-geometry for each --reference (they go in pairs).")
@@ -192,7 +228,9 @@ def params_from_args(args) -> RunParams:
             raise InputError("--bands takes 1-based band numbers separated by commas, e.g. 4,3,2.") from None
     adapters = None if args.adapters.lower() == "none" else args.adapters
     return RunParams(
-        class_name=args.class_name,
+        class_name="+".join(c.name for c in classes) if classes and args.class_name == "object" else args.class_name,
+        classes=classes,
+        allow_overlap=bool(getattr(args, "allow_overlap", False)),
         references=tuple(refs),
         targets=tuple(args.targets),
         output=args.out,
