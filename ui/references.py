@@ -258,6 +258,18 @@ class ReferenceSet(QObject):
         self.current = 0
         self.changed.emit()
 
+    def take_state(self):
+        """The whole state (references, current, undo stack) for another class to use this set meanwhile."""
+        return ([r.clone() for r in self.references], self.current, list(self._undo))
+
+    def load_state(self, state=None) -> None:
+        """Back to a state of :meth:`take_state` (None: an empty class); emits ``changed``."""
+        if state is None:
+            state = ([ReferenceDraft("ref1")], 0, [])
+        refs, current, undo = state
+        self.references, self.current, self._undo = [r.clone() for r in refs], current, list(undo)
+        self.changed.emit()
+
     def undo(self) -> bool:
         if not self._undo:
             return False

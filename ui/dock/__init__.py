@@ -16,6 +16,7 @@ One file per section of the dock, each a mixin of :class:`ViRefSamDock` that bui
 
 reference.py  1. class and reference: marking tools, references, mask preview
 corrections.py  in 1.: "Not <class>" / "More like this" on selected result polygons (also the layer context menu)
+classes.py    in 1.: the list of classes of the run (each its own references and negatives)
 targets.py    2. target rasters
 model.py      3. model, adapters, device, precision, decoding; the Options box
 run.py        4. output, Run / Cancel, RunParams, the task's end, export
@@ -37,6 +38,7 @@ from ..overlay import ReferenceOverlay
 from ..references import ReferenceSet
 from ..task import SegmentTask
 from .common import DEVICES, ICON, MODELS, MODES, TITLE  # noqa: F401  (names of the dock module before the split)
+from .classes import ClassesSection
 from .corrections import CorrectionsSection
 from .model import ModelSection
 from .reference import ReferenceSection
@@ -44,7 +46,8 @@ from .run import RunSection
 from .targets import TargetsSection
 
 
-class ViRefSamDock(ReferenceSection, CorrectionsSection, TargetsSection, ModelSection, RunSection, QgsDockWidget):
+class ViRefSamDock(ReferenceSection, ClassesSection, CorrectionsSection, TargetsSection, ModelSection, RunSection,
+                   QgsDockWidget):
     def __init__(self, iface, parent=None) -> None:
         super().__init__(TITLE, parent or iface.mainWindow())
         self.setObjectName("ViRefSamDock")
@@ -117,6 +120,7 @@ class ViRefSamDock(ReferenceSection, CorrectionsSection, TargetsSection, ModelSe
 
         self._connect_reference()
         self._connect_corrections()
+        self._connect_classes()
         self._connect_targets()
         self._connect_model()
         self._connect_run()

@@ -96,7 +96,20 @@ class CorrectionsSection:
         if not isinstance(layer, QgsVectorLayer) or not layer.customProperty(RESULT_PROPERTY):
             self._set_reference_status("Select polygons of a ViRefSAM result layer (make it the active layer) first.")
             return 0
-        found_as = str(layer.customProperty(RESULT_PROPERTY))
+        features = list(layer.getSelectedFeatures())
+        if not features:
+            self._set_reference_status(f"No polygon of '{layer.name()}' is selected: select the ones to correct.")
+            return 0
+        kinds = sorted({str(f["class_name"]) for f in features if f.fields().indexOf("class_name") >= 0} or
+                       {str(layer.customProperty(RESULT_PROPERTY))})
+        if len(kinds) > 1:
+            self._set_reference_status(f"The selected polygons are of several classes ({', '.join(kinds)}): select "
+                                       "polygons of one class.")
+            return 0
+        found_as = kinds[0]
+        index = self.find_class(found_as)
+        if index is not None:  # a class of the dock's list: show it
+            self.show_class(index)
         name = self.class_edit.text().strip()
         if not name:
             self.class_edit.setText(found_as)
@@ -105,10 +118,6 @@ class CorrectionsSection:
             self._set_reference_status(
                 f"These polygons were found as '{found_as}', but the class in the dock is '{name}': type "
                 f"'{found_as}' as the class name to correct them.")
-            return 0
-        features = list(layer.getSelectedFeatures())
-        if not features:
-            self._set_reference_status(f"No polygon of '{layer.name()}' is selected: select the ones to correct.")
             return 0
         raster = self._raster_of(layer)
         if raster is None:

@@ -51,6 +51,7 @@ class ReferenceSection:
         self.class_edit.setObjectName("class_name")
         self.class_edit.setPlaceholderText("e.g. building, tree, solar panel")
         form.addRow("Class name", self.class_edit)
+        self._build_classes_row(form)  # several classes in one run (classes.py)
         self.reference_combo = QgsMapLayerComboBox()
         self.reference_combo.setObjectName("reference_layer")
         self.reference_combo.setFilters(QgsMapLayerProxyModel.RasterLayer)
