@@ -10,10 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from shapely import wkt
 
 from core import corrections
 from core.demo import DEMO
