@@ -19,6 +19,12 @@ Order of work for one run (one class, K references, N targets):
 5. the output file, when asked for, is written under a temporary name and renamed when complete, with the
    run's parameters beside it (``<output>.params.json``) so the run can be replayed.
 
+Several classes (``RunParams.classes``): each class's references at the first class's working resolution, one
+predictor per class sharing a cache of tile embeddings, so that in 3. each tile is read and passed through the
+frozen encoder once and predicted per class; in 4. where classes overlap the more probable class keeps each pixel
+(:func:`keep_most_probable`, :func:`cut_enclosed`) unless ``allow_overlap``; one result per target holds every
+class's polygons (``class_name``). Negative references ("Not <class>") become each class's negative examples.
+
 Nothing here imports QGIS or Qt; ``progress(fraction, message)`` and ``is_cancelled()`` are plain callables.
 
 Out of GPU memory: when CUDA runs out of memory while encoding the references or predicting a tile, the CUDA

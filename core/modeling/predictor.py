@@ -46,8 +46,8 @@ from .prototypes import (
 )
 from .training_free import (
     DEFAULT_CONTEXT,
-    NO_MASK_LOGIT,
     DEFAULT_WINDOW_MARGIN,
+    NO_MASK_LOGIT,
     static_prompt_logits,
     static_prompts_from_mask,
     training_free_logits,
