@@ -22,6 +22,7 @@ from .errors import CancelledError, VirefsamError
 COMMANDS = {
     "segment": ("segment_cli", "segment target rasters from a reference raster + geometry, write polygons"),
     "demo": ("demo", "run the bundled demo: sample rasters, bundled reference, GeoPackage + PNG"),
+    "corrections": ("corrections", "one round of 'Not <class>' corrections on a shared orthophoto, scored"),
     "setup-model": ("modeling.prepare", "fetch, verify and convert the embedded model (done by make setup)"),
     "train": ("training.train", "episodic meta-training of the VCP + DTA adapters"),
     "eval": ("training.evaluate", "few-shot evaluation (mIoU, FB-IoU) on episodes from a dataset"),

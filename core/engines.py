@@ -74,10 +74,11 @@ def load_engine(model: ModelParams):
         return engine
 
 
-def make_predictor(engine, params: RunParams, adapters):
-    """The run's ReferencePredictor (its class looked up at call time, so that the bench can time it)."""
+def make_predictor(engine, params: RunParams, adapters, cache=None):
+    """The run's ReferencePredictor (its class looked up at call time, so that the bench can time it); ``cache``:
+    one OrderedDict shared by the predictors of a several-class run (each tile's plain pass once)."""
     from .modeling import predictor as predictor_module
     from .modeling.training_free import decoder_context
 
     return predictor_module.ReferencePredictor(engine, mode=params.mode, adapters=adapters, seed=params.seed,
-                                               decoder_context=decoder_context(params.decoding))
+                                               decoder_context=decoder_context(params.decoding), cache=cache)

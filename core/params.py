@@ -79,8 +79,23 @@ class ReferenceSpec:
 
 
 @dataclass(frozen=True)
+class ClassSpec:
+    """One class of a several-class run: its name and its references (examples and negative references)."""
+
+    name: str
+    references: Tuple[ReferenceSpec, ...]
+
+
+@dataclass(frozen=True)
 class RunParams:
     """One run: one class, K references, any number of target rasters.
+
+    Several classes in one run: ``classes`` (one :class:`ClassSpec` each; then ``class_name`` only names the run,
+    e.g. "building+tree", and ``references`` may be empty). Every class is segmented over the targets, sharing each
+    tile's plain embedding; the polygons of all classes go into the same layer per target, told apart by their
+    ``class_name`` attribute. Where two classes claim a pixel, the higher probability wins unless
+    ``allow_overlap``. Without ``classes`` (the default, and every older parameters file) the run has the one
+    class ``class_name`` with ``references`` (:meth:`class_specs`).
 
     Sizes are in pixels of the target raster after resampling to the reference's ground resolution.
     ``min_area`` is in square pixels of the reference's resolution; ``simplify`` a tolerance in pixels.
@@ -111,6 +126,12 @@ class RunParams:
     decoding: str = "local"
     scale: str = "auto"
     cluster: str = ""  # "" this process; "local:N" N Dask worker processes here; "tcp://HOST:PORT" a scheduler
+    classes: Tuple[ClassSpec, ...] = ()  # several classes in one run (see above); () = class_name + references
+    allow_overlap: bool = False  # several classes: keep overlapping polygons instead of the more probable class
+
+    def class_specs(self) -> Tuple[ClassSpec, ...]:
+        """The run's classes: ``classes``, or the one class ``class_name`` with ``references``."""
+        return self.classes or (ClassSpec(self.class_name, self.references),)
 
     def __post_init__(self) -> None:
         from .errors import InputError
@@ -145,8 +166,19 @@ class RunParams:
             check_address(self.cluster)
         if self.output_format not in FORMATS:
             raise InputError(f"Unknown output format '{self.output_format}': choose gpkg or shp.")
-        if not self.references:
+        if not self.classes and not self.references:
             raise InputError("No reference was given: mark at least one example of the class first.")
+        names = [c.name.strip() for c in self.classes]
+        for c, name in zip(self.classes, names):
+            if not name:
+                raise InputError("A class has no name: give every class a name (e.g. building, tree).")
+            if not c.references:
+                raise InputError(f"Class '{name}' has no reference: mark at least one example of it.")
+            if names.count(name) > 1:
+                raise InputError(f"Two classes are named '{name}': give each class its own name.")
+        if len(self.classes) > 1 and self.cluster:
+            raise InputError("Several classes in one run go on this computer only: leave the cluster empty, or "
+                             "run one class at a time on the cluster.")
         if not self.targets:
             raise InputError("No target raster was given: choose at least one raster to search.")
         if not 0.0 < self.threshold < 1.0:
@@ -165,16 +197,13 @@ class RunParams:
     def from_dict(cls, d: dict) -> "RunParams":
         d = dict(d)
         d["model"] = ModelParams(**d.get("model", {}))
-        d["references"] = tuple(
-            ReferenceSpec(
-                **{
-                    **r,
-                    "foreground": tuple(r.get("foreground", ())),
-                    "background": tuple(r.get("background", ())),
-                }
-            )
-            for r in d["references"]
-        )
+
+        def refs(items):
+            return tuple(ReferenceSpec(**{**r, "foreground": tuple(r.get("foreground", ())),
+                                          "background": tuple(r.get("background", ()))}) for r in items)
+
+        d["references"] = refs(d.get("references", ()))
+        d["classes"] = tuple(ClassSpec(c["name"], refs(c.get("references", ()))) for c in d.get("classes", ()))
         d["targets"] = tuple(d["targets"])
         if d.get("bands") is not None:
             d["bands"] = tuple(d["bands"])

@@ -19,6 +19,12 @@ Order of work for one run (one class, K references, N targets):
 5. the output file, when asked for, is written under a temporary name and renamed when complete, with the
    run's parameters beside it (``<output>.params.json``) so the run can be replayed.
 
+Several classes (``RunParams.classes``): each class's references at the first class's working resolution, one
+predictor per class sharing a cache of tile embeddings, so that in 3. each tile is read and passed through the
+frozen encoder once and predicted per class; in 4. where classes overlap the more probable class keeps each pixel
+(:func:`keep_most_probable`, :func:`cut_enclosed`) unless ``allow_overlap``; one result per target holds every
+class's polygons (``class_name``). Negative references ("Not <class>") become each class's negative examples.
+
 Nothing here imports QGIS or Qt; ``progress(fraction, message)`` and ``is_cancelled()`` are plain callables.
 
 Out of GPU memory: when CUDA runs out of memory while encoding the references or predicting a tile, the CUDA
@@ -35,7 +41,7 @@ import dataclasses
 import os
 import tempfile
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -189,7 +195,6 @@ def run(params: RunParams, progress: Optional[Progress] = None,
     """Segment every target raster of ``params`` (see the module docstring)."""
     from .raster import RasterSource
     from .executors import make_executor
-    from .reference import reference_set
     from .tiling import ProbabilityStitcher, TileGrid, resolution_scale
     from .vectorize import to_features, vectorize
     from .writers import write_results
@@ -213,11 +218,10 @@ def run(params: RunParams, progress: Optional[Progress] = None,
     sources: List = []
     results: List[TargetResult] = []
     executor = None  # [cluster #17] who runs the tile loop (core.executors)
+    classes = params.class_specs()
     try:
         with stage("reference"):  # without SAM: scribbles are densified again once the model is there
-            ref_set = reference_set(params.references, params.scale, crop_size=params.tile_size,
-                                    bands=params.bands)
-            refs, scale = ref_set
+            ref_sets = _class_references(params, classes)
         for path in params.targets:  # open all first: a bad target fails before any work on the others
             sources.append(RasterSource(path, bands=params.bands))
         check_cancel()
@@ -226,40 +230,50 @@ def run(params: RunParams, progress: Optional[Progress] = None,
         # 1. model --------------------------------------------------------------------------------------------
         say(0.01, "loading the model")
         model = params.model
+        # several classes: one predictor each, sharing one cache of tile embeddings (each tile's plain pass once)
+        shared = OrderedDict() if len(classes) > 1 else None
         with stage("model"):
             engine = load_engine(model)
-            predictor = make_predictor(engine, params, adapters)
-        model_label = model.name + ("+adapters" if predictor.mode == "virefsam" else f" ({predictor.mode})")
+            predictors = [make_predictor(engine, params, adapters, cache=shared) for _ in classes]
+        mode = predictors[0].mode
+        model_label = model.name + ("+adapters" if mode == "virefsam" else f" ({mode})")
         check_cancel()
 
         # 2. references ---------------------------------------------------------------------------------------
         say(0.02, "preparing the reference")
         densify = make_densifier(engine)
         with stage("reference"):
-            if any(r.kind != "polygon" for r in refs):
-                ref_set = reference_set(params.references, params.scale, densify=densify,
-                                        crop_size=params.tile_size, bands=params.bands)
-                refs, scale = ref_set
+            if any(r.kind != "polygon" for rs in ref_sets for r in rs.refs):
+                ref_sets = _class_references(params, classes, densify)
             check_cancel()
-        notes.extend(ref_set.notes)
+        for rs in ref_sets:
+            notes.extend(rs.notes)
         if densify.on_cpu:
             notes.append(densify.note)
-        scale_note = f"The {scale.describe()}; {len(refs)} reference crop{'s' if len(refs) != 1 else ''}."
-        shots = [(r.image, r.mask) for r in refs]
+        refs, scale = ref_sets[0]
+        n_crops = sum(len(rs.refs) for rs in ref_sets)
+        scale_note = f"The {scale.describe()}; {n_crops} reference crop{'s' if n_crops != 1 else ''}."
+        shots = [[(r.image, r.mask) for r in rs.refs] for rs in ref_sets]
+        negatives = [[(r.image, r.background) for r in rs.negatives] for rs in ref_sets]  # "not this class"
+
+        def set_references() -> None:
+            for pred, s, n in zip(predictors, shots, negatives):
+                pred.set_references(s, n)
 
         def on_cpu(fail: BaseException):
             """The same model on the CPU, references set again (after CUDA ran out of memory)."""
-            nonlocal engine, predictor, model
+            nonlocal engine, predictors, model
             if CPU_FALLBACK_NOTE in notes:  # already on the CPU: nothing left to try
                 raise fail
-            predictor = engine = None
+            predictors = engine = None
             _empty_cuda_cache()
             model = dataclasses.replace(model, device="cpu", precision="fp32")
             notes.append(CPU_FALLBACK_NOTE)
             say(0.05, "GPU out of memory: going on on the CPU")
             engine = load_engine(model)
-            predictor = make_predictor(engine, params, adapters)
-            predictor.set_references(shots)
+            cache = OrderedDict() if len(classes) > 1 else None
+            predictors = [make_predictor(engine, params, adapters, cache=cache) for _ in classes]
+            set_references()
 
         def cuda_safe(call, again: bool = True):
             """``call()``; on CUDA out of memory, once: the CPU fallback, then ``call()`` again if ``again``."""
@@ -273,9 +287,15 @@ def run(params: RunParams, progress: Optional[Progress] = None,
             return call() if again else None
 
         with stage("reference"):
-            cuda_safe(lambda: predictor.set_references(shots), again=False)
+            cuda_safe(set_references, again=False)
+        for c, pred, negs in zip(classes, predictors, negatives):
+            if negs:
+                n_neg = getattr(pred, "n_negatives", 0)
+                notes.append(f"{n_neg} negative example{'s' if n_neg != 1 else ''} (marked 'not {c.name}') "
+                             "used as background prototypes." if n_neg else
+                             f"The negative examples were not used: the {pred.mode} mode has no prototypes.")
         ref_pixel_size = refs[0].pixel_size
-        ref_ids = ",".join(r.ref_id for r in refs)
+        ref_ids = [",".join(r.ref_id for r in rs.refs) for rs in ref_sets]
         check_cancel()
 
         # 3. + 4. targets ---------------------------------------------------------------------------------------
@@ -290,20 +310,29 @@ def run(params: RunParams, progress: Optional[Progress] = None,
             grids.append(TileGrid(src.width, src.height, params.tile_size, params.overlap, tile_scale))
         total_tiles = max(1, sum(len(g) for g in grids))
         done = 0
+
+        def predict(rgb):  # one class: HxW; several: C x H x W, each tile read once and encoded once
+            if len(classes) == 1:
+                return cuda_safe(lambda: predictors[0].predict(rgb))
+            return np.stack([cuda_safe(lambda k=k: predictors[k].predict(rgb)) for k in range(len(classes))])
+
         # [cluster #17] the tile loop: in this process, or on a Dask cluster given the predictor's references
-        executor.start(lambda rgb: cuda_safe(lambda: predictor.predict(rgb)), predictor, stage)
+        executor.start(predict, predictors[0], stage)
         notes.extend(executor.notes)
         for src, grid in zip(sources, grids):
             t0 = time.perf_counter()
             result = TargetResult(raster=src.path, crs_wkt=src.crs_wkt)
-            stitcher = ProbabilityStitcher(src.width, src.height, feather=grid.feather)
+            stitchers = []
             try:
+                for _ in classes:
+                    stitchers.append(ProbabilityStitcher(src.width, src.height, feather=grid.feather))
                 n_valid = n_done = 0
                 for tile, prob, valid in executor.tiles(src, grid, cancelled):  # prob None: all nodata, skipped
                     n_done += 1
                     if prob is not None:
                         with stage("stitch"):
-                            stitcher.add(tile.window, prob, valid)
+                            for k, stitcher in enumerate(stitchers):
+                                stitcher.add(tile.window, prob if len(classes) == 1 else prob[k], valid)
                         n_valid += 1
                     done = _tiles_before(grids, grid) + n_done
                     say(0.05 + 0.85 * done / total_tiles, f"{src.name}: tile {n_done}/{len(grid)}")
@@ -311,18 +340,25 @@ def run(params: RunParams, progress: Optional[Progress] = None,
                     result.skipped = "no valid pixel (all nodata)"
                 else:
                     with stage("vectorize"):
-                        prob_map = stitcher.finalize()
-                        detections = vectorize(
-                            prob_map, src.transform, crs=src.crs, threshold=params.threshold,
-                            min_area=params.min_area * grid.scale ** 2, simplify=params.simplify * grid.scale,
-                            fill_holes=params.fill_holes, is_cancelled=cancelled,
-                        )
-                        result.features = to_features(
-                            detections, class_name=params.class_name, source=src.path, ref_id=ref_ids,
-                            model=model_label,
-                        )
+                        maps = [st.finalize() for st in stitchers]
+                        if len(maps) > 1 and not params.allow_overlap:
+                            keep_most_probable(maps)
+                        per_class = []
+                        for c, prob_map, ids in zip(classes, maps, ref_ids):
+                            detections = vectorize(
+                                prob_map, src.transform, crs=src.crs, threshold=params.threshold,
+                                min_area=params.min_area * grid.scale ** 2, simplify=params.simplify * grid.scale,
+                                fill_holes=params.fill_holes, is_cancelled=cancelled,
+                            )
+                            per_class.append(to_features(
+                                detections, class_name=c.name, source=src.path, ref_id=ids, model=model_label,
+                            ))
+                        if len(per_class) > 1 and not params.allow_overlap:
+                            cut_enclosed(per_class)
+                        result.features = [f for feats in per_class for f in feats]
             finally:
-                stitcher.close()
+                for stitcher in stitchers:
+                    stitcher.close()
             result.seconds = time.perf_counter() - t0
             results.append(result)
             check_cancel()
@@ -344,6 +380,57 @@ def run(params: RunParams, progress: Optional[Progress] = None,
     say(1.0, "done")
     return RunResult(params=params, targets=results, output=output, seconds=time.perf_counter() - t_start,
                      timings=dict(timings), notes=notes, scale=scale_note)
+
+
+def _class_references(params: RunParams, classes, densify=None) -> List:
+    """One :class:`core.reference.ReferenceSet` per class, all at the first class's working resolution (so that
+    every class sees the same tiles)."""
+    from .reference import reference_set
+
+    kw = dict(densify=densify, crop_size=params.tile_size, bands=params.bands)
+    first = reference_set(classes[0].references, params.scale, **kw)
+    out = [first]
+    for c in classes[1:]:
+        if first.working_gsd:
+            out.append(reference_set(c.references, working_gsd=first.working_gsd, **kw))
+        else:  # rasters without CRS: the same zoom
+            out.append(reference_set(c.references, str(first.scale.zoom), **kw))
+    return out
+
+
+def keep_most_probable(maps: List[np.ndarray], block_rows: int = 512) -> None:
+    """Several classes' probability maps (H x W each, changed in place): where classes overlap, each pixel keeps
+    only the most probable class's probability (the others get 0; ties go to the first class)."""
+    h = maps[0].shape[0]
+    for r in range(0, h, block_rows):
+        stack = np.stack([np.asarray(m[r : r + block_rows]) for m in maps])
+        best = stack.argmax(axis=0)
+        for k, m in enumerate(maps):
+            m[r : r + block_rows] = np.where(best == k, stack[k], 0.0).astype(m.dtype)
+
+
+def cut_enclosed(per_class: List[List[Feature]]) -> None:
+    """Several classes without overlap: a polygon whose filled holes hold another class's polygons gets those
+    holes back (in place; ``area`` scaled to the new geometry). Only polygons of other classes whose
+    representative point lies inside it and which are smaller are cut out."""
+    from shapely.ops import unary_union
+
+    flat = [(k, f) for k, feats in enumerate(per_class) for f in feats]
+    geoms = [f.geometry for _, f in flat]
+    if not geoms:
+        return
+    b = np.asarray([g.bounds for g in geoms], np.float64)  # boxes first (shapely 1.8's STRtree can crash here)
+    for k, f in flat:
+        g = f.geometry
+        x0, y0, x1, y1 = g.bounds
+        near = np.nonzero((b[:, 0] <= x1) & (b[:, 2] >= x0) & (b[:, 1] <= y1) & (b[:, 3] >= y0))[0]
+        inner = [geoms[j] for j in near if flat[j][0] != k and geoms[j].area < g.area
+                 and g.contains(geoms[j].representative_point())]
+        if inner:
+            cut = g.difference(unary_union(inner))
+            if not cut.is_empty and cut.area > 0:
+                f.attributes["area"] = f.attributes.get("area", 0.0) * cut.area / g.area
+                f.geometry = cut
 
 
 def _tiles_before(grids, grid) -> int:

@@ -25,39 +25,27 @@ Geometries:
 * background lines are always buffered by ``line_width`` pixels; background pixels are removed from the
   foreground, and so are the raster's nodata pixels.
 
-CRS: ``spec.crs`` empty = the raster's CRS; otherwise any WKT or authority string (``EPSG:4326``), transformed to
-the raster's CRS. A raster without georeferencing has no CRS: its geometries are in pixel coordinates, either as
-QGIS shows such a raster (x = column, y = -row: what marks drawn in QGIS are) or, when every geometry lies at
-y >= 0 (where nothing of the raster is in QGIS's frame), as image coordinates (x = column, y = row downwards,
-as most annotation tools write them).
+Parsing, repair of invalid polygons, CRS and pixel frames: :mod:`core.marks`. A negative reference (background
+marks only, e.g. result polygons marked "Not <class>" on a target raster) gives *negative examples*
+(:func:`negative_references`: crops at the working scale whose ``background`` mask is the marked regions);
+:func:`reference_set` returns them beside the shots.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from rasterio import Affine
 from rasterio.features import rasterize
 from rasterio.windows import Window
-from shapely import affinity, wkt
-from shapely.errors import ShapelyError
-from shapely.geometry import (
-    GeometryCollection,
-    LinearRing,
-    LineString,
-    MultiLineString,
-    MultiPoint,
-    MultiPolygon,
-    Point,
-    Polygon,
-    box,
-)
+from shapely import affinity
+from shapely.geometry import Point, box
 
 from .errors import InputError
+from .marks import Marks, lines_of, polys_of, read_marks, sample_points_along  # noqa: F401 (re-exported)
 from .params import ReferenceSpec
 from .raster import RasterSource, ground_pixel_size
 
@@ -106,172 +94,6 @@ class Reference:
         return self.mask.shape
 
 
-# -- geometry helpers -------------------------------------------------------------------------------------------
-def _flatten(g) -> List:
-    """Polygons, lines and points of any geometry (collections and multi-geometries exploded, empties dropped)."""
-    if g is None or g.is_empty:
-        return []
-    if isinstance(g, (MultiPolygon, MultiLineString, MultiPoint, GeometryCollection)):
-        out = []
-        for part in g.geoms:
-            out.extend(_flatten(part))
-        return out
-    if isinstance(g, LinearRing):
-        return [LineString(g.coords)]
-    if isinstance(g, (Polygon, LineString, Point)):
-        return [g]
-    return []
-
-
-def _lines_of(geoms) -> List:
-    return [g for g in geoms if isinstance(g, (LineString, Point))]
-
-
-def _polys_of(geoms) -> List:
-    return [g for g in geoms if isinstance(g, Polygon)]
-
-
-def sample_points_along(lines, n: int) -> np.ndarray:
-    """``n`` points spread evenly along ``lines`` (a geometry or a list: LineStrings, MultiLineStrings, rings,
-    polygon outlines; Points count as themselves). Returns an ``n x 2`` float64 array of ``(x, y)`` in the
-    lines' coordinates.
-
-    Points are shared in proportion to length (largest remainders), every line getting at least one when ``n``
-    >= the number of lines (otherwise the ``n`` longest get one); each line's points sit at the centres of ``k``
-    equal pieces of it.
-    """
-    if hasattr(lines, "geom_type"):
-        lines = [lines]
-    parts = []
-    for g in lines:
-        for p in _flatten(g):
-            parts.append(LineString(p.exterior.coords) if isinstance(p, Polygon) else p)
-    n = int(n)
-    if n <= 0 or not parts:
-        return np.zeros((0, 2), np.float64)
-    lengths = np.array([p.length if isinstance(p, LineString) else 0.0 for p in parts])
-    order = np.argsort(-lengths, kind="stable")
-    counts = np.zeros(len(parts), int)
-    total = lengths.sum()
-    if n < len(parts):
-        counts[order[:n]] = 1
-    elif total <= 0:
-        counts[:] = 1
-        counts[order[0]] += n - len(parts)
-    else:
-        share = n * lengths / total
-        counts = np.maximum(1, np.floor(share).astype(int))
-        rem = share - np.floor(share)
-        while counts.sum() < n:  # largest remainders first
-            k = int(np.argmax(rem))
-            counts[k] += 1
-            rem[k] = -1.0
-        while counts.sum() > n:  # the minimum of one point each overshot: take from the most crowded
-            k = int(np.argmax(np.where(counts > 1, counts - share, -np.inf)))
-            counts[k] -= 1
-    pts = []
-    for p, k in zip(parts, counts):
-        if k == 0:
-            continue
-        if isinstance(p, Point) or p.length == 0:
-            xy = p.coords[0]
-            pts.extend([xy[:2]] * k)
-        else:
-            for j in range(k):
-                q = p.interpolate((j + 0.5) / k * p.length)
-                pts.append((q.x, q.y))
-    return np.asarray(pts, dtype=np.float64).reshape(-1, 2)
-
-
-def _parse(wkts: Sequence[str], ref_id: str, what: str, repaired: Optional[List[str]] = None) -> List:
-    """WKT -> polygons, lines and points. An invalid polygon (a bow-tie, a ring that crosses itself) is made
-    valid as QGIS's Fix Geometries does (``make_valid``) and its reason appended to ``repaired``; one that
-    leaves nothing with an area is refused with the reason."""
-    from shapely.validation import explain_validity, make_valid
-
-    out = []
-    for i, text in enumerate(wkts):
-        if text is None or not str(text).strip():
-            continue
-        try:
-            g = wkt.loads(str(text))
-        except (ShapelyError, ValueError, TypeError, AttributeError, IndexError) as e:  # noqa: F841
-            snippet = str(text).strip()
-            snippet = snippet if len(snippet) <= 60 else snippet[:57] + "..."
-            raise InputError(
-                f"The {what} geometry {i + 1} of reference '{ref_id}' is not valid WKT: '{snippet}'."
-            ) from None
-        parts = _flatten(g)
-        if not g.is_empty and not parts:
-            raise InputError(
-                f"The {what} geometry {i + 1} of reference '{ref_id}' is a {g.geom_type}; draw polygons, "
-                "lines or points."
-            )
-        fixed = []
-        for part in parts:
-            if isinstance(part, Polygon) and not part.is_valid:
-                reason = explain_validity(part).split("[")[0].strip().lower()
-                polys = [q for q in _flatten(make_valid(part)) if isinstance(q, Polygon) and q.area > 0]
-                if not polys:
-                    raise InputError(
-                        f"The {what} polygon {i + 1} of reference '{ref_id}' cannot be repaired ({reason}): "
-                        "it encloses no area; draw it again."
-                    )
-                if repaired is not None:
-                    repaired.append(reason)
-                fixed.extend(polys)
-            else:
-                fixed.append(part)
-        out.extend(fixed)
-    return out
-
-
-def _transformer(spec_crs: str, src: RasterSource, ref_id: str):
-    """A function (x, y) -> (x, y) from the geometries' CRS to the raster's, or None when they are the same."""
-    if not spec_crs or not spec_crs.strip():
-        return None
-    import pyproj
-
-    try:
-        gcrs = pyproj.CRS.from_user_input(spec_crs.strip())
-    except pyproj.exceptions.CRSError:
-        raise InputError(
-            f"The CRS '{spec_crs}' of reference '{ref_id}' is not a known coordinate reference system."
-        ) from None
-    if src.crs is None:
-        raise InputError(
-            f"The reference raster '{os.path.basename(src.path)}' has no CRS, so geometries in "
-            f"'{gcrs.to_string()}' cannot be placed on it; leave the CRS empty to give raster coordinates."
-        )
-    rcrs = pyproj.CRS.from_wkt(src.crs.to_wkt())
-    if gcrs == rcrs:
-        return None
-    try:
-        return pyproj.Transformer.from_crs(gcrs, rcrs, always_xy=True)
-    except pyproj.exceptions.ProjError:
-        raise InputError(
-            f"The geometries of reference '{ref_id}' are in '{gcrs.to_string()}', which cannot be transformed to "
-            f"the raster's CRS '{rcrs.to_string()}'."
-        ) from None
-
-
-def _apply(tr, geoms: List, ref_id: str, crs_name: str, raster_crs: str) -> List:
-    from shapely.ops import transform as shp_transform
-
-    out = []
-    for g in geoms:
-        try:
-            t = shp_transform(tr.transform, g)
-        except Exception:  # noqa: BLE001 - pyproj errors of many kinds
-            t = None
-        ok = t is not None and not t.is_empty and all(math.isfinite(v) for v in t.bounds)
-        if not ok:
-            raise InputError(
-                f"A geometry of reference '{ref_id}' cannot be transformed from '{crs_name}' to the raster's CRS "
-                f"'{raster_crs}' (check the CRS of the geometries)."
-            )
-        out.append(t)
-    return out
 
 
 # -- the reference ----------------------------------------------------------------------------------------------
@@ -328,86 +150,8 @@ def _points_of(geoms) -> np.ndarray:
     return np.concatenate(pts) if pts else np.zeros((0, 2), np.float64)
 
 
-@dataclass
-class _Marks:
-    """A reference's marks in native pixel coordinates of its raster (parsed, transformed, clipped)."""
 
-    spec: ReferenceSpec
-    name: str
-    width: int
-    height: int
-    fg: List
-    bg: List
-    pixel_size: Optional[Tuple[float, float]]  # native ground metres per pixel (None without a usable CRS)
-    repaired: List[str]  # why each repaired (invalid) polygon was invalid
-
-    def boxes(self) -> List[Tuple[float, float, float, float]]:
-        return [g.bounds for g in self.fg]
-
-    def polygon_sizes(self) -> np.ndarray:
-        """sqrt(area) in native pixels of each foreground polygon."""
-        return np.asarray([math.sqrt(g.area) for g in self.fg if isinstance(g, Polygon)], np.float64)
-
-    def line_sizes(self) -> np.ndarray:
-        """The longer side of each scribble's extent (native pixels): a rough object size without densifying."""
-        out = []
-        for g in self.fg:
-            if isinstance(g, (LineString, Point)):
-                x0, y0, x1, y1 = g.bounds
-                out.append(max(x1 - x0, y1 - y0, 1.0))
-        return np.asarray(out, np.float64)
-
-
-def _read_marks(spec: ReferenceSpec, src: RasterSource) -> _Marks:
-    """Parse the spec's geometries and bring them to ``src``'s native pixels (see the module docstring)."""
-    ref_id = spec.ref_id
-    repaired: List[str] = []
-    fg = _parse(spec.foreground, ref_id, "foreground", repaired)
-    bg = _parse(spec.background, ref_id, "background", repaired)
-    if not fg:
-        if bg:
-            raise InputError(
-                f"Reference '{ref_id}' has only background marks; mark at least one example of the class itself."
-            )
-        raise InputError(
-            f"Reference '{ref_id}' has no geometry; draw at least one polygon or scribble on an example of the class."
-        )
-    name = os.path.basename(src.path)
-    tr = _transformer(spec.crs, src, ref_id)
-    if tr is not None:
-        raster_crs = src.crs.to_string()
-        fg = _apply(tr, fg, ref_id, spec.crs, raster_crs)
-        bg = _apply(tr, bg, ref_id, spec.crs, raster_crs)
-    inv = ~src.transform
-    to_px = [inv.a, inv.b, inv.d, inv.e, inv.c, inv.f]
-    if not src.georeferenced and tr is None and min(g.bounds[1] for g in fg + bg) >= 0:
-        to_px = [1, 0, 0, 1, 0, 0]  # image coordinates (y = row, downwards), see the module docstring
-    frame = box(0, 0, src.width, src.height)
-
-    def clip(geoms):
-        out = []
-        for g in geoms:
-            p = affinity.affine_transform(g, to_px)
-            if isinstance(p, Point):
-                if frame.covers(p):
-                    out.append(p)
-                continue
-            p = p.intersection(frame) if not frame.covers(p) else p
-            out.extend(q for q in _flatten(p) if type(q) is type(g) or isinstance(g, LineString))
-        return out
-
-    fg_px, bg_px = clip(fg), clip(bg)
-    fg_px = [g for g in fg_px if not (isinstance(g, Polygon) and g.area == 0)]
-    if not fg_px:
-        raise InputError(
-            f"The foreground marks of reference '{ref_id}' lie outside the raster '{name}'; check that they "
-            "were drawn on this raster and that their CRS is right."
-        )
-    pixel_size = src.ground_pixel_size() if src.crs is not None else None
-    return _Marks(spec, name, src.width, src.height, fg_px, bg_px, pixel_size, repaired)
-
-
-def _crop(src: RasterSource, marks: _Marks, window: Window, f: float, densify: Optional[Densify],
+def _crop(src: RasterSource, marks: Marks, window: Window, f: float, densify: Optional[Densify],
           line_width: float) -> Reference:
     """The reference of ``marks`` in ``window`` (native pixels) read at ``f`` native pixels per crop pixel."""
     spec, ref_id, name = marks.spec, marks.spec.ref_id, marks.name
@@ -425,8 +169,8 @@ def _crop(src: RasterSource, marks: _Marks, window: Window, f: float, densify: O
     res = (abs(transform.a), abs(transform.e))
     pixel_size = ground_pixel_size(crs, transform, out_shape[1], out_shape[0]) if crs is not None else None
 
-    fg_polys, fg_lines = _polys_of(fg_c), _lines_of(fg_c)
-    bg_polys, bg_lines = _polys_of(bg_c), _lines_of(bg_c)
+    fg_polys, fg_lines = polys_of(fg_c), lines_of(fg_c)
+    bg_polys, bg_lines = polys_of(bg_c), lines_of(bg_c)
     background = _polygon_mask(bg_polys, shape) | _buffered(bg_lines, shape, line_width)
     mask = _polygon_mask(fg_polys, shape)
     densified = False
@@ -486,7 +230,7 @@ def build_reference(
     geometries outside the raster, and marks that cover no valid pixel.
     """
     with RasterSource(spec.raster, bands=bands) as src:
-        marks = _read_marks(spec, src)
+        marks = read_marks(spec, src)
         b = marks.boxes()
         bbox = (min(v[0] for v in b), min(v[1] for v in b), max(v[2] for v in b), max(v[3] for v in b))
         window, f = _crop_window(bbox, src.width, src.height, int(crop_size), int(margin))
@@ -508,7 +252,7 @@ def build_references(
     from .scale import plan_crops
 
     with RasterSource(spec.raster, bands=bands) as src:
-        marks = _read_marks(spec, src)
+        marks = read_marks(spec, src)
         crops = plan_crops(marks.boxes(), zoom, src.width, src.height, int(crop_size), int(margin))
         refs, first_error = [], None
         for c0, r0, w, h in crops:
@@ -521,14 +265,63 @@ def build_references(
         return refs
 
 
+def _negative_crop(src: RasterSource, marks: Marks, window: Window, f: float, line_width: float) -> Reference:
+    """A negative example of ``marks`` (a negative reference) in ``window`` read at ``f`` native pixels per crop
+    pixel: ``background`` holds the marked regions, ``mask`` is empty; None when they cover no valid pixel."""
+    out_shape = (max(1, int(round(window.height / f))), max(1, int(round(window.width / f))))
+    image, valid = src.read_rgb8(window, out_shape=out_shape)
+    transform = src.window_transform(window, out_shape)
+    sx, sy = out_shape[1] / window.width, out_shape[0] / window.height
+    to_crop = [sx, 0, 0, sy, -window.col_off * sx, -window.row_off * sy]
+    bg_c = [affinity.affine_transform(g, to_crop) for g in marks.bg]
+    background = (_polygon_mask(polys_of(bg_c), out_shape) | _buffered(lines_of(bg_c), out_shape, line_width)) & valid
+    if not background.any():
+        return None
+    crs = src.crs
+    pixel_size = ground_pixel_size(crs, transform, out_shape[1], out_shape[0]) if crs is not None else None
+    return Reference(
+        image=image, mask=np.zeros(out_shape, bool), background=background, valid=valid, window=window,
+        transform=transform, crs=crs, res=(abs(transform.a), abs(transform.e)), pixel_size=pixel_size,
+        downsample=f, raster=marks.spec.raster, ref_id=marks.spec.ref_id, kind="negative",
+    )
+
+
+def negative_references(
+    spec: ReferenceSpec,
+    zoom: float = 1.0,
+    margin: int = 32,
+    crop_size: int = 1024,
+    line_width: float = 3.0,
+    bands: Optional[Sequence[int]] = None,
+) -> List[Reference]:
+    """The negative examples of a negative reference ``spec`` (background marks only) at ``zoom``: one
+    ``crop_size`` crop per cluster of marked regions (:func:`core.scale.plan_crops`), ``Reference.background``
+    the marked regions (``kind`` "negative"). Raises InputError when they cover no valid pixel."""
+    from .scale import plan_crops
+
+    with RasterSource(spec.raster, bands=bands) as src:
+        marks = read_marks(spec, src, allow_negative=True)
+        crops = plan_crops(marks.boxes(), zoom, src.width, src.height, int(crop_size), int(margin))
+        out = [_negative_crop(src, marks, Window(c0, r0, w, h), 1.0 / zoom, line_width) for c0, r0, w, h in crops]
+        out = [r for r in out if r is not None]
+        if not out:
+            raise InputError(
+                f"The negative marks of reference '{spec.ref_id}' cover no valid pixel of '{marks.name}' (nodata)."
+            )
+        return out
+
+
 @dataclass
 class ReferenceSet:
     """A run's references: the shots (:class:`Reference`, one per crop), the working scale
-    (:class:`core.scale.ScaleChoice`) and sentences for the run notes (polygons repaired)."""
+    (:class:`core.scale.ScaleChoice`), sentences for the run notes (polygons repaired) and the negative examples
+    (:class:`Reference` of kind "negative", from references with background marks only; may be empty)."""
 
     refs: List[Reference]
     scale: object
     notes: List[str]
+    negatives: List[Reference] = field(default_factory=list)
+    working_gsd: Optional[float] = None  # ground metres per working pixel (None: rasters without a usable CRS)
 
     def __iter__(self):  # refs, scale = reference_set(...)
         return iter((self.refs, self.scale))
@@ -542,6 +335,7 @@ def reference_set(
     crop_size: int = 1024,
     line_width: float = 3.0,
     bands: Optional[Sequence[int]] = None,
+    working_gsd: Optional[float] = None,
 ):
     """All references of a run at one working scale -> :class:`ReferenceSet` (unpacks as ``refs, scale``).
 
@@ -550,29 +344,50 @@ def reference_set(
     A number: the zoom relative to the FIRST reference raster's native resolution. The working ground
     resolution is the same for every reference: the zoom of reference k is its native pixel size over the
     working one (rasters without CRS: the same zoom).
-    """
-    from .scale import choose, object_sizes
 
-    marks: List[_Marks] = []
+    References with background marks only are negative references, allowed on any raster: their marks become
+    ``ReferenceSet.negatives`` at the working scale (they do not choose it). At least one reference must have
+    foreground marks (else :data:`core.marks.ONLY_BACKGROUND`).
+
+    ``working_gsd`` (ground metres per working pixel) fixes the working resolution instead of ``scale`` (the other
+    classes of a several-class run work at the first class's, so that they share the tiles).
+    """
+    from .marks import ONLY_BACKGROUND
+    from .scale import ScaleChoice, choose, object_sizes
+
+    marks: List[Marks] = []
     for spec in specs:
         with RasterSource(spec.raster, bands=bands) as src:
-            marks.append(_read_marks(spec, src))
+            marks.append(read_marks(spec, src, allow_negative=True))
+    if marks and all(m.negative for m in marks):
+        raise InputError(ONLY_BACKGROUND.format(marks[0].spec.ref_id))
     gsd = [math.sqrt(m.pixel_size[0] * m.pixel_size[1]) if m.pixel_size else None for m in marks]
+    base = gsd[next(k for k, m in enumerate(marks) if not m.negative)]  # the first reference with foreground
+
+    def ratio(k: int) -> float:
+        return gsd[k] / base if gsd[k] and base else 1.0
+
     native = {}
     sizes = []  # in native pixels of the first reference
     for k, m in enumerate(marks):
+        if m.negative:
+            continue
         if densify is not None and m.line_sizes().size:
             native[k] = build_references(m.spec, 1.0, densify, margin, crop_size, line_width, bands)
             ks = np.concatenate([object_sizes(r.mask) for r in native[k]])
         else:
             ks = np.concatenate([m.polygon_sizes(), m.line_sizes()])
-        ratio = gsd[k] / gsd[0] if gsd[k] and gsd[0] else 1.0
-        sizes.append(ks * ratio)
+        sizes.append(ks * ratio(k))
     choice = choose(np.concatenate(sizes), scale)
+    if working_gsd and base:
+        choice = ScaleChoice(base / working_gsd, False, choice.median_object_px)
     refs: List[Reference] = []
+    negatives: List[Reference] = []
     for k, m in enumerate(marks):
-        zoom = choice.zoom * (gsd[k] / gsd[0] if gsd[k] and gsd[0] else 1.0)
-        if k in native and abs(zoom - 1.0) < 1e-6:
+        zoom = choice.zoom * ratio(k)
+        if m.negative:
+            negatives.extend(negative_references(m.spec, zoom, margin, crop_size, line_width, bands))
+        elif k in native and abs(zoom - 1.0) < 1e-6:
             refs.extend(native[k])
         else:
             refs.extend(build_references(m.spec, zoom, densify, margin, crop_size, line_width, bands))
@@ -584,4 +399,4 @@ def reference_set(
                 f"Reference '{m.spec.ref_id}': {n} invalid polygon{'s were' if n > 1 else ' was'} repaired "
                 f"({', '.join(sorted(set(m.repaired)))}), as QGIS's Fix Geometries does."
             )
-    return ReferenceSet(refs, choice, notes)
+    return ReferenceSet(refs, choice, notes, negatives, base / choice.zoom if base else None)

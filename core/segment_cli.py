@@ -5,7 +5,10 @@ Example::
     python -m core segment --reference R.tif --reference-geometry ref.geojson \
         --targets A.tif B.tif --out out.gpkg [--format shp] [--model embedded] [--device auto]
 
-K-shot: repeat ``--reference`` / ``--reference-geometry`` in pairs. A feature of a geometry file whose
+K-shot: repeat ``--reference`` / ``--reference-geometry`` in pairs. ``--negative-geometry VECTOR[@RASTER]``
+(repeatable) adds negative examples: every feature of VECTOR marks something that is NOT the class (typically
+wrong polygons of an earlier result) on RASTER, or, without ``@RASTER``, on the target raster the geometries lie
+on (the one whose extent they overlap most). They become a reference with background marks only. A feature of a geometry file whose
 property ``role`` is ``background`` marks background; every other feature marks the class (polygons are
 drawn masks, lines are scribbles). ``--params run.json`` replays a run from the JSON written beside its output
 (``--cluster`` may move it onto a Dask cluster: ``--cluster local:2`` or ``--cluster tcp://HOST:8786``).
@@ -15,13 +18,14 @@ Exit codes: 0 done, 1 unexpected failure, 2 a problem with the input (one senten
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from .errors import InputError
-from .params import DECODINGS, ENCODER_BACKENDS, MODES, ModelParams, ReferenceSpec, RunParams
+from .params import DECODINGS, ENCODER_BACKENDS, MODES, ClassSpec, ModelParams, ReferenceSpec, RunParams
 
 
 def add_arguments(p) -> None:
@@ -29,6 +33,16 @@ def add_arguments(p) -> None:
                    help="reference raster (repeat for K-shot, each with its --reference-geometry)")
     p.add_argument("--reference-geometry", action="append", default=[], metavar="VECTOR",
                    help="GeoJSON/GeoPackage/Shapefile with the marked objects (polygons or scribble lines)")
+    p.add_argument("--negative-geometry", action="append", default=[], metavar="VECTOR[@RASTER]",
+                   help="things that are NOT the class on a raster (e.g. wrong polygons of a result): every "
+                        "feature is a negative example; the raster is the target they lie on, or name it as "
+                        "VECTOR@RASTER (repeatable)")
+    p.add_argument("--classes", metavar="JSON",
+                   help="several classes in one run: a JSON list of {\"name\": ..., \"references\": [{\"raster\": R, "
+                        "\"geometry\": V}, ...], \"negatives\": [\"V[@R]\", ...]} (instead of --reference)")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="several classes: keep polygons of different classes that overlap (default: the more "
+                        "probable class keeps each pixel)")
     p.add_argument("--targets", nargs="+", default=[], metavar="RASTER", help="rasters to search")
     p.add_argument("--out", metavar="FILE", help="output .gpkg (default) or .shp")
     p.add_argument("--format", choices=("gpkg", "shp"), help="output format (default: from --out's suffix)")
@@ -99,6 +113,87 @@ def read_geometries(path: str) -> Tuple[Tuple[str, ...], Tuple[str, ...], str]:
     return tuple(fg), tuple(bg), crs
 
 
+def _split_negative(arg: str) -> Tuple[str, Optional[str]]:
+    """``VECTOR@RASTER`` -> (VECTOR, RASTER); ``VECTOR`` (or a path that itself holds an '@') -> (VECTOR, None)."""
+    if "@" in arg:
+        vec, raster = arg.rsplit("@", 1)
+        if vec and raster and Path(vec).is_file():
+            return vec, raster
+    return arg, None
+
+
+def _raster_under(wkts: Sequence[str], crs: str, targets: Sequence[str], vec: str) -> str:
+    """The target raster whose extent the geometries overlap most (their CRS: ``crs``, '' = the raster's)."""
+    import numpy as np
+    import rasterio
+    from rasterio.warp import transform_bounds
+    from shapely import wkt as shp_wkt
+    from shapely.geometry import box
+
+    bounds = np.asarray([shp_wkt.loads(w).bounds for w in wkts], float)
+    x0, y0 = bounds[:, 0].min(), bounds[:, 1].min()
+    x1, y1 = bounds[:, 2].max(), bounds[:, 3].max()
+    best, best_area = None, 0.0
+    for path in targets:
+        try:
+            with rasterio.open(path) as ds:
+                b = (x0, y0, x1, y1)
+                if crs and ds.crs is not None:
+                    b = transform_bounds(crs, ds.crs, *b)
+                geo, frame = box(*b), box(*ds.bounds)
+        except Exception:  # noqa: BLE001 - an unreadable target or CRS is reported by the run itself
+            continue
+        if geo.intersects(frame):
+            area = geo.intersection(frame).area
+            if best is None or area > best_area:
+                best, best_area = path, area
+    if best is None:
+        raise InputError(f"The negative geometries of {vec} lie on none of the target rasters; name their raster "
+                         f"as {vec}@RASTER.")
+    return best
+
+
+def negative_spec(arg: str, targets: Sequence[str], k: int) -> ReferenceSpec:
+    """A negative reference (background marks only) from ``--negative-geometry VECTOR[@RASTER]``."""
+    vec, raster = _split_negative(arg)
+    fg, bg, crs = read_geometries(vec)
+    wkts = tuple(fg) + tuple(bg)
+    if not wkts:
+        raise InputError(f"{vec} holds no geometry to use as negative examples.")
+    if raster is None:
+        raster = _raster_under(wkts, crs, targets, vec)
+    return ReferenceSpec(raster=raster, foreground=(), background=wkts, crs=crs, ref_id=f"neg{k}")
+
+
+def read_classes(path: str, targets: Sequence[str]) -> Tuple[ClassSpec, ...]:
+    """A classes file (``--classes``): a JSON list of ``{"name", "references": [{"raster", "geometry"}],
+    "negatives": ["VECTOR[@RASTER]"]}`` -> ClassSpecs (the references read as ``--reference-geometry``)."""
+    import json
+
+    try:
+        items = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise InputError(f"Cannot read the classes file {path}: {exc.strerror}.") from None
+    except ValueError as exc:
+        raise InputError(f"The classes file {path} is not JSON ({exc}).") from None
+    if not isinstance(items, list) or not items or not all(isinstance(c, dict) for c in items):
+        raise InputError(f"The classes file {path} must hold a list of classes, each with a name and references.")
+    out = []
+    for c in items:
+        name = str(c.get("name", "")).strip()
+        refs = []
+        for k, r in enumerate(c.get("references") or []):
+            if not isinstance(r, dict) or "raster" not in r or "geometry" not in r:
+                raise InputError(f"Each reference of class '{name}' in {path} needs a raster and a geometry file.")
+            fg, bg, crs = read_geometries(str(r["geometry"]))
+            refs.append(ReferenceSpec(raster=str(r["raster"]), foreground=fg, background=bg, crs=crs,
+                                      ref_id=f"{name}_ref{k + 1}"))
+        for k, arg in enumerate(c.get("negatives") or []):
+            refs.append(dataclasses.replace(negative_spec(str(arg), targets, k + 1), ref_id=f"{name}_neg{k + 1}"))
+        out.append(ClassSpec(name, tuple(refs)))
+    return tuple(out)
+
+
 def params_from_args(args) -> RunParams:
     if args.params:
         try:
@@ -110,11 +205,11 @@ def params_from_args(args) -> RunParams:
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{args.params} is not a ViRefSAM parameters file ({exc}).") from None
         if getattr(args, "cluster", ""):  # the same run elsewhere: --cluster overrides the file's
-            import dataclasses
 
             params = dataclasses.replace(params, cluster=args.cluster)
         return params
-    if not args.reference:
+    classes = read_classes(args.classes, args.targets) if getattr(args, "classes", None) else ()
+    if not args.reference and not classes:
         raise InputError("Give a reference raster with --reference and its objects with --reference-geometry.")
     if len(args.reference) != len(args.reference_geometry):
         raise InputError("Give one --reference-geometry for each --reference (they go in pairs).")
@@ -122,6 +217,8 @@ def params_from_args(args) -> RunParams:
     for k, (raster, vec) in enumerate(zip(args.reference, args.reference_geometry)):
         fg, bg, crs = read_geometries(vec)
         refs.append(ReferenceSpec(raster=raster, foreground=fg, background=bg, crs=crs, ref_id=f"ref{k + 1}"))
+    for k, arg in enumerate(getattr(args, "negative_geometry", None) or []):
+        refs.append(negative_spec(arg, args.targets, k + 1))
     fmt = args.format or ("shp" if args.out and args.out.lower().endswith(".shp") else "gpkg")
     bands = None
     if args.bands:
@@ -131,7 +228,9 @@ def params_from_args(args) -> RunParams:
             raise InputError("--bands takes 1-based band numbers separated by commas, e.g. 4,3,2.") from None
     adapters = None if args.adapters.lower() == "none" else args.adapters
     return RunParams(
-        class_name=args.class_name,
+        class_name="+".join(c.name for c in classes) if classes and args.class_name == "object" else args.class_name,
+        classes=classes,
+        allow_overlap=bool(getattr(args, "allow_overlap", False)),
         references=tuple(refs),
         targets=tuple(args.targets),
         output=args.out,

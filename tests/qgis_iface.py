@@ -54,6 +54,7 @@ class RealWidgetIface:
         self.plugin_toolbar.setObjectName("mPluginToolBar")
         self.window.addToolBar(self.plugin_toolbar)
         self.project.layersAdded.connect(self._first_layer_extent)
+        self.custom_actions = {}  # action -> {"menu", "type", "all", "layers"}: addCustomActionForLayer*
 
     # -- windows ------------------------------------------------------------------------------------------------
     def mainWindow(self):
@@ -121,6 +122,21 @@ class RealWidgetIface:
             if action.menu() is not None:
                 out[action.menu().title()] = [a.text() for a in action.menu().actions()]
         return out
+
+    # -- layer context menu (custom actions, as QgisInterface's) --------------------------------------------------
+    def addCustomActionForLayerType(self, action, menu, layer_type, all_layers) -> None:
+        self.custom_actions[action] = {"menu": menu, "type": layer_type, "all": all_layers, "layers": set()}
+
+    def addCustomActionForLayer(self, action, layer) -> None:
+        if action in self.custom_actions:
+            self.custom_actions[action]["layers"].add(layer.id())
+
+    def removeCustomActionForLayerType(self, action) -> bool:
+        return self.custom_actions.pop(action, None) is not None
+
+    def layer_context_actions(self, layer):
+        """The custom actions the layer tree's context menu of ``layer`` would show (for assertions)."""
+        return [a for a, d in self.custom_actions.items() if d["all"] or layer.id() in d["layers"]]
 
     # -- layers -------------------------------------------------------------------------------------------------
     def activeLayer(self):

@@ -335,3 +335,27 @@ def test_dask_scheduler_is_an_advanced_parameter_that_becomes_run_params(provide
     params["CLUSTER"] = "dask:4"
     with pytest.raises(QgsProcessingException, match="Unknown cluster 'dask:4'"):
         alg.build_params(params, context)
+
+
+def test_a_classes_file_adds_classes_to_the_run(provider, paths, qgis_project, tmp_path):
+    """Other classes (advanced CLASSES, the CLI's classes file) run beside the algorithm's own class."""
+    import json
+
+    from virefsam.core.demo import DEMO
+
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps([{"name": "house", "references": [
+        {"raster": str(DEMO / "reference.tif"), "geometry": str(DEMO / "reference_houses.geojson")}]}]))
+    alg = QgsApplication.processingRegistry().createAlgorithmById(ALG)
+    context = QgsProcessingContext()
+    context.setProject(qgis_project)
+    params = base_params(paths, "TEMPORARY_OUTPUT")
+    params.update(CLASSES=str(classes), ALLOW_OVERLAP=True)
+    run = alg.build_params(params, context)
+    assert [c.name for c in run.class_specs()] == ["building", "house"] and run.allow_overlap
+    assert run.class_name == "building+house" and run.references == ()
+    assert run.classes[1].references[0].raster == str(DEMO / "reference.tif")
+    classes.write_text(json.dumps([{"name": "building", "references": [
+        {"raster": str(DEMO / "reference.tif"), "geometry": str(DEMO / "reference_houses.geojson")}]}]))
+    with pytest.raises(QgsProcessingException, match="Two classes are named 'building'"):
+        alg.build_params(params, context)

@@ -84,6 +84,8 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
     MIN_AREA = "MIN_AREA"
     SIMPLIFY = "SIMPLIFY"
     FILL_HOLES = "FILL_HOLES"
+    CLASSES = "CLASSES"
+    ALLOW_OVERLAP = "ALLOW_OVERLAP"
     OUTPUT = "OUTPUT"
     N_OBJECTS = "N_OBJECTS"
 
@@ -119,6 +121,9 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             "Precision (advanced): fp32 everywhere, bf16 on CUDA or CPUs with native bf16, fp16 on CUDA only. "
             "Decoding (advanced, training-free runs): Local (fast) decodes each candidate object on a crop around "
             "it, Exact on the whole tile as SAM does.\n"
+            "Other classes (advanced): a classes file, as 'python -m core segment --classes' takes it (a JSON list "
+            "of {name, references: [{raster, geometry}], negatives}), segmented in the same run beside the class "
+            "above; where classes overlap the more probable one keeps each pixel unless 'Classes may overlap'.\n"
             "Output: polygons with class_name, score, area, source raster, reference id and model, in the CRS of "
             "the first target raster.\n\n"
             "Needs the Python packages torch, segment-anything, mobilesam-mirror and timm: open the ViRefSAM dock "
@@ -217,6 +222,9 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             ),
             QgsProcessingParameterBoolean(self.FILL_HOLES, "Fill holes", defaultValue=True),
             cluster,
+            QgsProcessingParameterFile(self.CLASSES, "Other classes (a classes file, JSON)",
+                                       behavior=QgsProcessingParameterFile.File, extension="json", optional=True),
+            QgsProcessingParameterBoolean(self.ALLOW_OVERLAP, "Classes may overlap", defaultValue=False),
         ]
         for p in advanced:
             p.setFlags(p.flags() | p.FlagAdvanced)
@@ -246,7 +254,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
     def build_params(self, parameters, context):
         """The engine's RunParams from the algorithm's parameters (all copied to plain values)."""
         from ..core.errors import VirefsamError
-        from ..core.params import ModelParams, ReferenceSpec, RunParams
+        from ..core.params import ClassSpec, ModelParams, ReferenceSpec, RunParams
 
         ref_layer = self.parameterAsRasterLayer(parameters, self.REFERENCE_RASTER, context)
         if ref_layer is None:
@@ -297,18 +305,22 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             mode, adapters = adapter_choice.mode_and_adapters(choice, adapters_file)
         except VirefsamError as exc:
             raise QgsProcessingException(str(exc)) from None
+        class_name = self.parameterAsString(parameters, self.CLASS_NAME, context).strip() or "object"
+        references = (ReferenceSpec(raster=ref_path, foreground=foreground, background=background,
+                                    crs=crs_string(fg_source.sourceCrs()), ref_id="ref1"),)
+        classes = ()
+        classes_file = (self.parameterAsFile(parameters, self.CLASSES, context) or "").strip()
         try:
+            if classes_file:  # other classes in the same run, beside the one above
+                from ..core.segment_cli import read_classes
+
+                classes = (ClassSpec(class_name, references),) + read_classes(classes_file, targets)
+                class_name, references = "+".join(c.name for c in classes), ()
             return RunParams(
-                class_name=self.parameterAsString(parameters, self.CLASS_NAME, context).strip() or "object",
-                references=(
-                    ReferenceSpec(
-                        raster=ref_path,
-                        foreground=foreground,
-                        background=background,
-                        crs=crs_string(fg_source.sourceCrs()),
-                        ref_id="ref1",
-                    ),
-                ),
+                class_name=class_name,
+                references=references,
+                classes=classes,
+                allow_overlap=self.parameterAsBool(parameters, self.ALLOW_OVERLAP, context),
                 targets=tuple(dict.fromkeys(targets)),
                 model=ModelParams(
                     name=model_name,

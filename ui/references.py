@@ -72,6 +72,7 @@ class ReferenceDraft:
     layer_name: str = ""
     crs: QgsCoordinateReferenceSystem = field(default_factory=QgsCoordinateReferenceSystem)
     marks: List[Mark] = field(default_factory=list)
+    on_target: bool = False  # made from result polygons ("Not <class>" / "More like this"): the raster stays a target
 
     @property
     def foreground(self) -> List[QgsGeometry]:
@@ -84,9 +85,16 @@ class ReferenceDraft:
     def is_empty(self) -> bool:
         return not self.marks
 
+    @property
+    def negative(self) -> bool:
+        """Background marks only: negative examples ("not this class"), e.g. result polygons marked wrong."""
+        return bool(self.marks) and not self.foreground
+
     def describe(self) -> str:
         fg, bg = len(self.foreground), len(self.background)
         where = self.layer_name or "no raster yet"
+        if self.negative:
+            return f"{self.ref_id}: {bg} negative (not the class) on {where}"
         return f"{self.ref_id}: {fg} foreground, {bg} background on {where}"
 
     def to_spec(self):
@@ -109,6 +117,7 @@ class ReferenceDraft:
             self.layer_name,
             QgsCoordinateReferenceSystem(self.crs),
             [Mark(QgsGeometry(m.geometry), m.background) for m in self.marks],
+            self.on_target,
         )
 
 
@@ -131,7 +140,16 @@ class ReferenceSet(QObject):
         return self.references[self.current]
 
     def non_empty(self) -> List[ReferenceDraft]:
+        """References with foreground marks (examples of the class)."""
         return [r for r in self.references if r.foreground]
+
+    def negatives(self) -> List[ReferenceDraft]:
+        """References with background marks only (negative examples)."""
+        return [r for r in self.references if r.negative]
+
+    def usable(self) -> List[ReferenceDraft]:
+        """What a run takes: the references with foreground and the negative ones."""
+        return [r for r in self.references if r.marks]
 
     def total_marks(self) -> int:
         return sum(len(r.marks) for r in self.references)
@@ -144,12 +162,40 @@ class ReferenceSet(QObject):
         self._undo.append(([r.clone() for r in self.references], self.current))
         del self._undo[: -self.MAX_UNDO]
 
-    def _next_id(self) -> str:
+    def _next_id(self, prefix: str = "ref") -> str:
         used = {r.ref_id for r in self.references}
         i = 1
-        while f"ref{i}" in used:
+        while f"{prefix}{i}" in used:
             i += 1
-        return f"ref{i}"
+        return f"{prefix}{i}"
+
+    def add_result_marks(self, layer: QgsRasterLayer, geometries: List[QgsGeometry], negative: bool) -> int:
+        """Result polygons (in ``layer``'s CRS) as marks on the raster they were found in; one undo step.
+
+        ``negative``: "Not <class>": background marks of a negative reference on that raster (``negN``), used
+        as negative examples; else "More like this": foreground marks of a reference on that raster (one more
+        shot). Marks of the same kind on the same raster go to the same reference; the current reference does
+        not change. Returns how many geometries were added."""
+        geometries = [QgsGeometry(g) for g in geometries if g is not None and not g.isEmpty()]
+        if not geometries:
+            return 0
+        self._snapshot()
+        ref = next((r for r in self.references if r.layer_id == layer.id() and r.marks and r.on_target
+                    and r.negative == negative), None)
+        if ref is None:
+            if self.current_reference.is_empty() and not negative:
+                ref = self.current_reference
+            else:
+                ref = ReferenceDraft(self._next_id("neg" if negative else "ref"))
+                self.references.append(ref)
+            ref.layer_id = layer.id()
+            ref.layer_name = layer.name()
+            ref.raster = raster_path(layer) or layer.source()
+            ref.crs = QgsCoordinateReferenceSystem(layer.crs())
+            ref.on_target = True
+        ref.marks.extend(Mark(g, negative) for g in geometries)
+        self.changed.emit()
+        return len(geometries)
 
     def add_marks(self, layer: QgsRasterLayer, geometries: List[QgsGeometry], background: bool = False) -> int:
         """Add geometries (already in ``layer``'s CRS) to the current reference; one undo step.
@@ -210,6 +256,18 @@ class ReferenceSet(QObject):
         self._snapshot()
         self.references = [ReferenceDraft("ref1")]
         self.current = 0
+        self.changed.emit()
+
+    def take_state(self):
+        """The whole state (references, current, undo stack) for another class to use this set meanwhile."""
+        return ([r.clone() for r in self.references], self.current, list(self._undo))
+
+    def load_state(self, state=None) -> None:
+        """Back to a state of :meth:`take_state` (None: an empty class); emits ``changed``."""
+        if state is None:
+            state = ([ReferenceDraft("ref1")], 0, [])
+        refs, current, undo = state
+        self.references, self.current, self._undo = [r.clone() for r in refs], current, list(undo)
         self.changed.emit()
 
     def undo(self) -> bool:

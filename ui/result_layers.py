@@ -55,7 +55,26 @@ def result_fields() -> QgsFields:
     return fields
 
 
-def style_layer(layer: QgsVectorLayer, class_name: str) -> None:
+def _fill(c: QColor) -> QgsFillSymbol:
+    return QgsFillSymbol.createSimple(
+        {
+            "color": f"{c.red()},{c.green()},{c.blue()},90",
+            "outline_color": f"{c.red()},{c.green()},{c.blue()},255",
+            "outline_width": "0.5",
+            "outline_style": "solid",
+        }
+    )
+
+
+def style_layer(layer: QgsVectorLayer, class_name: str, classes=None) -> None:
+    """One colour per class (from its name): a single symbol, or with several ``classes`` (names) one category
+    of the ``class_name`` attribute each."""
+    if classes and len(classes) > 1:
+        from qgis.core import QgsCategorizedSymbolRenderer, QgsRendererCategory
+
+        cats = [QgsRendererCategory(name, _fill(class_color(name)), name) for name in classes]
+        layer.setRenderer(QgsCategorizedSymbolRenderer("class_name", cats))
+        return
     c = class_color(class_name)
     symbol = QgsFillSymbol.createSimple(
         {
@@ -109,7 +128,7 @@ def _no_validation() -> QgsVectorLayer.LayerOptions:
     return options
 
 
-def layer_for_target(target, class_name: str, project: Optional[QgsProject] = None) -> QgsVectorLayer:
+def layer_for_target(target, class_name: str, project: Optional[QgsProject] = None, classes=None) -> QgsVectorLayer:
     """A memory layer holding one TargetResult's polygons."""
     from ..core.results import FIELDS
 
@@ -138,7 +157,7 @@ def layer_for_target(target, class_name: str, project: Optional[QgsProject] = No
     layer.updateExtents()
     layer.setCustomProperty(RESULT_PROPERTY, class_name)
     layer.setCustomProperty(SOURCE_PROPERTY, target.raster)
-    style_layer(layer, class_name)
+    style_layer(layer, class_name, classes)
     return layer
 
 
@@ -177,6 +196,7 @@ def add_result_layers(result, project: Optional[QgsProject] = None) -> List[QgsV
     memory layers (temporary: export them to keep them)."""
     project = project or QgsProject.instance()
     class_name = result.params.class_name
+    classes = [c.name for c in result.params.class_specs()]  # several classes: one layer, styled by class
     uris = _file_uris(result) if result.output else [None] * len(result.targets)
     layers = []
     for target, uri in zip(result.targets, uris):
@@ -193,10 +213,10 @@ def add_result_layers(result, project: Optional[QgsProject] = None) -> List[QgsV
             if layer.isValid():
                 layer.setCustomProperty(RESULT_PROPERTY, class_name)
                 layer.setCustomProperty(SOURCE_PROPERTY, target.raster)
-                style_layer(layer, class_name)
+                style_layer(layer, class_name, classes)
             else:
                 layer = None
-        layers.append(layer or layer_for_target(target, class_name, project))
+        layers.append(layer or layer_for_target(target, class_name, project, classes))
     if not layers:
         return []
     group = result_group(class_name, project)

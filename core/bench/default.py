@@ -82,8 +82,8 @@ def _timed_run(params, clock: _Clock):
     phase = {"now": "reference"}
     make = pipeline.make_predictor
 
-    def make_predictor(eng, p, adapters):
-        pred = make(eng, p, adapters)
+    def make_predictor(eng, p, adapters, cache=None):
+        pred = make(eng, p, adapters, cache=cache)
         model = pred.model
         if model is not None:
             if model.adapted_runner is not None:

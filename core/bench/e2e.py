@@ -52,6 +52,21 @@ variant("default", "the default run: ViRefSAM with the shipped adapters (plain a
         params=lambda a, p: dataclasses.replace(_model(p, adapters="default"), mode="virefsam"))
 variant("baseline", "the pipeline as it is (encoder backend auto: ORT for the embedded model on the CPU)",
         threads_kind="auto")
+def _two_classes(args, params):
+    """The baseline's run with a second class (the same marks under another name and ref_id): one run, two classes."""
+    from ..params import ClassSpec
+
+    second = tuple(dataclasses.replace(r, ref_id=r.ref_id + "_b") for r in params.references)
+    return dataclasses.replace(params, class_name="building+building_b", references=(),
+                               classes=(ClassSpec("building", params.references), ClassSpec("building_b", second)))
+
+
+variant("twoclass", "the baseline with two classes in one run (the second: the same marks under another name; each "
+        "tile read and encoded once, prototypes matched and decoded per class). Goal: at most 1.3x the baseline",
+        params=_two_classes, threads_kind="auto")
+variant("twoclass_default", "the default run (shipped adapters) with two classes in one run (as twoclass): the "
+        "adapted pass, VCP and the decoder run per class",
+        params=lambda a, p: _two_classes(a, dataclasses.replace(_model(p, adapters="default"), mode="virefsam")))
 variant("torch", "the encoder forced to PyTorch through the engine's encoder_backend",
         params=lambda a, p: _model(p, encoder_backend="torch"))
 variant("onnxruntime", "the encoder forced to ONNX Runtime through the engine's encoder_backend",

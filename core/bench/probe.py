@@ -36,6 +36,7 @@ class Probe:
         self.model_tiles = 0
         self.reused_tiles = 0
         self.mode = None
+        self.timed_models: set = set()  # ids of ViRefSAM models whose parts are timed (once each)
         self._probs: List[np.ndarray] = []
         self._undo: List[Callable[[], None]] = []
         self._in_decode = 0  # inside training_free.decode_prompts: the module hooks are not counted again
@@ -141,7 +142,9 @@ class Probe:
             def __init__(self, *a, **k):
                 super().__init__(*a, **k)
                 probe.mode = self.mode
-                if self.model is not None:
+                # several classes: the predictors share one ViRefSAM model; its parts are timed once
+                if self.model is not None and id(self.model) not in probe.timed_models:
+                    probe.timed_models.add(id(self.model))
                     probe.hook(self.model.encoder, "encoder_adapted")  # the adapted pass in PyTorch
                     if getattr(self.model, "adapted_runner", None) is not None:  # ... or in ONNX Runtime
                         probe.wrap(self.model, "adapted_runner", "encoder_adapted")
@@ -149,9 +152,9 @@ class Probe:
                         if hasattr(self.model.vcp, name):
                             probe.wrap(self.model.vcp, name, "vcp")
 
-            def set_references(self, references):
+            def set_references(self, references, negatives=()):
                 probe.phase = "reference"
-                return super().set_references(references)
+                return super().set_references(references, negatives)
 
             def predict_batch(self, images):
                 probe.phase = "tiles"

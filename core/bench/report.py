@@ -234,6 +234,12 @@ def _notes(r: dict) -> List[str]:
         if s is not None:
             notes.append(f"e2e {e['variant']} ({e['mode']}): non-encoder share {100 * s:.1f}% (goal < 15%), "
                          f"{e['seconds_per_tile']:.2f} s per tile.")
+    rows = {e["variant"]: e for e in r.get("e2e") or []}
+    for one_name, two_name in (("baseline", "twoclass"), ("default", "twoclass_default")):
+        if one_name in rows and two_name in rows:
+            one, two = rows[one_name]["seconds"], rows[two_name]["seconds"]
+            notes.append(f"Two classes in one run ({rows[one_name]['mode']}): {two:.1f} s against {one:.1f} s for "
+                         f"one class on the same target (x{two / one:.2f}; goal <= 1.3x).")
     mem = r.get("memory") or []
     default = [x for x in mem if x.get("gdal_cachemax") == mem[0].get("gdal_cachemax")] if mem else []
     if len(default) >= 2:

@@ -35,10 +35,19 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, ModelError
-from .prototypes import GRID, Prototypes, build_prototypes, valid_grid
+from .prototypes import (
+    GRID,
+    Prototypes,
+    build_prototypes,
+    negative_components,
+    negative_prototypes,
+    valid_grid,
+    with_negatives,
+)
 from .training_free import (
     DEFAULT_CONTEXT,
     DEFAULT_WINDOW_MARGIN,
+    NO_MASK_LOGIT,
     static_prompt_logits,
     static_prompts_from_mask,
     training_free_logits,
@@ -170,6 +179,8 @@ class ReferencePredictor:
                 self.model.adapted_runner = engine.adapted_encoder(self.model.encoder, n_table=1 + model.n_bg)
             self.n_bg = model.n_bg
         self._protos: Optional[Prototypes] = None
+        self.n_negatives = 0  # negative prototypes in use (set_references)
+        self._neg_rows = 0  # the last _neg_rows background rows of the prototypes are negatives
         self._static: Optional[Tuple[np.ndarray, np.ndarray]] = None
 
     # -- helpers ----------------------------------------------------------------------------------------------
@@ -217,8 +228,15 @@ class ReferencePredictor:
         return out
 
     # -- references -------------------------------------------------------------------------------------------
-    def set_references(self, references: Sequence[Tuple[np.ndarray, np.ndarray]]) -> None:
-        """K shots of (image HxWx3 uint8, mask HxW bool); each is encoded once, here."""
+    def set_references(self, references: Sequence[Tuple[np.ndarray, np.ndarray]],
+                       negatives: Sequence[Tuple[np.ndarray, np.ndarray]] = ()) -> None:
+        """K shots of (image HxWx3 uint8, mask HxW bool); each is encoded once, here.
+
+        ``negatives``: negative examples, (image HxWx3 uint8, region mask HxW bool) of things that are NOT the
+        class (e.g. result polygons an analyst marked "Not <class>"). Each connected region becomes one more
+        background prototype (:func:`.prototypes.negative_prototypes`, appended by
+        :func:`.prototypes.with_negatives`), used by every mode that matches prototypes (ViRefSAM, training-free);
+        static prompt reuse has no prototypes and ignores them."""
         refs = list(references)
         if not refs:
             raise InputError("No reference was given: mark at least one example of the class first.")
@@ -249,11 +267,48 @@ class ReferencePredictor:
             ).to(feats.device, feats.dtype)
             valid = torch.cat([t.valid for t in targets])
             self._protos = build_prototypes(feats, frac, valid, self.n_bg, self.seed, per_shot=self.bg_per_shot)
+            self.n_negatives = self._neg_rows = 0
+            if negatives:
+                neg, neg_valid = self._negative_rows(negatives)
+                self._protos = with_negatives(self._protos, neg, neg_valid)
+                self.n_negatives, self._neg_rows = int(neg_valid.sum()), int(neg.shape[0])
             # K-shot ensemble (trained mode): each shot's own prototypes too (ViRefSAM.forward's ``shots``)
             self._shots = None
-            if self.kshot in ("ensemble", "mean1shot") and self.mode == "virefsam" and len(images) > 1:
+            if self.kshot == "ensemble" and self.mode == "virefsam" and len(images) > 1:
                 self._shots = [build_prototypes(feats[k : k + 1], frac[k : k + 1], valid[k : k + 1], self.n_bg,
                                                 self.seed) for k in range(len(images))]
+                if negatives and self._neg_rows:
+                    self._shots = [with_negatives(p, neg, neg_valid) for p in self._shots]
+
+    MAX_NEGATIVE_REGIONS = 64  # per negative example crop: the largest regions
+
+    def _negative_rows(self, negatives) -> Tuple[torch.Tensor, torch.Tensor]:
+        """R x C prototypes (and validity) of the connected regions of the negative examples' masks."""
+        from scipy import ndimage
+
+        rows, oks = [], []
+        for i, (image, mask) in enumerate(negatives, 1):
+            image = _check_image(image, f"negative example {i}")
+            mask = np.asarray(mask).astype(bool)
+            if mask.shape != image.shape[:2]:
+                raise InputError(f"Negative example {i}: the mask does not match its image.")
+            labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+            if n == 0:
+                continue
+            areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+            ids = 1 + np.argsort(-areas, kind="stable")[: self.MAX_NEGATIVE_REGIONS]
+            t = self._encode([image])[0]
+            grid = t.plain.shape[-1]
+            fracs = torch.stack([mask_fraction_grid(labels == k, t.input_size, int(t.x.shape[-1]), grid)
+                                 for k in ids]).to(t.plain.device, t.plain.dtype)
+            feats = t.plain.expand(len(ids), -1, -1, -1)
+            p, ok = negative_prototypes(feats, fracs, t.valid.expand(len(ids), -1, -1))
+            rows.append(p)
+            oks.append(ok)
+        if not rows:
+            dev = self._device()
+            return torch.zeros(0, self._protos.fg.shape[-1], device=dev), torch.zeros(0, dtype=torch.bool, device=dev)
+        return torch.cat(rows), torch.cat(oks)
 
     def reference_state(self) -> dict:
         """What :meth:`set_references` computed, as plain CPU numpy arrays (no project class inside), so that
@@ -264,8 +319,8 @@ class ReferencePredictor:
         if self._protos is None:
             raise InputError("Set the references before predicting.")
         p = self._protos
-        return {"mode": self.mode, **{k: getattr(p, k).detach().cpu().numpy()
-                                      for k in ("fg", "fg_valid", "bg", "bg_valid")}}
+        return {"mode": self.mode, "neg_rows": self._neg_rows, **{k: getattr(p, k).detach().cpu().numpy()
+                                                                  for k in ("fg", "fg_valid", "bg", "bg_valid")}}
 
     def load_reference_state(self, state: dict) -> None:
         """The references of :meth:`reference_state` (of a predictor of the same model and mode), on this
@@ -279,6 +334,9 @@ class ReferencePredictor:
         t = {k: torch.from_numpy(np.asarray(state[k])) for k in ("fg", "fg_valid", "bg", "bg_valid")}
         self._protos = Prototypes(t["fg"].to(dev, dtype), t["fg_valid"].to(dev), t["bg"].to(dev, dtype),
                                   t["bg_valid"].to(dev))
+        self._neg_rows = int(state.get("neg_rows", 0))
+        first_neg = self._protos.n_bg - self._neg_rows
+        self.n_negatives = int(self._protos.bg_valid[0, first_neg:].sum()) if self._neg_rows else 0
         self._static = None
 
     # -- prediction -------------------------------------------------------------------------------------------
@@ -295,13 +353,12 @@ class ReferencePredictor:
                     window_margin=self.window_margin, context=self.decoder_context,
                 )
             return low.float()
-        if self.kshot == "mean1shot" and self._shots:
-            probs = [torch.sigmoid(self.model(t.x, p, plain=t.plain, valid=t.valid, stem=t.stem)
-                                   ["low_res_logits"][:, :1].float()) for p in self._shots]
-            prob = torch.stack(probs).mean(0).clamp(1e-6, 1 - 1e-6)
-            return torch.log(prob / (1 - prob))
         out = self.model(t.x, self._protos, plain=t.plain, valid=t.valid, stem=t.stem, shots=self._shots)
-        return out["low_res_logits"][:, :1]
+        low = out["low_res_logits"][:, :1]
+        if self._neg_rows:  # what the analyst marked "not this class": parts of the mask like a negative go
+            drop = negative_components(t.plain, low, self._protos, self._neg_rows, t.valid).to(low.device)
+            low = low.masked_fill(drop[None, None], NO_MASK_LOGIT)
+        return low
 
     def predict_batch(self, images: Sequence[np.ndarray]) -> List[np.ndarray]:
         """HxW float32 probabilities in [0, 1] for each tile (one batched frozen-encoder pass for the batch)."""

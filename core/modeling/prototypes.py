@@ -265,3 +265,68 @@ def pseudo_mask(
     if valid is not None:
         assign = torch.where(valid.to(torch.bool).expand_as(assign), assign, torch.full_like(assign, n_bg + 1))
     return mask, margin, assign
+
+
+# --------------------------------------------------------------------------------------------------------------
+# negative examples ("not this class" regions, e.g. result polygons an analyst marked as wrong)
+# --------------------------------------------------------------------------------------------------------------
+def negative_prototypes(feats: torch.Tensor, fracs: torch.Tensor, valid: Optional[torch.Tensor] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One prototype per negative region: masked average pooling (Eq. 1's foreground pooling) of the region's
+    plain embedding. feats R x C x h x w (the embedding of the crop each region lies in, repeated per region),
+    fracs R x h x w (the fraction of each cell the region covers), valid R x h x w or None
+    -> ``(protos R x C, proto_valid R bool)`` (a region covering no valid cell: a zero row, invalid)."""
+    w = fracs.to(feats.dtype)
+    if valid is not None:
+        w = w * valid.to(feats.dtype)
+    total = w.sum(dim=(1, 2))
+    pooled = torch.einsum("rchw,rhw->rc", feats, w) / total.clamp_min(1e-12)[:, None]
+    ok = total > 0
+    return torch.where(ok[:, None], pooled, torch.zeros_like(pooled)), ok
+
+
+def with_negatives(protos: Prototypes, neg: torch.Tensor, neg_valid: torch.Tensor) -> Prototypes:
+    """``protos`` (batch 1) with the negative prototypes ``neg`` (R x C, valid R) appended beside the Voronoi
+    background rows: ``bg`` 1 x (N_b + R) x C. Eq. 3 (pseudo-mask), Eq. 6 (DTA assignment), VCP and the
+    training-free candidate filter all take the largest similarity over the background rows, so a target region
+    more like a negative example than like the class is background everywhere."""
+    if neg.shape[0] == 0:
+        return protos
+    neg = neg.to(device=protos.bg.device, dtype=protos.bg.dtype)[None]
+    return Prototypes(protos.fg, protos.fg_valid, torch.cat([protos.bg, neg], dim=1),
+                      torch.cat([protos.bg_valid, neg_valid.to(protos.bg_valid.device)[None]], dim=1))
+
+
+def negative_components(feats: torch.Tensor, low: torch.Tensor, protos: Prototypes, n_neg: int,
+                        valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Which parts of a predicted mask look like a negative example: feats 1 x C x h x w (plain embedding),
+    low 1 x 1 x H x W logits, ``protos`` whose last ``n_neg`` background rows are negatives
+    (:func:`with_negatives`) -> H x W bool, the 8-connected components of ``low > 0`` whose mean embedding is
+    more similar to a valid negative prototype than to the foreground prototype (the training-free mode's
+    candidate filter, applied to the trained model's output against the negatives only)."""
+    import numpy as np
+    from scipy import ndimage
+
+    out = torch.zeros(low.shape[-2:], dtype=torch.bool)
+    if n_neg <= 0:
+        return out
+    neg_valid = protos.bg_valid[0, -n_neg:]
+    fg_mask = (low[0, 0] > 0).cpu().numpy()
+    if not bool(neg_valid.any()) or not fg_mask.any():
+        return out
+    labels, n = ndimage.label(fg_mask, structure=np.ones((3, 3), bool))
+    lab = torch.from_numpy(labels).to(feats.device)
+    h, w = feats.shape[-2:]
+    onehot = (lab[None] == torch.arange(1, n + 1, device=feats.device)[:, None, None]).to(feats.dtype)
+    cover = F.adaptive_avg_pool2d(onehot[:, None], (h, w))[:, 0]  # n x h x w
+    if valid is not None:
+        cover = cover * valid.reshape(1, h, w).to(feats.dtype)
+    wsum = cover.sum(dim=(1, 2))
+    mean = F.normalize(torch.einsum("chw,nhw->nc", feats[0], cover) / wsum.clamp_min(1e-6)[:, None], dim=-1)
+    fg_sim = mean @ F.normalize(protos.fg[0].to(feats.dtype), dim=-1)
+    neg = F.normalize(protos.bg[0, -n_neg:][neg_valid].to(feats.dtype), dim=-1)
+    neg_sim = (mean @ neg.t()).max(dim=1).values
+    drop = ((neg_sim > fg_sim) & (wsum > 0)).cpu()
+    if bool(drop.any()):
+        out = torch.from_numpy(np.isin(labels, (torch.nonzero(drop)[:, 0] + 1).numpy()))
+    return out

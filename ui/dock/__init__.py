@@ -15,6 +15,8 @@ One file per section of the dock, each a mixin of :class:`ViRefSamDock` that bui
 ``_save_*_settings``) and holds its behaviour:
 
 reference.py  1. class and reference: marking tools, references, mask preview
+corrections.py  in 1.: "Not <class>" / "More like this" on selected result polygons (also the layer context menu)
+classes.py    in 1.: the list of classes of the run (each its own references and negatives)
 targets.py    2. target rasters
 model.py      3. model, adapters, device, precision, decoding; the Options box
 run.py        4. output, Run / Cancel, RunParams, the task's end, export
@@ -36,13 +38,16 @@ from ..overlay import ReferenceOverlay
 from ..references import ReferenceSet
 from ..task import SegmentTask
 from .common import DEVICES, ICON, MODELS, MODES, TITLE  # noqa: F401  (names of the dock module before the split)
+from .classes import ClassesSection
+from .corrections import CorrectionsSection
 from .model import ModelSection
 from .reference import ReferenceSection
 from .run import RunSection
 from .targets import TargetsSection
 
 
-class ViRefSamDock(ReferenceSection, TargetsSection, ModelSection, RunSection, QgsDockWidget):
+class ViRefSamDock(ReferenceSection, ClassesSection, CorrectionsSection, TargetsSection, ModelSection, RunSection,
+                   QgsDockWidget):
     def __init__(self, iface, parent=None) -> None:
         super().__init__(TITLE, parent or iface.mainWindow())
         self.setObjectName("ViRefSamDock")
@@ -114,6 +119,8 @@ class ViRefSamDock(ReferenceSection, TargetsSection, ModelSection, RunSection, Q
         self.setWidget(outer)
 
         self._connect_reference()
+        self._connect_corrections()
+        self._connect_classes()
         self._connect_targets()
         self._connect_model()
         self._connect_run()
@@ -138,6 +145,7 @@ class ViRefSamDock(ReferenceSection, TargetsSection, ModelSection, RunSection, Q
         """Plugin unload: stop listening, cancel a run, take every tool and canvas item away."""
         self._preview_timer.stop()
         self.install_panel.shutdown()
+        self._shutdown_corrections()
         for signal, slot in (
             (self.project.layersAdded, self._layers_changed),
             (self.project.layersRemoved, self._layers_changed),

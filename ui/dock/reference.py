@@ -51,6 +51,7 @@ class ReferenceSection:
         self.class_edit.setObjectName("class_name")
         self.class_edit.setPlaceholderText("e.g. building, tree, solar panel")
         form.addRow("Class name", self.class_edit)
+        self._build_classes_row(form)  # several classes in one run (classes.py)
         self.reference_combo = QgsMapLayerComboBox()
         self.reference_combo.setObjectName("reference_layer")
         self.reference_combo.setFilters(QgsMapLayerProxyModel.RasterLayer)
@@ -115,6 +116,7 @@ class ReferenceSection:
             b.setMinimumWidth(40)
             ref_buttons.addWidget(b)
         form.addRow("", ref_buttons)
+        self._build_corrections_row(form)  # "Not <class>" / "More like this" on result polygons (corrections.py)
         self.show_mask_check = QCheckBox("Show the reference mask")
         self.show_mask_check.setToolTip("Draw the dense mask the engine derives from the marks (yellow).")
         self.show_mask_check.setChecked(True)
@@ -240,8 +242,10 @@ class ReferenceSection:
         self.undo_button.setEnabled(self.references.can_undo())
         self.overlay.show_references(self.references.references, self.references.current)
         n = len(self.references.non_empty())
+        k = sum(len(r.marks) for r in self.references.negatives())
         self._set_reference_status(
-            f"{n} reference(s) ready." if n else "Mark one example of the class: scribble on it or draw its outline."
+            (f"{n} reference(s) ready" + (f", {k} negative example(s)." if k else "."))
+            if n else "Mark one example of the class: scribble on it or draw its outline."
         )
         self._sync_reference_targets()
         self._schedule_preview()

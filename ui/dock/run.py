@@ -124,12 +124,27 @@ class RunSection:
         from ...core.errors import InputError
         from ...core.params import ModelParams, RunParams
 
-        class_name = self.class_edit.text().strip()
-        if not class_name:
-            raise InputError("Type the name of the class first (e.g. building).")
-        refs = self.references.non_empty()
-        if not refs:
-            raise InputError("No reference yet: mark one example of the class with a scribble or a polygon.")
+        from ...core.params import ClassSpec
+
+        listed = [(n, r) for n, r in self.class_references() if n or r]  # an added class left empty: ignored
+        classes = ()
+        if len(listed) > 1:  # several classes in one run (classes.py)
+            for name, refs in listed:
+                if not name:
+                    raise InputError("A class has no name: type the name of every class (e.g. building, tree).")
+                if not any(r.foreground for r in refs):
+                    raise InputError(f"Class '{name}' has no example yet: mark one, or remove the class.")
+            classes = tuple(ClassSpec(n, tuple(r.to_spec() for r in refs)) for n, refs in listed)
+            class_name, refs = "+".join(n for n, _ in listed), []
+            for _, r in listed:
+                refs.extend(r)
+        else:
+            class_name = self.class_edit.text().strip()
+            if not class_name:
+                raise InputError("Type the name of the class first (e.g. building).")
+            refs = self.references.usable()  # examples of the class and negative examples ("Not <class>")
+            if not any(r.foreground for r in refs):
+                raise InputError("No reference yet: mark one example of the class with a scribble or a polygon.")
         for ref in refs:
             if self.project.mapLayer(ref.layer_id) is None:
                 raise InputError(f"The raster of {ref.ref_id} was removed from the project: remove that reference.")
@@ -169,7 +184,9 @@ class RunSection:
             overwrite = bool(self._confirmed_output) and os.path.abspath(self._confirmed_output) == os.path.abspath(output)
         return RunParams(
             class_name=class_name,
-            references=tuple(r.to_spec() for r in refs),
+            references=() if classes else tuple(r.to_spec() for r in refs),
+            classes=classes,
+            allow_overlap=self.allow_overlap_check.isChecked(),
             targets=tuple(dict.fromkeys(targets)),
             output=output,
             output_format=fmt,
@@ -247,6 +264,8 @@ class RunSection:
         self.progress.setValue(100)
         self.scale_status.setText(result.scale)
         self.last_layers = add_result_layers(result)
+        for layer in self.last_layers:
+            self.offer_corrections(layer)  # "Not <class>" / "More like this" in its context menu
         text = f"{result.summary()} {adapter_choice.describe_run(result.params)}"
         if result.output:
             text += f" Written to {result.output}."

@@ -98,7 +98,8 @@ class TargetsSection:
         return [lay for lay in ordered if isinstance(lay, QgsRasterLayer)]
 
     def _reference_layer_ids(self) -> set:
-        ids = {r.layer_id for r in self.references.references if r.layer_id}
+        # marks made from result polygons ("Not <class>", "More like this") leave their raster a target
+        ids = {r.layer_id for r in self.references.references if r.layer_id and not r.on_target}
         layer = self.reference_layer()
         if layer is not None:
             ids.add(layer.id())

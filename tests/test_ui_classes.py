@@ -1,0 +1,80 @@
+"""Several classes in one run from the dock, in real QGIS: the class list, one layer with both classes styled by
+class, GeoPackage / Shapefile export keeping the class attribute. Real engine (embedded SAM, training-free on one
+1024 px tile), real rasters (the demo's cut-outs)."""
+
+from collections import Counter
+
+import pytest
+
+pytest.importorskip("qgis.gui")
+
+from osgeo import ogr  # noqa: E402
+from qgis.core import QgsCategorizedSymbolRenderer, QgsGeometry, QgsRasterLayer  # noqa: E402
+from qgis.PyQt.QtCore import Qt  # noqa: E402
+from qgis_iface import close_dock, set_up_run  # noqa: E402
+
+GROUND = "POLYGON ((4368380 -673950, 4368390 -673950, 4368390 -673960, 4368380 -673960, 4368380 -673950))"
+
+
+@pytest.fixture
+def dock(qgis_app, qgis_iface, qgis_project, virefsam_pkg, qtbot):
+    from virefsam.ui import settings
+    from virefsam.ui.dock import ViRefSamDock
+
+    settings.reset()
+    d = ViRefSamDock(qgis_iface)
+    qgis_iface.addDockWidget(Qt.RightDockWidgetArea, d)
+    d.show()
+    yield d
+    close_dock(d, qgis_iface, qtbot, timeout=60000)
+
+
+def test_two_class_run_writes_one_layer_with_both_classes(dock, qgis_project, virefsam_pkg, qtbot, tmp_path):
+    from virefsam.core.demo import DEMO
+    from virefsam.core.segment_cli import read_geometries
+    from virefsam.ui.export import export_layers
+
+    ref = QgsRasterLayer(str(DEMO / "reference.tif"), "reference")
+    tgt = QgsRasterLayer(str(DEMO / "target_kampala.tif"), "kampala")
+    qgis_project.addMapLayers([ref, tgt])
+    fg, _, _ = read_geometries(str(DEMO / "reference_houses.geojson"))
+    set_up_run(dock, ref, [QgsGeometry.fromWkt(w) for w in fg], [tgt], include_reference=False)
+    dock.tile_spin.setValue(1024)
+    dock.overlap_spin.setValue(128)
+    assert not dock.remove_class_button.isEnabled()
+
+    assert dock.add_class("ground") == 1  # a second class, shown at once, without marks
+    assert dock.references.total_marks() == 0 and dock.class_edit.text() == "ground"
+    dock.references.add_marks(ref, [QgsGeometry.fromWkt(GROUND)])
+    assert [dock.class_combo.itemText(i) for i in range(dock.class_combo.count())] == ["building", "ground"]
+    dock.show_class(0)  # each class keeps its own marks
+    assert dock.class_edit.text() == "building" and dock.references.total_marks() == 4
+    dock.show_class(1)
+    assert dock.references.total_marks() == 1
+
+    params = dock.build_params()
+    assert [c.name for c in params.class_specs()] == ["building", "ground"] and params.references == ()
+    task = dock.run()
+    assert task is not None
+    qtbot.waitUntil(lambda: not dock.is_running(), timeout=300000)
+    assert not task.error, task.error
+    assert len(dock.last_layers) == 1  # one layer per target, with both classes
+    layer = dock.last_layers[0]
+    counts = Counter(f["class_name"] for f in layer.getFeatures())
+    assert counts["building"] > 5 and counts["ground"] > 0, counts
+    renderer = layer.renderer()
+    assert isinstance(renderer, QgsCategorizedSymbolRenderer) and renderer.classAttribute() == "class_name"
+    assert [c.value() for c in renderer.categories()] == ["building", "ground"]
+    colors = {c.value(): c.symbol().color().name() for c in renderer.categories()}
+    assert colors["building"] != colors["ground"]
+
+    for ext in ("gpkg", "shp"):  # export keeps the attribute
+        path = str(tmp_path / f"both.{ext}")
+        export_layers([layer], path, overwrite=True)
+        ds = ogr.Open(path if ext == "gpkg" else str(tmp_path))
+        got = Counter(f.GetField("class_name") for i in range(ds.GetLayerCount()) for f in ds.GetLayer(i))
+        assert got == counts, (ext, got)
+        ds = None
+
+    dock.remove_class()  # back to one class: the run is the one class's again
+    assert dock.class_edit.text() == "building" and dock.build_params().classes == ()
