@@ -139,3 +139,46 @@ def test_bow_tie_reference_polygon_drawn_in_the_dock_gives_a_result_and_the_note
     layer = _run(dock, qtbot)
     assert layer.featureCount() > 0
     assert "invalid polygon was repaired (self-intersection)" in dock.status_label.text()
+
+
+def test_corrections_and_classes_refused_with_one_sentence(dock, scene, qgis_iface, qgis_project):
+    """The dock's refusals (docs/FAULTS.md): not a result layer, nothing selected, the result's raster removed;
+    a second class without a name. No run: a result layer made from a RunResult, as the dock makes it."""
+    from shapely.geometry import box
+    from virefsam.core.errors import InputError
+    from virefsam.core.results import Feature, RunResult, TargetResult
+    from virefsam.ui.result_layers import add_result_layers
+
+    ref, tgt, houses, _ = scene
+    set_up_run(dock, ref, houses, [tgt], include_reference=False, mode=None)
+    e = tgt.extent()
+    poly = box(e.xMinimum() + 10, e.yMinimum() + 10, e.xMinimum() + 20, e.yMinimum() + 20)
+    result = RunResult(params=dock.build_params(), targets=[TargetResult(
+        raster=tgt.source(), crs_wkt=tgt.crs().toWkt(),
+        features=[Feature(poly, {"class_name": "building", "source": tgt.source()})])])
+    layer = add_result_layers(result)[0]
+    before = dock.references.total_marks()
+
+    qgis_iface.setActiveLayer(ref)  # a raster, not a result layer
+    assert dock.mark_selected_results(negative=True) == 0
+    assert dock.reference_status.text() == \
+        "Select polygons of a ViRefSAM result layer (make it the active layer) first."
+    qgis_iface.setActiveLayer(layer)
+    layer.removeSelection()
+    dock.not_class_button.click()
+    assert dock.reference_status.text() == \
+        f"No polygon of '{layer.name()}' is selected: select the ones to correct."
+    layer.selectAll()
+    qgis_project.removeMapLayer(tgt.id())  # the raster the polygons were found in is gone
+    assert dock.mark_selected_results(negative=False, layer=layer) == 0
+    assert dock.reference_status.text() == \
+        "The raster 'kampala.vrt' of this result is not in the project any more: add it again to correct its polygons."
+    assert dock.references.total_marks() == before  # nothing was marked
+
+    dock.add_class("")  # a second class with a mark but no name
+    dock.references.add_marks(ref, houses[:1])
+    with pytest.raises(InputError, match=r"^A class has no name: type the name of every class \(e\.g\. building, "
+                                         r"tree\)\.$"):
+        dock.build_params()
+    assert dock.run() is None  # the run does not start; the sentence goes to the message bar
+    assert any("A class has no name" in i.text() for i in qgis_iface.messageBar().items())
