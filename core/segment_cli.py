@@ -122,7 +122,7 @@ def _split_negative(arg: str) -> Tuple[str, Optional[str]]:
     return arg, None
 
 
-def _raster_under(wkts: Sequence[str], crs: str, targets: Sequence[str], vec: str) -> str:
+def _raster_under(wkts: Sequence[str], crs: str, targets: Sequence[str], vec: str, fix: str = "") -> str:
     """The target raster whose extent the geometries overlap most (their CRS: ``crs``, '' = the raster's)."""
     import numpy as np
     import rasterio
@@ -148,8 +148,8 @@ def _raster_under(wkts: Sequence[str], crs: str, targets: Sequence[str], vec: st
             if best is None or area > best_area:
                 best, best_area = path, area
     if best is None:
-        raise InputError(f"The negative geometries of {vec} lie on none of the target rasters; name their raster "
-                         f"as {vec}@RASTER.")
+        raise InputError(f"The negative geometries of {vec} lie on none of the target rasters; "
+                         + (fix or f"name their raster as {vec}@RASTER."))
     return best
 
 
@@ -157,11 +157,18 @@ def negative_spec(arg: str, targets: Sequence[str], k: int) -> ReferenceSpec:
     """A negative reference (background marks only) from ``--negative-geometry VECTOR[@RASTER]``."""
     vec, raster = _split_negative(arg)
     fg, bg, crs = read_geometries(vec)
-    wkts = tuple(fg) + tuple(bg)
+    return negative_reference(tuple(fg) + tuple(bg), crs, targets, k, vec, raster)
+
+
+def negative_reference(wkts: Sequence[str], crs: str, targets: Sequence[str], k: int, what: str,
+                       raster: Optional[str] = None, fix: str = "") -> ReferenceSpec:
+    """A negative reference ``neg<k>`` from the geometries ``wkts`` of ``what`` (a file or layer name), on
+    ``raster`` or, when None, on the target raster they overlap most (the CLI and Processing)."""
+    wkts = tuple(wkts)
     if not wkts:
-        raise InputError(f"{vec} holds no geometry to use as negative examples.")
+        raise InputError(f"{what} holds no geometry to use as negative examples.")
     if raster is None:
-        raster = _raster_under(wkts, crs, targets, vec)
+        raster = _raster_under(wkts, crs, targets, what, fix)
     return ReferenceSpec(raster=raster, foreground=(), background=wkts, crs=crs, ref_id=f"neg{k}")
 
 

@@ -359,3 +359,82 @@ def test_a_classes_file_adds_classes_to_the_run(provider, paths, qgis_project, t
         {"raster": str(DEMO / "reference.tif"), "geometry": str(DEMO / "reference_houses.geojson")}]}]))
     with pytest.raises(QgsProcessingException, match="Two classes are named 'building'"):
         alg.build_params(params, context)
+
+
+def _boxes_layer(name, extent, crs, n=2, source=None):
+    """A memory polygon layer of ``n`` small squares inside ``extent`` (a 'source' attribute when given)."""
+    fields = "&field=source:string" if source is not None else ""
+    layer = QgsVectorLayer(f"Polygon?crs={crs.authid()}{fields}", name, "memory")
+    w, h = extent.width(), extent.height()
+    feats = []
+    for k in range(n):
+        x0, y0 = extent.xMinimum() + w * (0.1 + 0.4 * k), extent.yMinimum() + h * 0.3
+        f = QgsFeature(layer.fields())
+        f.setGeometry(QgsGeometry.fromWkt(
+            f"POLYGON(({x0} {y0}, {x0 + w * 0.2} {y0}, {x0 + w * 0.2} {y0 + h * 0.2}, {x0} {y0 + h * 0.2}, {x0} {y0}))"))
+        if source is not None:
+            f.setAttributes([source])
+        feats.append(f)
+    layer.dataProvider().addFeatures(feats)
+    return layer
+
+
+def test_negative_examples_become_negative_references_and_the_run_uses_them(provider, paths, qgis_project,
+                                                                             qgis_processing, tmp_path):
+    """NEGATIVES (the CLI's --negative-geometry): layers of things that are not the class on a target raster;
+    the raster is the features' 'source' (a result layer's attribute) or the target the layer overlaps most."""
+    import processing
+    from qgis.core import QgsRasterLayer
+
+    second = QgsRasterLayer(paths["targets"][1], "second")
+    on_second = _boxes_layer("wrong", second.extent(), second.crs())  # no source: found by overlap
+    with_source = _boxes_layer("picked", second.extent(), second.crs(), n=1, source=paths["targets"][0])
+    empty = QgsVectorLayer("Polygon?crs=EPSG:4326", "empty", "memory")
+    qgis_project.addMapLayers([on_second, with_source, empty])
+    alg = QgsApplication.processingRegistry().createAlgorithmById(ALG)
+    context = QgsProcessingContext()
+    context.setProject(qgis_project)
+    params = base_params(paths, "TEMPORARY_OUTPUT")
+    params["NEGATIVES"] = [on_second.id(), with_source.id()]
+    run = alg.build_params(params, context)
+    negs = [r for r in run.references if not r.foreground]
+    assert [(r.ref_id, r.raster, len(r.background)) for r in negs] == [
+        ("neg1", paths["targets"][1], 2), ("neg2", paths["targets"][0], 1)]
+    assert RunParamsJSON(run) == run  # the parameters file replays them
+
+    params["NEGATIVES"] = [empty.id()]
+    with pytest.raises(QgsProcessingException, match="^'empty' holds no geometry to use as negative examples.$"):
+        alg.build_params(params, context)
+    far = _boxes_layer("far", second.extent(), second.crs())
+    far.dataProvider().truncate()
+    f = QgsFeature(far.fields())
+    f.setGeometry(QgsGeometry.fromWkt("POLYGON((0 0, 1 0, 1 1, 0 1, 0 0))"))
+    far.dataProvider().addFeatures([f])
+    qgis_project.addMapLayer(far)
+    params["NEGATIVES"] = [far.id()]
+    with pytest.raises(QgsProcessingException, match="lie on none of the target rasters; add their raster to the"):
+        alg.build_params(params, context)
+
+    out = str(tmp_path / "with_negatives.gpkg")
+    feedback = _Notes()
+    params = base_params(paths, out)
+    params["NEGATIVES"] = [on_second.id()]
+    result = processing.run(ALG, params, context=context, feedback=feedback)
+    assert result["N_OBJECTS"] >= 0
+    assert any("2 negative examples (marked 'not building') used" in t for t in feedback.infos), feedback.infos
+
+
+def RunParamsJSON(run):
+    from virefsam.core.params import RunParams
+
+    return RunParams.from_json(run.to_json())
+
+
+class _Notes(QgsProcessingFeedback):
+    def __init__(self):
+        super().__init__()
+        self.infos = []
+
+    def pushInfo(self, info):
+        self.infos.append(info)
+        super().pushInfo(info)

@@ -86,6 +86,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
     FILL_HOLES = "FILL_HOLES"
     CLASSES = "CLASSES"
     ALLOW_OVERLAP = "ALLOW_OVERLAP"
+    NEGATIVES = "NEGATIVES"
     OUTPUT = "OUTPUT"
     N_OBJECTS = "N_OBJECTS"
 
@@ -112,6 +113,10 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             "or lines (scribbles) on one example of the class; use 'Selected features only' to take a few. "
             "Background marks (optional): lines or polygons over things that are not the class.\n"
             "Target rasters: searched tile by tile after resampling to the reference's resolution.\n"
+            "Negative examples (optional): vector layers of things that are NOT the class on a target raster, "
+            "e.g. wrong polygons of a ViRefSAM result (as 'python -m core segment --negative-geometry'); each "
+            "feature's raster is its 'source' attribute (result layers have it), else the target the layer's "
+            "geometries overlap most.\n"
             "Model: the embedded SAM needs no download; vit_t/vit_b/vit_l/vit_h need their checkpoint file. "
             "Mode ViRefSAM uses the trained VCP + DTA adapters, Training-free uses SAM alone.\n"
             "Adapters (mode ViRefSAM): Shipped = the adapters that come with the plugin for the model (where none "
@@ -155,6 +160,14 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(
             QgsProcessingParameterMultipleLayers(self.TARGETS, "Target rasters", QgsProcessing.TypeRaster)
         )
+        negatives = QgsProcessingParameterMultipleLayers(
+            self.NEGATIVES, "Negative examples (not the class, on a target raster)",
+            QgsProcessing.TypeVectorAnyGeometry, optional=True,
+        )
+        negatives.setHelp("Layers of things that are NOT the class, e.g. the wrong polygons of a ViRefSAM result: "
+                          "the run uses them as negative examples on the raster they lie on (a feature's 'source' "
+                          "attribute, else the target raster the layer overlaps most).")
+        self.addParameter(negatives)
         self.addParameter(QgsProcessingParameterString(self.CLASS_NAME, "Class name", defaultValue="building"))
         self.addParameter(QgsProcessingParameterEnum(self.MODEL, "Model", options=list(MODEL_LABELS), defaultValue=0))
         self.addParameter(
@@ -251,6 +264,33 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             (bg if is_bg else fg).append(g.asWkt())
         return tuple(fg), tuple(bg)
 
+    def _negatives(self, parameters, context, targets):
+        """Negative references (background marks only) from the NEGATIVES layers: grouped by each feature's
+        ``source`` raster (a result layer's attribute) when it is a file, else on the target they overlap most."""
+        from ..core.segment_cli import negative_reference
+
+        out = []
+        for layer in self.parameterAsLayerList(parameters, self.NEGATIVES, context):
+            if layer is None or layer.type() != layer.VectorLayer:
+                continue
+            src = layer.fields().lookupField("source")
+            by_raster = {}
+            for f in layer.getFeatures():
+                g = f.geometry()
+                if g.isNull() or g.isEmpty():
+                    continue
+                raster = str(f.attribute(src) or "") if src >= 0 else ""
+                by_raster.setdefault(raster if raster and os.path.isfile(raster) else None, []).append(g.asWkt())
+            crs = crs_string(layer.crs())
+            if not by_raster:
+                by_raster[None] = []  # refused below with one sentence
+            for raster, wkts in by_raster.items():
+                out.append(negative_reference(
+                    wkts, crs, targets, len(out) + 1, f"'{layer.name()}'", raster,
+                    fix="add their raster to the target rasters, or give the features a 'source' attribute with "
+                        "the raster's path."))
+        return tuple(out)
+
     def build_params(self, parameters, context):
         """The engine's RunParams from the algorithm's parameters (all copied to plain values)."""
         from ..core.errors import VirefsamError
@@ -311,6 +351,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
         classes = ()
         classes_file = (self.parameterAsFile(parameters, self.CLASSES, context) or "").strip()
         try:
+            references = references + self._negatives(parameters, context, targets)
             if classes_file:  # other classes in the same run, beside the one above
                 from ..core.segment_cli import read_classes
 
@@ -408,6 +449,8 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
                 sink.addFeature(f, QgsFeatureSink.FastInsert)
                 n += 1
         feedback.pushInfo(result.summary())
+        for note in result.notes:
+            feedback.pushInfo(note)
         return {self.OUTPUT: dest_id, self.N_OBJECTS: n}
 
 
