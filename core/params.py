@@ -93,8 +93,9 @@ class RunParams:
     Several classes in one run: ``classes`` (one :class:`ClassSpec` each; then ``class_name`` only names the run,
     e.g. "building+tree", and ``references`` may be empty). Every class is segmented over the targets, sharing each
     tile's plain embedding; the polygons of all classes go into the same layer per target, told apart by their
-    ``class_name`` attribute. Where two classes claim a pixel, the higher probability wins unless
-    ``allow_overlap``. Without ``classes`` (the default, and every older parameters file) the run has the one
+    ``class_name`` attribute; with ``layer_per_class`` one layer per target and class instead (in a file:
+    ``<target>_<class>``, :func:`core.writers.layer_names`). Where two classes claim a pixel, the higher probability
+    wins unless ``allow_overlap``. Without ``classes`` (the default, and every older parameters file) the run has the one
     class ``class_name`` with ``references`` (:meth:`class_specs`).
 
     Sizes are in pixels of the target raster after resampling to the reference's ground resolution.
@@ -128,6 +129,7 @@ class RunParams:
     cluster: str = ""  # "" this process; "local:N" N Dask worker processes here; "tcp://HOST:PORT" a scheduler
     classes: Tuple[ClassSpec, ...] = ()  # several classes in one run (see above); () = class_name + references
     allow_overlap: bool = False  # several classes: keep overlapping polygons instead of the more probable class
+    layer_per_class: bool = False  # one layer per target and class instead of one per target (class_name attribute)
 
     def class_specs(self) -> Tuple[ClassSpec, ...]:
         """The run's classes: ``classes``, or the one class ``class_name`` with ``references``."""

@@ -127,11 +127,11 @@ def _spread(points: np.ndarray, n: int) -> np.ndarray:
 
 def _check_output(params: RunParams) -> None:
     """Refuse an existing output file or an unwritable folder before any work is done."""
-    from .writers import layer_name, output_paths
+    from .writers import layer_names, output_paths
 
     if not params.output:
         return
-    names = [layer_name(t) for t in params.targets]
+    names = layer_names(params.targets, _layer_classes(params))
     for path in output_paths(params.output, names, params.output_format):
         if os.path.exists(path) and not params.overwrite:
             raise InputError(f"The output file {path} exists already: choose another name or allow overwriting.")
@@ -374,12 +374,17 @@ def run(params: RunParams, progress: Optional[Progress] = None,
         say(0.95, "writing")
         with stage("write"):
             written = write_results(params.output, results, params.output_format, overwrite=params.overwrite,
-                                    is_cancelled=cancelled)
+                                    is_cancelled=cancelled, classes=_layer_classes(params))
             output = written[0] if written else params.output
             Path(output + ".params.json").write_text(params.to_json())
     say(1.0, "done")
     return RunResult(params=params, targets=results, output=output, seconds=time.perf_counter() - t_start,
                      timings=dict(timings), notes=notes, scale=scale_note)
+
+
+def _layer_classes(params: RunParams) -> Optional[List[str]]:
+    """The class names when the output has one layer per class (``layer_per_class``), else None."""
+    return [c.name for c in params.class_specs()] if params.layer_per_class else None
 
 
 def _class_references(params: RunParams, classes, densify=None) -> List:

@@ -43,6 +43,9 @@ def add_arguments(p) -> None:
     p.add_argument("--allow-overlap", action="store_true",
                    help="several classes: keep polygons of different classes that overlap (default: the more "
                         "probable class keeps each pixel)")
+    p.add_argument("--layer-per-class", action="store_true",
+                   help="one layer per class and target (GeoPackage tables / Shapefiles named TARGET_CLASS) "
+                        "instead of one layer per target with a class_name attribute")
     p.add_argument("--targets", nargs="+", default=[], metavar="RASTER", help="rasters to search")
     p.add_argument("--out", metavar="FILE", help="output .gpkg (default) or .shp")
     p.add_argument("--format", choices=("gpkg", "shp"), help="output format (default: from --out's suffix)")
@@ -238,6 +241,7 @@ def params_from_args(args) -> RunParams:
         class_name="+".join(c.name for c in classes) if classes and args.class_name == "object" else args.class_name,
         classes=classes,
         allow_overlap=bool(getattr(args, "allow_overlap", False)),
+        layer_per_class=bool(getattr(args, "layer_per_class", False)),
         references=tuple(refs),
         targets=tuple(args.targets),
         output=args.out,

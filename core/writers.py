@@ -84,6 +84,30 @@ def layer_name(path_or_name: str) -> str:
     return name or "layer"
 
 
+def layer_names(rasters: Sequence[str], classes: Optional[Sequence[str]] = None) -> List[str]:
+    """The (unsanitised) layer names of a run's output, in order: one per target raster (its path), or with
+    ``classes`` (one layer per class, ``RunParams.layer_per_class``) one per target and class,
+    ``<target stem>_<class>``, every class of the first target first."""
+    if not classes:
+        return [str(r) for r in rasters]
+    return [f"{layer_name(r)}_{re.sub(r'[^0-9A-Za-z_]+', '_', c).strip('_') or 'class'}"
+            for r in rasters for c in classes]
+
+
+def split_by_class(results: Sequence, classes: Sequence[str]) -> List[Tuple[str, object]]:
+    """(class, a copy of the ``core.results.TargetResult`` holding only that class's polygons) for every target
+    and class, in the order of :func:`layer_names`."""
+    import dataclasses
+
+    return [(c, dataclasses.replace(r, features=[f for f in r.features if f.attributes.get("class_name") == c]))
+            for r in results for c in classes]
+
+
+def unique_layer_names(names: Sequence[str]) -> List[str]:
+    """The layer names :func:`write_layers` gives ``names`` (sanitised; repeats get _2, _3, ...)."""
+    return _unique_names(names)
+
+
 def _unique_names(names: Sequence[str]) -> List[str]:
     seen: dict = {}
     out = []
@@ -380,9 +404,15 @@ def write_results(
     fmt: Optional[str] = None,
     overwrite: bool = False,
     is_cancelled: Optional[Callable[[], bool]] = None,
+    classes: Optional[Sequence[str]] = None,
 ) -> List[str]:
     """Write ``core.results.TargetResult`` objects (skipped ones included, as empty layers) via :func:`write_layers`.
 
-    Layer names come from each result's raster path."""
-    layers = [LayerData(r.raster, r.crs_wkt, r.features) for r in results]
+    Layer names come from each result's raster path; with ``classes`` (one layer per class) one layer per result
+    and class, named by :func:`layer_names`."""
+    if classes:
+        names = layer_names([r.raster for r in results], classes)
+        layers = [LayerData(n, r.crs_wkt, r.features) for n, (_, r) in zip(names, split_by_class(results, classes))]
+    else:
+        layers = [LayerData(r.raster, r.crs_wkt, r.features) for r in results]
     return write_layers(path, layers, fmt=fmt, overwrite=overwrite, is_cancelled=is_cancelled)

@@ -37,9 +37,12 @@ def test_class_specs_round_trip_and_old_files_load(houses):
     back = RunParams.from_json(p.to_json())
     assert back == p and [c.name for c in back.class_specs()] == ["building", "ground"]
     old = json.loads(RunParams("building", (houses,), (TARGET,)).to_json())
-    del old["classes"], old["allow_overlap"]  # a parameters file written before several classes existed
+    del old["classes"], old["allow_overlap"], old["layer_per_class"]  # written before several classes existed
     one = RunParams.from_dict(old)
     assert one.class_specs() == (ClassSpec("building", (houses,)),) and not one.allow_overlap
+    assert not one.layer_per_class  # one layer per target, as before
+    per_class = RunParams.from_json(_two(houses, ("ground", p.classes[1].references), layer_per_class=True).to_json())
+    assert per_class.layer_per_class
 
 
 def test_bad_class_lists_are_one_sentence(houses):
@@ -134,3 +137,66 @@ def test_bench_two_class_row_encodes_each_tile_once(tmp_path):
     assert two["tiles"] == one["tiles"] >= 1
     assert two["encoder_calls"]["tiles"] == one["encoder_calls"]["tiles"] == one["tiles"]  # shared plain pass
     assert two["encoder_calls"]["reference"] == 1  # the second class's marks: the same crop, encoded once
+
+
+def test_one_layer_per_class_in_gpkg_and_shp(tmp_path):
+    """layer_per_class: the writers make one layer per target and class (GeoPackage tables, Shapefiles), named
+    TARGET_CLASS, each with that class's polygons only; an existing one is refused before anything is written."""
+    from shapely.geometry import box
+
+    from core.results import Feature, TargetResult
+    from core.writers import layer_names, write_results
+
+    def feat(cls, x):
+        return Feature(box(x, 0, x + 1, 1), {"class_name": cls, "source": "a.tif"})
+
+    results = [TargetResult("/d/kampala.tif", "EPSG:3857", [feat("building", 0), feat("ground", 2), feat("building", 4)]),
+               TargetResult("/d/zanzibar.tif", "EPSG:3857", [feat("ground", 0)])]
+    classes = ["building", "ground"]
+    assert layer_names([r.raster for r in results], classes) == [
+        "kampala_building", "kampala_ground", "zanzibar_building", "zanzibar_ground"]
+    written = write_results(str(tmp_path / "out.gpkg"), results, "gpkg", classes=classes)
+    ds = ogr.Open(written[0])
+    got = {ds.GetLayer(i).GetName(): Counter(f.GetField("class_name") for f in ds.GetLayer(i))
+           for i in range(ds.GetLayerCount())}
+    assert got == {"kampala_building": {"building": 2}, "kampala_ground": {"ground": 1},
+                   "zanzibar_building": {}, "zanzibar_ground": {"ground": 1}}
+    ds = None
+    written = write_results(str(tmp_path / "out.shp"), results, "shp", classes=classes)
+    assert [Path(w).name for w in written] == [f"out_{n}.shp" for n in got]
+    datasets = [ogr.Open(w) for w in written]  # kept open: a layer outlives its dataset only in a crash
+    assert [d.GetLayer(0).GetFeatureCount() for d in datasets] == [2, 1, 0, 1]
+    datasets = None
+    with pytest.raises(InputError, match="already exists"):
+        write_results(str(tmp_path / "out.shp"), results, "shp", classes=classes)
+    assert write_results(str(tmp_path / "one.gpkg"), results[:1], "gpkg") == [str(tmp_path / "one.gpkg")]
+    ds = ogr.Open(str(tmp_path / "one.gpkg"))
+    assert ds.GetLayerCount() == 1  # the default: one layer per target
+
+
+def test_layer_per_class_through_the_cli(houses, tmp_path):
+    gj = tmp_path / "ground.geojson"
+    gj.write_text(json.dumps({"type": "FeatureCollection",
+                              "crs": {"type": "name", "properties": {"name": "EPSG:3857"}},
+                              "features": [{"type": "Feature", "properties": {},
+                                            "geometry": {"type": "Polygon", "coordinates": [[
+                                                [4368380, -673950], [4368390, -673950], [4368390, -673960],
+                                                [4368380, -673960], [4368380, -673950]]]}}]}))
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps([
+        {"name": "building", "references": [{"raster": str(DEMO / "reference.tif"),
+                                             "geometry": str(DEMO / "reference_houses.geojson")}]},
+        {"name": "ground", "references": [{"raster": str(DEMO / "reference.tif"), "geometry": str(gj)}]},
+    ]))
+    out = tmp_path / "cli.shp"
+    proc = subprocess.run([sys.executable, "-m", "core", "segment", "--classes", str(classes), "--targets", TARGET,
+                           "--out", str(out), "--mode", "training_free", "--device", "cpu", "--quiet",
+                           "--layer-per-class"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    for cls in ("building", "ground"):
+        ds = ogr.Open(str(tmp_path / f"cli_target_kampala_{cls}.shp"))
+        names = {f.GetField("class_name") for f in ds.GetLayer(0)}
+        assert names == {cls}, (cls, names)
+        ds = None
+    saved = RunParams.from_json((tmp_path / "cli_target_kampala_building.shp.params.json").read_text())
+    assert saved.layer_per_class

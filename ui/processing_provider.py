@@ -10,6 +10,7 @@ the engine runs in Processing's worker thread and only sees plain strings (paths
 from __future__ import annotations
 
 import os
+import re
 
 from qgis.core import (
     QgsCoordinateReferenceSystem,
@@ -19,8 +20,11 @@ from qgis.core import (
     QgsGeometry,
     QgsProcessing,
     QgsProcessingAlgorithm,
+    QgsProcessingContext,
     QgsProcessingException,
+    QgsProcessingOutputMultipleLayers,
     QgsProcessingOutputNumber,
+    QgsProcessingUtils,
     QgsProcessingParameterBoolean,
     QgsProcessingParameterEnum,
     QgsProcessingParameterFeatureSink,
@@ -87,6 +91,8 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
     CLASSES = "CLASSES"
     ALLOW_OVERLAP = "ALLOW_OVERLAP"
     NEGATIVES = "NEGATIVES"
+    LAYER_PER_CLASS = "LAYER_PER_CLASS"
+    CLASS_LAYERS = "CLASS_LAYERS"
     OUTPUT = "OUTPUT"
     N_OBJECTS = "N_OBJECTS"
 
@@ -128,7 +134,9 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             "it, Exact on the whole tile as SAM does.\n"
             "Other classes (advanced): a classes file, as 'python -m core segment --classes' takes it (a JSON list "
             "of {name, references: [{raster, geometry}], negatives}), segmented in the same run beside the class "
-            "above; where classes overlap the more probable one keeps each pixel unless 'Classes may overlap'.\n"
+            "above; where classes overlap the more probable one keeps each pixel unless 'Classes may overlap'. "
+            "'One layer per class' adds one layer per class (Class layers): temporary layers, or files named "
+            "like the output with _<class> added (objects_building.gpkg); the output keeps every class.\n"
             "Output: polygons with class_name, score, area, source raster, reference id and model, in the CRS of "
             "the first target raster.\n\n"
             "Needs the Python packages torch, segment-anything, mobilesam-mirror and timm: open the ViRefSAM dock "
@@ -238,6 +246,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             QgsProcessingParameterFile(self.CLASSES, "Other classes (a classes file, JSON)",
                                        behavior=QgsProcessingParameterFile.File, extension="json", optional=True),
             QgsProcessingParameterBoolean(self.ALLOW_OVERLAP, "Classes may overlap", defaultValue=False),
+            QgsProcessingParameterBoolean(self.LAYER_PER_CLASS, "One layer per class", defaultValue=False),
         ]
         for p in advanced:
             p.setFlags(p.flags() | p.FlagAdvanced)
@@ -246,6 +255,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             QgsProcessingParameterFeatureSink(self.OUTPUT, "Objects found", QgsProcessing.TypeVectorPolygon)
         )
         self.addOutput(QgsProcessingOutputNumber(self.N_OBJECTS, "Number of objects found"))
+        self.addOutput(QgsProcessingOutputMultipleLayers(self.CLASS_LAYERS, "Class layers (One layer per class)"))
 
     # -- run ----------------------------------------------------------------------------------------------------
     @staticmethod
@@ -362,6 +372,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
                 references=references,
                 classes=classes,
                 allow_overlap=self.parameterAsBool(parameters, self.ALLOW_OVERLAP, context),
+                layer_per_class=self.parameterAsBool(parameters, self.LAYER_PER_CLASS, context),
                 targets=tuple(dict.fromkeys(targets)),
                 model=ModelParams(
                     name=model_name,
@@ -414,7 +425,6 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException(describe_import_error(exc)) from None
 
         from .result_layers import result_fields
-        from ..core.results import FIELDS
 
         processed = [t for t in result.targets if t.skipped is None]
         crs = first_target_crs
@@ -424,11 +434,40 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
         sink, dest_id = self.parameterAsSink(parameters, self.OUTPUT, context, fields, QgsWkbTypes.MultiPolygon, crs)
         if sink is None:
             raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT))
-        names = [n for n, _ in FIELDS]
-        n = 0
         for target in result.targets:
             if target.skipped:
                 feedback.pushInfo(f"{os.path.basename(target.raster)} skipped: {target.skipped}")
+        n = self._write(sink, result.targets, crs, fields, context, feedback)
+        class_layers = []
+        if params.layer_per_class:  # one more layer per class, beside the output that keeps every class
+            from ..core.writers import split_by_class
+
+            dest = self.parameterAsOutputLayer(parameters, self.OUTPUT, context) or ""
+            for c in params.class_specs():
+                where = "memory:" if dest.startswith("memory:") or not dest else \
+                    "{0}_{2}{1}".format(*os.path.splitext(dest), re.sub(r"[^0-9A-Za-z_]+", "_", c.name))
+                class_sink, class_id = QgsProcessingUtils.createFeatureSink(where, context, fields,
+                                                                            QgsWkbTypes.MultiPolygon, crs)
+                self._write(class_sink, [t for _, t in split_by_class(result.targets, [c.name])], crs, fields,
+                            context, feedback)
+                del class_sink  # closes the file
+                context.addLayerToLoadOnCompletion(class_id, QgsProcessingContext.LayerDetails(
+                    c.name, context.project(), self.CLASS_LAYERS))
+                class_layers.append(class_id)
+        feedback.pushInfo(result.summary())
+        for note in result.notes:
+            feedback.pushInfo(note)
+        return {self.OUTPUT: dest_id, self.N_OBJECTS: n, self.CLASS_LAYERS: class_layers}
+
+    @staticmethod
+    def _write(sink, targets, crs, fields, context, feedback) -> int:
+        """The polygons of the processed ``targets`` into ``sink`` (in ``crs``); returns how many."""
+        from ..core.results import FIELDS
+
+        names = [n for n, _ in FIELDS]
+        n = 0
+        for target in targets:
+            if target.skipped:
                 continue
             tcrs = QgsCoordinateReferenceSystem.fromWkt(target.crs_wkt) if target.crs_wkt else crs
             ct = None
@@ -448,10 +487,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
                 f.setAttributes([feat.attributes.get(name) for name in names])
                 sink.addFeature(f, QgsFeatureSink.FastInsert)
                 n += 1
-        feedback.pushInfo(result.summary())
-        for note in result.notes:
-            feedback.pushInfo(note)
-        return {self.OUTPUT: dest_id, self.N_OBJECTS: n}
+        return n
 
 
 class ViRefSamProvider(QgsProcessingProvider):

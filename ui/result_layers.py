@@ -1,4 +1,5 @@
-"""Result layers: one memory layer per target raster, grouped under the class name in the layer tree.
+"""Result layers: one memory layer per target raster, grouped under the class name in the layer tree (one layer
+per target and class, each under its class's group, when the run has ``layer_per_class``).
 
 Created in the main thread from a :class:`core.results.RunResult` (shapely polygons + attribute dicts, CRS as
 WKT). Fields follow :data:`core.results.FIELDS`; the style is a semi-transparent fill in a colour derived from
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from qgis.core import (
     QgsCoordinateReferenceSystem,
@@ -161,22 +162,28 @@ def layer_for_target(target, class_name: str, project: Optional[QgsProject] = No
     return layer
 
 
+def _layers(result) -> List[Tuple[str, object]]:
+    """(the layer's class, the TargetResult it shows) for each layer of ``result``: one per target (the run's
+    class name), or one per target and class (``layer_per_class``), in the order of ``core.writers.layer_names``."""
+    from ..core.writers import split_by_class
+
+    if getattr(result.params, "layer_per_class", False):
+        return split_by_class(result.targets, [c.name for c in result.params.class_specs()])
+    return [(result.params.class_name, t) for t in result.targets]
+
+
 def _file_uris(result) -> List[Optional[str]]:
-    """The OGR URI of each target's layer in the written output (None where it cannot be found)."""
-    from ..core.writers import layer_name, output_paths
+    """The OGR URI of each layer (:func:`_layers`) in the written output (None where it cannot be found)."""
+    from ..core.writers import layer_names, output_paths, unique_layer_names
 
     params = result.params
-    rasters = [t.raster for t in result.targets]
+    per_class = [c.name for c in params.class_specs()] if getattr(params, "layer_per_class", False) else None
+    raw = layer_names([t.raster for t in result.targets], per_class)
     if params.output_format == "shp":
-        paths = output_paths(params.output, rasters, "shp")
+        paths = output_paths(params.output, raw, "shp")
         return [p if os.path.exists(p) else None for p in paths]
-    # GeoPackage: one table per target, named like core.writers names them (file stem, _2, _3 for repeats)
-    seen, names = {}, []
-    for r in rasters:
-        base = layer_name(r)
-        k = seen.get(base.lower(), 0) + 1
-        seen[base.lower()] = k
-        names.append(base if k == 1 else f"{base}_{k}")
+    # GeoPackage: one table per layer, named as core.writers names them (file stem, _2, _3 for repeats)
+    names = unique_layer_names(raw)
     path = result.output
     try:
         from osgeo import ogr
@@ -195,11 +202,13 @@ def add_result_layers(result, project: Optional[QgsProject] = None) -> List[QgsV
     When the run wrote a file, the layers are that file's layers (they stay with the project); otherwise they are
     memory layers (temporary: export them to keep them)."""
     project = project or QgsProject.instance()
-    class_name = result.params.class_name
-    classes = [c.name for c in result.params.class_specs()]  # several classes: one layer, styled by class
-    uris = _file_uris(result) if result.output else [None] * len(result.targets)
-    layers = []
-    for target, uri in zip(result.targets, uris):
+    per_class = getattr(result.params, "layer_per_class", False)
+    # several classes in one layer: styled by class; one layer per class: one colour each
+    classes = None if per_class else [c.name for c in result.params.class_specs()]
+    plan = _layers(result)
+    uris = _file_uris(result) if result.output else [None] * len(plan)
+    layers, groups = [], []
+    for (class_name, target), uri in zip(plan, uris):
         if target.skipped is not None:
             continue
         layer = None
@@ -217,12 +226,10 @@ def add_result_layers(result, project: Optional[QgsProject] = None) -> List[QgsV
             else:
                 layer = None
         layers.append(layer or layer_for_target(target, class_name, project, classes))
-    if not layers:
-        return []
-    group = result_group(class_name, project)
-    for layer in layers:
+        groups.append(class_name)
+    for layer, class_name in zip(layers, groups):
         project.addMapLayer(layer, False)
-        group.addLayer(layer)
+        result_group(class_name, project).addLayer(layer)
     return layers
 
 

@@ -4,7 +4,8 @@ The marking tools, the reference list and Undo always work on the class shown; "
 the "Class" combo switches between them (the shown class's marks are kept aside meanwhile, with their undo
 steps: :meth:`~ui.references.ReferenceSet.take_state` / ``load_state``). A run takes every class that has a
 name and an example (one class: as before; several: :class:`core.params.ClassSpec` each, one layer per target
-with a ``class_name`` attribute, styled by class; "Classes may overlap" keeps overlapping polygons).
+with a ``class_name`` attribute, styled by class; "Classes may overlap" keeps overlapping polygons; "One layer
+per class" writes one layer per target and class instead, ``RunParams.layer_per_class``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ class ClassesSection:
         self.allow_overlap_check = QCheckBox("Classes may overlap")
         self.allow_overlap_check.setToolTip(
             "Keep polygons of different classes that overlap; otherwise each pixel goes to the more probable class.")
-        form.addRow("", self.allow_overlap_check)
+        self.layer_per_class_check = QCheckBox("One layer per class")
+        self.layer_per_class_check.setObjectName("layer_per_class")
+        self.layer_per_class_check.setToolTip(
+            "One layer per class and target raster, each in its class's group; otherwise one layer per target "
+            "with a class_name attribute, styled by class.")
+        overlap_row = QHBoxLayout()
+        overlap_row.addWidget(self.allow_overlap_check)
+        overlap_row.addWidget(self.layer_per_class_check)
+        form.addRow("", overlap_row)
         # the classes not shown: [name, state of ReferenceSet.take_state()]; the shown one lives in the widgets
         self._classes: List[list] = [["", None]]
         self._class_index = 0

@@ -187,6 +187,7 @@ class RunSection:
             references=() if classes else tuple(r.to_spec() for r in refs),
             classes=classes,
             allow_overlap=self.allow_overlap_check.isChecked(),
+            layer_per_class=self.layer_per_class_check.isChecked(),
             targets=tuple(dict.fromkeys(targets)),
             output=output,
             output_format=fmt,
