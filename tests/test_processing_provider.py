@@ -70,10 +70,10 @@ def test_algorithm_is_registered_with_its_parameters(provider):
     names = [p.name() for p in alg.parameterDefinitions()]
     for n in ("REFERENCE_RASTER", "REFERENCE_VECTOR", "BACKGROUND_VECTOR", "TARGETS", "CLASS_NAME", "MODEL",
               "CHECKPOINT", "MODE", "DEVICE", "PRECISION", "DECODING", "TILE_SIZE", "OVERLAP", "THRESHOLD",
-              "MIN_AREA", "SIMPLIFY", "OUTPUT"):
+              "MIN_AREA", "SIMPLIFY", "NEGATIVES", "LAYER_PER_CLASS", "OUTPUT"):
         assert n in names
     assert '"Install dependencies"' in alg.shortHelpString() and "pip install" in alg.shortHelpString()
-    assert [o.name() for o in alg.outputDefinitions()] == ["OUTPUT", "N_OBJECTS"]
+    assert [o.name() for o in alg.outputDefinitions()] == ["OUTPUT", "N_OBJECTS", "CLASS_LAYERS"]
 
 
 def test_parameters_become_plain_run_params(provider, paths, qgis_project):
@@ -438,3 +438,45 @@ class _Notes(QgsProcessingFeedback):
     def pushInfo(self, info):
         self.infos.append(info)
         super().pushInfo(info)
+
+
+def test_one_layer_per_class_through_processing(provider, paths, qgis_project, qgis_processing, tmp_path):
+    """LAYER_PER_CLASS: the output keeps every class; CLASS_LAYERS adds one layer per class, written beside a file
+    output as OUTPUT_<class>.gpkg (temporary layers for a temporary output), each with its class only."""
+    import json
+
+    import processing
+
+    from virefsam.core.demo import DEMO
+
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps([{"name": "house", "references": [
+        {"raster": str(DEMO / "reference.tif"), "geometry": str(DEMO / "reference_houses.geojson")}]}]))
+    alg = QgsApplication.processingRegistry().createAlgorithmById(ALG)
+    assert alg.parameterDefinition("LAYER_PER_CLASS").defaultValue() is False
+    context = QgsProcessingContext()
+    context.setProject(qgis_project)
+    params = base_params(paths, str(tmp_path / "objects.gpkg"))
+    params.update(CLASSES=str(classes))
+    assert not alg.build_params(params, context).layer_per_class  # the default: one output layer
+    params["LAYER_PER_CLASS"] = True
+    assert alg.build_params(params, context).layer_per_class
+
+    result = processing.run(ALG, params, context=context, feedback=QgsProcessingFeedback())
+    everything = QgsVectorLayer(result["OUTPUT"], "all", "ogr")
+    total = {}
+    for f in everything.getFeatures():
+        total[f["class_name"]] = total.get(f["class_name"], 0) + 1
+    assert total.get("building", 0) > 0, total
+    assert [Path(p.split("|")[0]).name for p in result["CLASS_LAYERS"]] == ["objects_building.gpkg",
+                                                                            "objects_house.gpkg"]
+    for cls, uri in zip(("building", "house"), result["CLASS_LAYERS"]):
+        layer = QgsVectorLayer(uri, cls, "ogr")
+        assert layer.isValid() and layer.featureCount() == total.get(cls, 0)
+        assert {f["class_name"] for f in layer.getFeatures()} <= {cls}
+
+    params["OUTPUT"] = "TEMPORARY_OUTPUT"
+    result = processing.run(ALG, params, context=context, feedback=QgsProcessingFeedback())
+    layers = [i if isinstance(i, QgsVectorLayer) else context.getMapLayer(i) for i in result["CLASS_LAYERS"]]
+    assert [lay.name() for lay in layers] == ["building", "house"]
+    assert [lay.featureCount() for lay in layers] == [total.get("building", 0), total.get("house", 0)]

@@ -451,6 +451,9 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
                 self._write(class_sink, [t for _, t in split_by_class(result.targets, [c.name])], crs, fields,
                             context, feedback)
                 del class_sink  # closes the file
+                made = context.getMapLayer(class_id)
+                if made is not None:  # a temporary layer: named after its class
+                    made.setName(c.name)
                 context.addLayerToLoadOnCompletion(class_id, QgsProcessingContext.LayerDetails(
                     c.name, context.project(), self.CLASS_LAYERS))
                 class_layers.append(class_id)
