@@ -200,3 +200,9 @@ def test_layer_per_class_through_the_cli(houses, tmp_path):
         ds = None
     saved = RunParams.from_json((tmp_path / "cli_target_kampala_building.shp.params.json").read_text())
     assert saved.layer_per_class
+    (tmp_path / "cli_target_kampala_building.shp").unlink()  # one of the class files is left: refused all the same
+    proc = subprocess.run([sys.executable, "-m", "core", "segment", "--classes", str(classes), "--targets", TARGET,
+                           "--out", str(out), "--quiet", "--layer-per-class"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"The output file {tmp_path / 'cli_target_kampala_ground.shp'} exists already" in proc.stderr
