@@ -177,3 +177,42 @@ def test_eval_takes_the_shipped_adapters_by_name(tiny_folder, tmp_path):
     rep = json.loads(report.read_text())
     assert rep["adapters"] is None and rep["modes"]["virefsam"] == "skipped: no --adapters"
     assert cli.main(common + ["--modes", "virefsam", "--adapters", str(tmp_path / "missing.pt")]) == 2
+
+
+def test_train_from_the_shipped_adapters(tiny_folder, tmp_path):
+    """``train --init default`` starts from the shipped adapters (e.g. to add held-out classes to them): the
+    checkpoint before any step equals them, and the adapters file records where it started."""
+    from core.pipeline import default_adapters
+    from core.training.train import file_sha256
+
+    shipped = default_adapters("embedded")
+    if shipped is None:
+        pytest.skip("no adapters are shipped for the embedded model")
+    torch.set_num_threads(2)
+    out = tmp_path / "ft"
+    argv = ["train", "--data", str(tiny_folder), "--fold", "all", "--device", "cpu", "--feature-cache",
+            str(tmp_path / "features"), "--quiet", "--episodes", "1", "--batch", "1", "--lr", "1e-9", "--warmup", "1",
+            "--init", "default", "--out", str(out)]
+    assert cli.main(argv) == 0
+    blob = torch.load(out / "adapters.pt", map_location="cpu", weights_only=True)
+    ref = torch.load(shipped, map_location="cpu", weights_only=True)
+    assert blob["training"]["init"]["sha256"] == file_sha256(shipped)
+    assert blob["training"]["novel_classes"] == []  # --fold all: every class trains
+    for part in ("vcp", "dta"):
+        for k, v in ref[part].items():
+            assert torch.allclose(blob[part][k].float(), v.float(), atol=1e-4), (part, k)  # lr 1e-9: unchanged
+    assert cli.main(argv[:-2] + ["--init", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_eval_kshot_ensemble(tiny_folder, tmp_path):
+    """``eval --kshot ensemble``: with K > 1 shots each shot's own decoding is averaged with the joint one on the
+    same adapted embedding; the report says which K-shot rule ran."""
+    torch.set_num_threads(2)
+    report = tmp_path / "eval.json"
+    argv = ["eval", "--data", str(tiny_folder), "--fold", "0", "--device", "cpu", "--feature-cache",
+            str(tmp_path / "features"), "--quiet", "--shots", "2", "--episodes", "1", "--modes", "virefsam",
+            "--adapters", "default", "--kshot", "ensemble", "--json", str(report)]
+    assert cli.main(argv) == 0
+    rep = json.loads(report.read_text())
+    assert rep["kshot"] == "ensemble"
+    assert 0.0 <= rep["results"]["2-shot"]["modes"]["virefsam"]["miou"] <= 100.0

@@ -202,7 +202,7 @@ def run(args) -> int:
         protocol="per_fold" if args.per_fold else "per_class",
         model=backbone, device=str(engine.device), precision=args.precision,
         decoding=getattr(args, "decoding", "local"), scale=str(getattr(args, "scale", "auto")),
-        bg=getattr(args, "bg", "per_shot"), kshot=getattr(args, "kshot", None) or "default",
+        bg=getattr(args, "bg", "per_shot"), kshot=getattr(args, "kshot", None) or "joint",
         adapters=_file_record(adapters_file(args.adapters, args.model), file_sha256),
         ablation_adapters=_file_record(adapters_file(args.ablation_adapters, args.model), file_sha256),
         modes={m: (note or "ok") for m, (_, note) in preds.items()},
