@@ -33,11 +33,13 @@ def add_arguments(p) -> None:
                    help="the spread-reference variant: houses marked far apart on the reference raster")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="encoder precision (fp16: CUDA only; default fp32)")
+    p.add_argument("--adapters", default="default",
+                   help="trained adapters: default (shipped), none (training-free) or a .pt file, as for segment")
     p.add_argument("--quiet", action="store_true")
 
 
 def demo_params(out: Path, mode: str = "virefsam", device: str = "auto", scale: str = "auto",
-                spread: bool = False, precision: str = "fp32") -> RunParams:
+                spread: bool = False, precision: str = "fp32", adapters: str = "default") -> RunParams:
     from .segment_cli import read_geometries
 
     fg, bg, crs = read_geometries(str(DEMO / "reference_houses.geojson"))
@@ -48,7 +50,8 @@ def demo_params(out: Path, mode: str = "virefsam", device: str = "auto", scale: 
         targets=tuple(str(p) for p in TARGETS.values()),
         output=str(out / "demo.gpkg"),
         overwrite=True,
-        model=ModelParams(device=device, precision=precision),
+        model=ModelParams(device=device, precision=precision,
+                          adapters=None if str(adapters).lower() == "none" else adapters),
         mode=mode,
         scale=scale,
     )
@@ -175,7 +178,8 @@ def run(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    params = demo_params(out, args.mode, args.device, args.scale, args.spread, getattr(args, "precision", "fp32"))
+    params = demo_params(out, args.mode, args.device, args.scale, args.spread, getattr(args, "precision", "fp32"),
+                         getattr(args, "adapters", "default"))
     progress = _Progress(args.quiet)
     t0 = time.perf_counter()
     try:
