@@ -1,0 +1,151 @@
+"""Several classes, one adapted (DTA) encoder pass per tile (core.modeling.joint_dta).
+
+Real embedded SAM, the real shipped adapters, real rasters: the demo's Kampala cut-out with its houses and a patch
+of bare ground as a second class (pipeline), OpenAerialMap mosaics (the ONNX Runtime runner on a joint table).
+"""
+
+import dataclasses
+from collections import Counter, OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.demo import DEMO
+from core.modeling import joint_dta, ort_adapted
+from core.modeling.dta import DTAContext
+from core.modeling.predictor import ReferencePredictor
+from core.modeling.prototypes import Prototypes, pseudo_mask
+from core.params import ClassSpec, ModelParams, ReferenceSpec, RunParams
+from core.segment_cli import read_geometries
+
+ADAPTERS = Path(__file__).resolve().parent.parent / "resources" / "adapters" / "embedded_virefsam.pt"
+TARGET = str(DEMO / "target_kampala.tif")
+GROUND = "POLYGON ((4368380 -673950, 4368390 -673950, 4368390 -673960, 4368380 -673960, 4368380 -673950))"
+
+
+@pytest.fixture(scope="module")
+def houses():
+    fg, _, crs = read_geometries(str(DEMO / "reference_houses.geojson"))
+    return ReferenceSpec(str(DEMO / "reference.tif"), fg, crs=crs, ref_id="houses")
+
+
+def _params(classes, **kw):
+    return RunParams("+".join(c.name for c in classes), () if len(classes) > 1 else classes[0].references,
+                     (TARGET,), model=ModelParams(device="cpu"), mode="virefsam",
+                     classes=tuple(classes) if len(classes) > 1 else (), **kw)
+
+
+class _Counter:
+    """Counts the adapted passes of the real ONNX Runtime runner (and the table sizes it was fed)."""
+
+    def __init__(self, monkeypatch):
+        self.rows = []
+        real = ort_adapted.OrtAdaptedEncoder.__call__
+        counter = self
+
+        def call(runner, x, ctx, stem=None):
+            counter.rows.append(int(ctx.table.shape[1]))
+            return real(runner, x, ctx, stem=stem)
+
+        monkeypatch.setattr(ort_adapted.OrtAdaptedEncoder, "__call__", call)
+
+
+def _features(result):
+    return sorted((f.attributes["class_name"], round(f.geometry.area, 6), f.geometry.wkt) for f in
+                  result.targets[0].features)
+
+
+def test_two_class_trained_run_shares_the_adapted_pass(houses, monkeypatch):
+    from core.pipeline import run
+    from shapely.ops import unary_union
+
+    ground = (ReferenceSpec(str(DEMO / "reference.tif"), (GROUND,), crs="EPSG:3857", ref_id="ground"),)
+    classes = (ClassSpec("building", (houses,)), ClassSpec("ground", ground))
+    counter = _Counter(monkeypatch)
+    shared = run(_params(classes))
+    n_shared, rows_shared = len(counter.rows), list(counter.rows)
+    counter.rows.clear()
+    apart = run(_params(classes, shared_adapted_pass=False))
+    assert n_shared >= 1 and len(counter.rows) == 2 * n_shared  # one adapted pass per tile instead of two
+    assert all(r == 2 * 6 for r in rows_shared) and all(r == 6 for r in counter.rows)  # both tables, 1 + 5 rows
+    for result in (shared, apart):
+        assert "+adapters" in result.targets[0].features[0].attributes["model"]
+    a = Counter(f.attributes["class_name"] for f in shared.targets[0].features)
+    b = Counter(f.attributes["class_name"] for f in apart.targets[0].features)
+    assert a["building"] > 5 and a["ground"] > 0, a
+    for cls in ("building", "ground"):  # the shared pass segments each class as its own pass does
+        ga = unary_union([f.geometry for f in shared.targets[0].features if f.attributes["class_name"] == cls])
+        gb = unary_union([f.geometry for f in apart.targets[0].features if f.attributes["class_name"] == cls])
+        iou = ga.intersection(gb).area / max(ga.union(gb).area, 1e-9)
+        assert iou > 0.9, (cls, iou)
+    saved = RunParams.from_json(_params(classes, shared_adapted_pass=False).to_json())
+    assert saved.shared_adapted_pass is False and RunParams.from_json(_params(classes).to_json()).shared_adapted_pass
+    # parameters files from before the field load with the shared pass
+    assert RunParams.from_dict({k: v for k, v in _params(classes).to_dict().items()
+                                if k != "shared_adapted_pass"}).shared_adapted_pass
+
+
+def test_one_class_run_is_unchanged(houses, monkeypatch):
+    """One class never takes the joint path: the same polygons with the field on or off, and the same as the
+    predictor's own pass (one adapted pass per tile either way)."""
+    from core.pipeline import run
+
+    counter = _Counter(monkeypatch)
+    cls = (ClassSpec("building", (houses,)),)
+    on = run(_params(cls))
+    n_on = len(counter.rows)
+    off = run(_params(cls, shared_adapted_pass=False))
+    assert _features(on) == _features(off) and len(_features(on)) > 5
+    assert n_on >= 1 and len(counter.rows) == 2 * n_on and set(counter.rows) == {6}
+
+
+def _read(path, window, bands):
+    import rasterio
+    from rasterio.windows import Window
+
+    with rasterio.open(path) as src:
+        return np.ascontiguousarray(src.read(bands, window=Window(*window)))
+
+
+def test_ort_runner_takes_a_multi_class_table(shared_data):
+    """The joint context of two classes (12 table rows) through the exported ONNX Runtime graph equals the
+    PyTorch adapted encoder on the same context; with one class the joint context is the class's own."""
+    from core.engines import load_engine
+
+    mos = shared_data / "oam_mosaics"
+    ref = _read(mos / "kampala.tif", (512, 512, 1024, 1024), [1, 2, 3]).transpose(1, 2, 0).copy()
+    houses = _read(mos / "kampala_buildings.tif", (512, 512, 1024, 1024), 1) > 0
+    tile = _read(mos / "zanzibar.tif", (1024, 1024, 1024, 1024), [1, 2, 3]).transpose(1, 2, 0).copy()
+    eng = load_engine(ModelParams(device="cpu"))
+    cache = OrderedDict()
+    preds = [ReferencePredictor(eng, mode="virefsam", adapters=ADAPTERS, cache=cache) for _ in range(2)]
+    assert preds[0].model is preds[1].model and isinstance(preds[0].model.adapted_runner, ort_adapted.OrtAdaptedEncoder)
+    preds[0].set_references([(ref, houses)])
+    preds[1].set_references([(ref, ~houses)])  # everything but the houses: another class on the same scene
+    assert joint_dta.shared_pass_applies(preds) and not joint_dta.shared_pass_applies(preds[:1])
+    model = preds[0].model
+    with torch.inference_mode():
+        t = preds[0]._encode([tile])[0]
+        pe = model.sam.prompt_encoder.get_dense_pe()
+        refined, tables = [], []
+        for p in preds:
+            table = model.vcp.refine(p._protos.table(), t.plain, pe, t.valid)
+            refined.append(Prototypes(table[:, 0], p._protos.fg_valid, table[:, 1:], p._protos.bg_valid))
+            tables.append(table)
+        one, _ = joint_dta.joint_context(t.plain, refined[:1], tables[:1], t.valid)
+        assert torch.equal(one.assign, pseudo_mask(t.plain, refined[0], t.valid)[2])
+        ctx, per_class = joint_dta.joint_context(t.plain, refined, tables, t.valid)
+        assert ctx.table.shape == (1, 12, 256)
+        used = set(ctx.assign.unique().tolist())
+        assert {0, 6} <= used and max(used) <= 12  # both classes' foreground rows are used
+        assert torch.equal(ctx.assign == 0, per_class[0][0] & ~(per_class[1][0] & (per_class[1][1] > per_class[0][1])))
+        fast = model.adapted_runner(t.x, ctx, stem=t.stem)
+        want = model.encoder(t.x, DTAContext(ctx.table, ctx.assign))
+        probs = joint_dta.predict_classes(preds, tile)
+    assert float((fast - want).abs().max()) < 1e-4  # measured ~1e-6
+    assert probs.shape == (2, 1024, 1024)
+    for p, prob in zip(preds, probs):  # each class as its own adapted pass segments it
+        a, b = prob > 0.5, p.predict(tile) > 0.5
+        assert a.mean() > 0.01 and (a & b).sum() / (a | b).sum() > 0.9
