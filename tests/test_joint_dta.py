@@ -149,3 +149,21 @@ def test_ort_runner_takes_a_multi_class_table(shared_data):
     for p, prob in zip(preds, probs):  # each class as its own adapted pass segments it
         a, b = prob > 0.5, p.predict(tile) > 0.5
         assert a.mean() > 0.01 and (a & b).sum() / (a | b).sum() > 0.9
+
+
+def test_bench_two_class_default_row_runs_one_adapted_pass_per_tile(tmp_path):
+    """The bench row of #19's 1.3x goal: two trained classes cost one plain and one adapted pass per tile, as one."""
+    import argparse
+
+    from core import bench
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--out", str(tmp_path)])
+    target = bench.mosaic_vrt(TARGET, 512, str(tmp_path / "t.vrt"))
+    one = bench.run_e2e(args, [target], str(tmp_path / "one.gpkg"), variant="default", log=lambda *a: None)
+    two = bench.run_e2e(args, [target], str(tmp_path / "two.gpkg"), variant="twoclass_default", log=lambda *a: None)
+    assert two["tiles"] == one["tiles"] >= 1
+    for row in (one, two):
+        assert row["encoder_calls"]["tiles"] == row["encoder_calls"]["adapted"] == row["tiles"], row["encoder_calls"]
+    assert two["encoder_calls"]["reference"] == 1
