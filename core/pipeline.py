@@ -23,8 +23,8 @@ Several classes (``RunParams.classes``): each class's references at the first cl
 predictor per class sharing a cache of tile embeddings, so that in 3. each tile is read and passed through the
 frozen encoder once and predicted per class (trained mode: one adapted encoder pass for all classes too,
 :mod:`core.modeling.joint_dta`, unless ``shared_adapted_pass`` is off); in 4. where classes overlap the more
-probable class keeps each pixel (:func:`keep_most_probable`, :func:`cut_enclosed`) unless ``allow_overlap``; one result per target holds every
-class's polygons (``class_name``). Negative references ("Not <class>") become each class's negative examples.
+probable class keeps each pixel (:func:`keep_most_probable`, :func:`cut_enclosed`) unless ``allow_overlap``; one
+result per target holds every class's polygons (``class_name``). Negative references ("Not <class>") become each class's negative examples.
 
 Nothing here imports QGIS or Qt; ``progress(fraction, message)`` and ``is_cancelled()`` are plain callables.
 

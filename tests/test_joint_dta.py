@@ -149,6 +149,16 @@ def test_ort_runner_takes_a_multi_class_table(shared_data):
     for p, prob in zip(preds, probs):  # each class as its own adapted pass segments it
         a, b = prob > 0.5, p.predict(tile) > 0.5
         assert a.mean() > 0.01 and (a & b).sum() / (a | b).sum() > 0.9
+    # the same joint pass in PyTorch (no ONNX Runtime runner: CUDA, bf16/fp16, encoder_backend 'torch')
+    slow = load_engine(ModelParams(device="cpu", encoder_backend="torch"))
+    cache = OrderedDict()
+    torch_preds = [ReferencePredictor(slow, mode="virefsam", adapters=ADAPTERS, cache=cache) for _ in range(2)]
+    assert torch_preds[0].model.adapted_runner is None
+    torch_preds[0].set_references([(ref, houses)])
+    torch_preds[1].set_references([(ref, ~houses)])
+    for a, b in zip(joint_dta.predict_classes(torch_preds, tile), probs):
+        a, b = a > 0.5, b > 0.5
+        assert (a & b).sum() / (a | b).sum() > 0.99
 
 
 def test_bench_two_class_default_row_runs_one_adapted_pass_per_tile(tmp_path):
