@@ -95,8 +95,10 @@ class RunParams:
     tile's plain embedding; the polygons of all classes go into the same layer per target, told apart by their
     ``class_name`` attribute; with ``layer_per_class`` one layer per target and class instead (in a file:
     ``<target>_<class>``, :func:`core.writers.layer_names`). Where two classes claim a pixel, the higher probability
-    wins unless ``allow_overlap``. Without ``classes`` (the default, and every older parameters file) the run has the one
-    class ``class_name`` with ``references`` (:meth:`class_specs`).
+    wins unless ``allow_overlap``. In the trained mode the classes also share each tile's adapted encoder pass
+    (``shared_adapted_pass``, :mod:`core.modeling.joint_dta`; False: one adapted pass per class). Without
+    ``classes`` (the default, and every older parameters file) the run has the one class ``class_name`` with
+    ``references`` (:meth:`class_specs`).
 
     Sizes are in pixels of the target raster after resampling to the reference's ground resolution.
     ``min_area`` is in square pixels of the reference's resolution; ``simplify`` a tolerance in pixels.
@@ -130,6 +132,9 @@ class RunParams:
     classes: Tuple[ClassSpec, ...] = ()  # several classes in one run (see above); () = class_name + references
     allow_overlap: bool = False  # several classes: keep overlapping polygons instead of the more probable class
     layer_per_class: bool = False  # one layer per target and class instead of one per target (class_name attribute)
+    # several classes, trained mode: one adapted (DTA) encoder pass per tile for all classes (joint context,
+    # core.modeling.joint_dta) instead of one per class and tile; False: one per class (as before #19)
+    shared_adapted_pass: bool = True
 
     def class_specs(self) -> Tuple[ClassSpec, ...]:
         """The run's classes: ``classes``, or the one class ``class_name`` with ``references``."""

@@ -21,9 +21,10 @@ Order of work for one run (one class, K references, N targets):
 
 Several classes (``RunParams.classes``): each class's references at the first class's working resolution, one
 predictor per class sharing a cache of tile embeddings, so that in 3. each tile is read and passed through the
-frozen encoder once and predicted per class; in 4. where classes overlap the more probable class keeps each pixel
-(:func:`keep_most_probable`, :func:`cut_enclosed`) unless ``allow_overlap``; one result per target holds every
-class's polygons (``class_name``). Negative references ("Not <class>") become each class's negative examples.
+frozen encoder once and predicted per class (trained mode: one adapted encoder pass for all classes too,
+:mod:`core.modeling.joint_dta`, unless ``shared_adapted_pass`` is off); in 4. where classes overlap the more
+probable class keeps each pixel (:func:`keep_most_probable`, :func:`cut_enclosed`) unless ``allow_overlap``; one
+result per target holds every class's polygons (``class_name``). Negative references ("Not <class>") become each class's negative examples.
 
 Nothing here imports QGIS or Qt; ``progress(fraction, message)`` and ``is_cancelled()`` are plain callables.
 
@@ -195,6 +196,7 @@ def run(params: RunParams, progress: Optional[Progress] = None,
     """Segment every target raster of ``params`` (see the module docstring)."""
     from .raster import RasterSource
     from .executors import make_executor
+    from .modeling import joint_dta
     from .tiling import ProbabilityStitcher, TileGrid, resolution_scale
     from .vectorize import to_features, vectorize
     from .writers import write_results
@@ -314,6 +316,8 @@ def run(params: RunParams, progress: Optional[Progress] = None,
         def predict(rgb):  # one class: HxW; several: C x H x W, each tile read once and encoded once
             if len(classes) == 1:
                 return cuda_safe(lambda: predictors[0].predict(rgb))
+            if params.shared_adapted_pass and joint_dta.shared_pass_applies(predictors):  # one adapted pass
+                return cuda_safe(lambda: joint_dta.predict_classes(predictors, rgb))
             return np.stack([cuda_safe(lambda k=k: predictors[k].predict(rgb)) for k in range(len(classes))])
 
         # [cluster #17] the tile loop: in this process, or on a Dask cluster given the predictor's references

@@ -64,8 +64,9 @@ def _two_classes(args, params):
 variant("twoclass", "the baseline with two classes in one run (the second: the same marks under another name; each "
         "tile read and encoded once, prototypes matched and decoded per class). Goal: at most 1.3x the baseline",
         params=_two_classes, threads_kind="auto")
-variant("twoclass_default", "the default run (shipped adapters) with two classes in one run (as twoclass): the "
-        "adapted pass, VCP and the decoder run per class",
+variant("twoclass_default", "the default run (shipped adapters) with two classes in one run (as twoclass): one "
+        "adapted pass per tile for both classes (core.modeling.joint_dta), VCP and the decoder per class. Goal: at "
+        "most 1.3x default",
         params=lambda a, p: _two_classes(a, dataclasses.replace(_model(p, adapters="default"), mode="virefsam")))
 variant("torch", "the encoder forced to PyTorch through the engine's encoder_backend",
         params=lambda a, p: _model(p, encoder_backend="torch"))

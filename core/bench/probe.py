@@ -168,6 +168,22 @@ class Probe:
 
         predictor_module.ReferencePredictor = TimedPredictor
         self._undo.append(lambda: setattr(predictor_module, "ReferencePredictor", base))
+        from ..modeling import joint_dta as joint_module
+
+        joint_predict = joint_module.predict_classes
+
+        def predict_classes(predictors, image):  # several trained classes, one adapted pass (pipeline)
+            probe.phase = "tiles"
+            if probe.max_tiles is not None and probe.model_tiles >= probe.max_tiles:
+                return np.stack([probe._reuse(image) for _ in predictors])
+            out = joint_predict(predictors, image)
+            probe.model_tiles += len(predictors)  # as one predict_batch call per class would count
+            if probe.max_tiles is not None and len(probe._probs) < 8:
+                probe._probs += [o.copy() for o in out]
+            return out
+
+        joint_module.predict_classes = predict_classes
+        self._undo.append(lambda: setattr(joint_module, "predict_classes", joint_predict))
         from .. import pipeline as pipeline_module
 
         if "ReferencePredictor" in vars(pipeline_module):  # imported at module level (not the case today)

@@ -10,7 +10,8 @@ Order of the passes for one target tile and a reference set of K shots. Costs: e
    From it: Eq. 2 prototype refinement (VCP, 0.06 s) and the Eq. 3 pseudo-mask + Eq. 6 assignment (0.04 s).
 3. target -> adapted image encoder: the same frozen blocks plus a DTA adapter per block, driven by the
    refined prototypes and the assignment (5.4 s, ~1.0x a plain pass: the adapters are small). This second
-   encoder pass per tile is the price of DTA.
+   encoder pass per tile is the price of DTA. Several classes on one tile share it: one context holding every
+   class's prototypes (:mod:`.joint_dta`).
 4. VCP queries, Eq. 4, on the adapted embedding (0.04 s).
 5. SAM's prompt encoder (points + box from the pseudo-mask, the pseudo-mask as ``mask_input``) + the 64 VCP
    queries as extra sparse tokens -> SAM's mask decoder, one decoder call per target (~0.2 s).
