@@ -161,3 +161,21 @@ def zanzibar_embedding(engine, zanzibar_tile):
     """(x 1x3x1024x1024, input_size (h, w), embedding 1x256x64x64) of the zanzibar tile, encoded once."""
     x, input_size = engine.preprocess(zanzibar_tile[0])
     return x, input_size, engine.encode(x)
+
+
+@pytest.fixture
+def dock(qgis_app, qgis_iface, qgis_project, virefsam_pkg, qtbot):
+    """The ViRefSAM dock in the test iface, with default settings and an empty message bar; torn down after the
+    test (a run still going is cancelled first)."""
+    from qgis.PyQt.QtCore import Qt
+    from qgis_iface import close_dock
+    from virefsam.ui import settings
+    from virefsam.ui.dock import ViRefSamDock
+
+    settings.reset()
+    d = ViRefSamDock(qgis_iface)
+    qgis_iface.addDockWidget(Qt.RightDockWidgetArea, d)
+    d.show()
+    qgis_iface.messageBar().clearWidgets()
+    yield d
+    close_dock(d, qgis_iface, qtbot, timeout=120000)

@@ -559,21 +559,6 @@ def test_web_layer_and_missing_target_refused_before_the_model(oam, tmp_path):
 
 
 # -- QGIS: a layer removed from the project during a run ------------------------------------------------------------
-@pytest.fixture
-def dock(qgis_app, qgis_iface, qgis_project, virefsam_pkg, qtbot):
-    from qgis.PyQt.QtCore import Qt
-    from virefsam.ui import settings
-    from virefsam.ui.dock import ViRefSamDock
-    from qgis_iface import close_dock
-
-    settings.reset()
-    d = ViRefSamDock(qgis_iface)
-    qgis_iface.addDockWidget(Qt.RightDockWidgetArea, d)
-    d.show()
-    yield d
-    close_dock(d, qgis_iface, qtbot, timeout=120000)
-
-
 def test_layer_removed_from_the_project_during_a_run(dock, oam, qgis_iface, qgis_project, qtbot):
     """The task works on copied paths: removing the reference/target layer mid-run changes nothing; the result
     layer is added and the message bar reports success."""

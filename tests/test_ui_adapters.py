@@ -9,26 +9,11 @@ import pytest
 pytest.importorskip("qgis.gui")
 
 from qgis.core import Qgis, QgsGeometry, QgsProject, QgsRasterLayer, QgsSettings, QgsVectorLayer  # noqa: E402
-from qgis.PyQt.QtCore import Qt  # noqa: E402
-from qgis_iface import close_dock, flush_deletes, set_up_run  # noqa: E402
+from qgis_iface import flush_deletes, set_up_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINED = ROOT / "resources" / "adapters" / "embedded_virefsam.pt"  # a real adapters file
 TILE = "area2_OAM-1238452-1046530-21"
-
-
-@pytest.fixture
-def dock(qgis_app, qgis_iface, qgis_project, virefsam_pkg, qtbot):
-    from virefsam.ui import settings
-    from virefsam.ui.dock import ViRefSamDock
-
-    settings.reset()
-    d = ViRefSamDock(qgis_iface)
-    qgis_iface.addDockWidget(Qt.RightDockWidgetArea, d)
-    d.show()
-    qgis_iface.messageBar().clearWidgets()
-    yield d
-    close_dock(d, qgis_iface, qtbot, timeout=60000)
 
 
 @pytest.fixture

@@ -10,23 +10,9 @@ pytest.importorskip("qgis.gui")
 
 from osgeo import ogr  # noqa: E402
 from qgis.core import QgsCategorizedSymbolRenderer, QgsGeometry, QgsRasterLayer  # noqa: E402
-from qgis.PyQt.QtCore import Qt  # noqa: E402
-from qgis_iface import close_dock, set_up_run  # noqa: E402
+from qgis_iface import set_up_run  # noqa: E402
 
 GROUND = "POLYGON ((4368380 -673950, 4368390 -673950, 4368390 -673960, 4368380 -673960, 4368380 -673950))"
-
-
-@pytest.fixture
-def dock(qgis_app, qgis_iface, qgis_project, virefsam_pkg, qtbot):
-    from virefsam.ui import settings
-    from virefsam.ui.dock import ViRefSamDock
-
-    settings.reset()
-    d = ViRefSamDock(qgis_iface)
-    qgis_iface.addDockWidget(Qt.RightDockWidgetArea, d)
-    d.show()
-    yield d
-    close_dock(d, qgis_iface, qtbot, timeout=60000)
 
 
 def test_two_class_run_writes_one_layer_with_both_classes(dock, qgis_project, virefsam_pkg, qtbot, tmp_path):

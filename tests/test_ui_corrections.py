@@ -10,21 +10,7 @@ import pytest
 pytest.importorskip("qgis.gui")
 
 from qgis.core import QgsGeometry, QgsRasterLayer  # noqa: E402
-from qgis.PyQt.QtCore import Qt  # noqa: E402
-from qgis_iface import close_dock, set_up_run  # noqa: E402
-
-
-@pytest.fixture
-def dock(qgis_app, qgis_iface, qgis_project, virefsam_pkg, qtbot):
-    from virefsam.ui import settings
-    from virefsam.ui.dock import ViRefSamDock
-
-    settings.reset()
-    d = ViRefSamDock(qgis_iface)
-    qgis_iface.addDockWidget(Qt.RightDockWidgetArea, d)
-    d.show()
-    yield d
-    close_dock(d, qgis_iface, qtbot, timeout=60000)
+from qgis_iface import set_up_run  # noqa: E402
 
 
 @pytest.fixture

@@ -23,27 +23,14 @@ from qgis.core import (  # noqa: E402
     QgsRasterLayer,
     QgsVectorLayer,
 )
-from qgis.PyQt.QtCore import Qt, QTimer  # noqa: E402
-from qgis_iface import close_dock, set_up_run  # noqa: E402
+from qgis.PyQt.QtCore import QTimer  # noqa: E402
+from qgis_iface import set_up_run  # noqa: E402
 
 REF_TILE = "area2_OAM-1238452-1046530-21"
 TARGET_TILES = ("area2_OAM-1238449-1046529-21", "area2_OAM-1238454-1046535-21")
 
 
 # -- fixtures -----------------------------------------------------------------------------------------------------
-@pytest.fixture
-def dock(qgis_app, qgis_iface, qgis_project, virefsam_pkg, qtbot):
-    from virefsam.ui import settings
-    from virefsam.ui.dock import ViRefSamDock
-
-    settings.reset()
-    d = ViRefSamDock(qgis_iface)
-    qgis_iface.addDockWidget(Qt.RightDockWidgetArea, d)
-    d.show()
-    yield d
-    close_dock(d, qgis_iface, qtbot, timeout=60000)
-
-
 @pytest.fixture
 def tiles(qgis_project, shared_data):
     """Reference tile + 2 target tiles of oam_buildings (EPSG:4326) in the project, and the reference polygon."""
