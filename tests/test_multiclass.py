@@ -93,7 +93,8 @@ def test_overlap_goes_to_the_more_probable_class_unless_allowed(houses):
     assert both["building"] == both["copy"] == one["building"], both
 
 
-def test_classes_file_through_the_cli(houses, tmp_path):
+def _classes_file(tmp_path):
+    """A classes file of two classes on the demo's reference raster: its houses, and a patch of bare ground."""
     gj = tmp_path / "ground.geojson"
     gj.write_text(json.dumps({"type": "FeatureCollection",
                               "crs": {"type": "name", "properties": {"name": "EPSG:3857"}},
@@ -107,6 +108,11 @@ def test_classes_file_through_the_cli(houses, tmp_path):
                                              "geometry": str(DEMO / "reference_houses.geojson")}]},
         {"name": "ground", "references": [{"raster": str(DEMO / "reference.tif"), "geometry": str(gj)}]},
     ]))
+    return classes
+
+
+def test_classes_file_through_the_cli(houses, tmp_path):
+    classes = _classes_file(tmp_path)
     out = tmp_path / "cli.gpkg"
     proc = subprocess.run([sys.executable, "-m", "core", "segment", "--classes", str(classes), "--targets", TARGET,
                            "--out", str(out), "--mode", "training_free", "--device", "cpu", "--quiet"],
@@ -175,19 +181,7 @@ def test_one_layer_per_class_in_gpkg_and_shp(tmp_path):
 
 
 def test_layer_per_class_through_the_cli(houses, tmp_path):
-    gj = tmp_path / "ground.geojson"
-    gj.write_text(json.dumps({"type": "FeatureCollection",
-                              "crs": {"type": "name", "properties": {"name": "EPSG:3857"}},
-                              "features": [{"type": "Feature", "properties": {},
-                                            "geometry": {"type": "Polygon", "coordinates": [[
-                                                [4368380, -673950], [4368390, -673950], [4368390, -673960],
-                                                [4368380, -673960], [4368380, -673950]]]}}]}))
-    classes = tmp_path / "classes.json"
-    classes.write_text(json.dumps([
-        {"name": "building", "references": [{"raster": str(DEMO / "reference.tif"),
-                                             "geometry": str(DEMO / "reference_houses.geojson")}]},
-        {"name": "ground", "references": [{"raster": str(DEMO / "reference.tif"), "geometry": str(gj)}]},
-    ]))
+    classes = _classes_file(tmp_path)
     out = tmp_path / "cli.shp"
     proc = subprocess.run([sys.executable, "-m", "core", "segment", "--classes", str(classes), "--targets", TARGET,
                            "--out", str(out), "--mode", "training_free", "--device", "cpu", "--quiet",
