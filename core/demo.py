@@ -35,11 +35,14 @@ def add_arguments(p) -> None:
                    help="encoder precision (fp16: CUDA only; default fp32)")
     p.add_argument("--adapters", default="default",
                    help="trained adapters: default (shipped), none (training-free) or a .pt file, as for segment")
+    p.add_argument("--adapted-precision", default="int8", choices=("int8", "fp32"),
+                   help="weights of the adapted (DTA) pass where it runs in ONNX Runtime: int8 (default, about 1.5x faster on a CPU, masks at IoU >= 0.99 with fp32) or fp32")
     p.add_argument("--quiet", action="store_true")
 
 
 def demo_params(out: Path, mode: str = "virefsam", device: str = "auto", scale: str = "auto",
-                spread: bool = False, precision: str = "fp32", adapters: str = "default") -> RunParams:
+                spread: bool = False, precision: str = "fp32", adapters: str = "default",
+                adapted_precision: str = "int8") -> RunParams:
     from .segment_cli import read_geometries
 
     fg, bg, crs = read_geometries(str(DEMO / "reference_houses.geojson"))
@@ -50,7 +53,7 @@ def demo_params(out: Path, mode: str = "virefsam", device: str = "auto", scale: 
         targets=tuple(str(p) for p in TARGETS.values()),
         output=str(out / "demo.gpkg"),
         overwrite=True,
-        model=ModelParams(device=device, precision=precision,
+        model=ModelParams(device=device, precision=precision, adapted_precision=adapted_precision,
                           adapters=None if str(adapters).lower() == "none" else adapters),
         mode=mode,
         scale=scale,
@@ -179,7 +182,7 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     params = demo_params(out, args.mode, args.device, args.scale, args.spread, getattr(args, "precision", "fp32"),
-                         getattr(args, "adapters", "default"))
+                         getattr(args, "adapters", "default"), getattr(args, "adapted_precision", "int8"))
     progress = _Progress(args.quiet)
     t0 = time.perf_counter()
     try:

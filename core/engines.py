@@ -56,7 +56,8 @@ def load_engine(model: ModelParams):
     ``model.encoder_backend`` ``auto`` runs the plain encoder passes in ONNX Runtime for the embedded model on the
     CPU in fp32 when onnxruntime is there (``engine.encoder_backend`` says which backend runs), else in PyTorch.
     """
-    key = (model.name, model.checkpoint, model.device, model.precision, model.threads, model.encoder_backend)
+    key = (model.name, model.checkpoint, model.device, model.precision, model.threads, model.encoder_backend,
+           model.adapted_precision)
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
@@ -68,7 +69,8 @@ def load_engine(model: ModelParams):
             if backend == "auto" and model.name != "embedded":  # only the embedded model has the ORT graph
                 backend = "torch"
             engine = SamEngine(build_sam(model.name, model.checkpoint), device=model.device,
-                               precision=model.precision, threads=model.threads, encoder_backend=backend)
+                               precision=model.precision, threads=model.threads, encoder_backend=backend,
+                               adapted_precision=model.adapted_precision)
             _ENGINES.clear()  # keep one model in memory at a time
             _ENGINES[key] = engine
         return engine

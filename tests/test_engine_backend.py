@@ -152,6 +152,18 @@ def test_params_json_round_trip_and_old_json():
         _run_params(precision="bf16", encoder_backend="onnxruntime")
 
 
+def test_adapted_precision_param_json_and_old_json():
+    for prec in ("int8", "fp32"):
+        p = _run_params(adapted_precision=prec)
+        assert RunParams.from_json(p.to_json()) == p
+    assert ModelParams().adapted_precision == "int8"  # new runs: the int8 adapted pass
+    old = json.loads(_run_params().to_json())
+    del old["model"]["adapted_precision"]  # written before the field existed: it ran the fp32 graph
+    assert RunParams.from_json(json.dumps(old)).model.adapted_precision == "fp32"
+    with pytest.raises(InputError, match="Unknown adapted-pass precision 'int4'"):
+        _run_params(adapted_precision="int4")
+
+
 def test_cli_encoder_backend_option():
     from core import segment_cli
 

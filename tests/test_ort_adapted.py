@@ -43,13 +43,22 @@ def episode(shared_data):
 
 @pytest.fixture(scope="module")
 def ort_engine(embedded_sam):
-    eng = SamEngine(embedded_sam, device="cpu", precision="fp32", encoder_backend="auto")
+    """The adapted pass in ONNX Runtime as exported (fp32): compared with PyTorch tensor by tensor."""
+    eng = SamEngine(embedded_sam, device="cpu", precision="fp32", encoder_backend="auto", adapted_precision="fp32")
     assert eng.encoder_backend == "onnxruntime"
     return eng
 
 
 @pytest.fixture(scope="module")
-def home(ort_engine, engine, tmp_path_factory):
+def int8_engine(embedded_sam):
+    """The default: the adapted pass's graph with int8 weights."""
+    eng = SamEngine(embedded_sam, device="cpu", precision="fp32", encoder_backend="auto")
+    assert eng.encoder_backend == "onnxruntime" and eng.adapted_precision == "int8"
+    return eng
+
+
+@pytest.fixture(scope="module")
+def home(ort_engine, int8_engine, engine, tmp_path_factory):
     """A fresh model cache for the exports (after the engines have read the real one)."""
     old = os.environ.get("VIREFSAM_HOME")
     path = tmp_path_factory.mktemp("virefsam_home")
@@ -77,7 +86,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
-def test_exported_graph_equals_pytorch_on_real_tiles(home, ort_engine, engine, episode):
+def test_exported_graph_equals_pytorch_on_real_tiles(home, ort_engine, int8_engine, engine, episode):
     ref, tiles = episode
     fast = ReferencePredictor(ort_engine, mode="virefsam", adapters=ADAPTERS, cache=OrderedDict())
     slow = ReferencePredictor(engine, mode="virefsam", adapters=ADAPTERS, cache=OrderedDict())
@@ -129,12 +138,12 @@ def test_changed_adapters_get_their_own_export(home, ort_engine, tmp_path):
 
 def test_corrupt_cached_export_is_rebuilt(home, ort_engine, episode):
     model = ViRefSAM.from_adapters(ort_engine.sam, ADAPTERS).eval()
-    first = ort_adapted.OrtAdaptedEncoder(model.encoder, threads=1)  # exported by the first test, or now
+    first = ort_adapted.OrtAdaptedEncoder(model.encoder, threads=1, precision="fp32")  # exported earlier, or now
     path = first.path
     assert path.is_file() and not list(path.parent.glob("*.part"))
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size // 3)
-    again = ort_adapted.OrtAdaptedEncoder(model.encoder, threads=1)
+    again = ort_adapted.OrtAdaptedEncoder(model.encoder, threads=1, precision="fp32")
     assert again.rebuilt and again.exported and again.path == path
     assert not list(path.parent.glob("*.part"))  # no temporary file left behind
     x, _ = ort_engine.preprocess(episode[1][0])
@@ -144,3 +153,57 @@ def test_corrupt_cached_export_is_rebuilt(home, ort_engine, episode):
     with torch.inference_mode():
         want = model.encoder(x, ctx)
     assert float((again(x, ctx) - want).abs().max()) < 1e-4  # stem computed by the runner's own stem graph
+
+
+def test_int8_graph_keeps_the_masks_of_pytorch_fp32_on_real_tiles(home, int8_engine, engine, episode):
+    """The default adapted pass (int8 weights) against the PyTorch fp32 path: the same masks (IoU >= 0.99 over
+    the real tiles together, >= 0.98 on each: measured 0.997 and 0.988 here, 0.995-0.999 on four more tiles;
+    boundary pixels near 0.5 flip), the embeddings within a few percent."""
+    ref, tiles = episode
+    fast = ReferencePredictor(int8_engine, mode="virefsam", adapters=ADAPTERS, cache=OrderedDict())
+    slow = ReferencePredictor(engine, mode="virefsam", adapters=ADAPTERS, cache=OrderedDict())
+    runner = fast.model.adapted_runner
+    assert runner.precision == "int8" and runner.run_path == ort_adapted.int8_path(runner.path)
+    assert runner.run_path.is_file() and not list(runner.run_path.parent.glob("*.part*"))
+    rec = _Recorder(runner)
+    fast.model.adapted_runner = rec
+    fast.set_references([ref])
+    slow.set_references([ref])
+    probs_fast, probs_slow = fast.predict_batch(tiles), slow.predict_batch(tiles)
+    for x, table, assign, stem, out in rec.calls:
+        with torch.inference_mode():
+            want = fast.model.encoder(x, DTAContext(table, assign))
+        rel = float((out - want).norm() / want.norm())
+        assert rel < 0.05, rel  # measured ~0.012
+    inter = union = 0
+    for pf, ps in zip(probs_fast, probs_slow):
+        mf, ms = pf > 0.5, ps > 0.5
+        assert ms.mean() > 0.01
+        assert _iou(mf, ms) >= 0.98, _iou(mf, ms)
+        inter, union = inter + (mf & ms).sum(), union + (mf | ms).sum()
+    assert inter / union >= 0.99, inter / union
+
+
+def test_corrupt_cached_int8_graph_is_rebuilt(home, int8_engine, episode):
+    model = ViRefSAM.from_adapters(int8_engine.sam, ADAPTERS).eval()
+    first = ort_adapted.OrtAdaptedEncoder(model.encoder, threads=1)  # int8 by default
+    path = first.run_path
+    assert path == ort_adapted.int8_path(first.path) and path.is_file()
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 3)
+    again = ort_adapted.OrtAdaptedEncoder(model.encoder, threads=1)
+    assert again.rebuilt and again.run_path == path and path.is_file()
+    assert not list(path.parent.glob("*.part*"))
+    x, _ = int8_engine.preprocess(episode[1][0])
+    ctx = DTAContext(torch.randn(1, 1 + model.n_bg, 256) * 0.1, torch.randint(0, 2 + model.n_bg, (1, 64, 64)))
+    with torch.inference_mode():
+        want = model.encoder(x, ctx)
+    assert float((again(x, ctx) - want).norm() / want.norm()) < 0.05
+
+
+def test_unknown_adapted_precision_is_one_sentence(int8_engine):
+    from core.errors import ModelError
+
+    model = ViRefSAM.from_adapters(int8_engine.sam, ADAPTERS).eval()
+    with pytest.raises(ModelError, match="Unknown adapted-pass precision 'int4'"):
+        ort_adapted.OrtAdaptedEncoder(model.encoder, precision="int4")

@@ -41,7 +41,7 @@ def add_arguments(p) -> None:
     p.add_argument("--rounds", type=int, default=0, help="interleaved timing rounds (0: 3, quick 1)")
     p.add_argument("--no-vit-b", action="store_true", help="skip the vit_b encoder (30-60 s a pass on 2 cores)")
     p.add_argument("--e2e-variants",
-                   default="default,baseline,twoclass,before8,whole,exact,torch,onnxruntime_tbest,bf16_tbest,virefsam,vcponly",
+                   default="default,baseline,default_fp32,twoclass,before8,whole,exact,torch,onnxruntime_tbest,bf16_tbest,virefsam,vcponly",
                    help="the default run (default: ViRefSAM with the shipped adapters), the pipeline as is in the "
                         "training-free mode (baseline: encoder backend auto, ONNX Runtime for the embedded model on the "
                         "CPU), two classes in one run (twoclass: the baseline's run with a second class), with the PyTorch encoder (torch) or the ORT encoder (onnxruntime) chosen through the "

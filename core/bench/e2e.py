@@ -48,8 +48,12 @@ def _adapters(args, params, attr: str):
     return dataclasses.replace(_model(params, adapters=getattr(args, attr)), mode="virefsam")
 
 
-variant("default", "the default run: ViRefSAM with the shipped adapters (plain and adapted passes in ORT on the CPU)",
+variant("default", "the default run: ViRefSAM with the shipped adapters (plain pass in ORT fp32, adapted pass in ORT "
+        "with int8 weights on the CPU)",
         params=lambda a, p: dataclasses.replace(_model(p, adapters="default"), mode="virefsam"))
+variant("default_fp32", "the default run with the adapted pass's ONNX graph in fp32, as before its int8 weights "
+        "(ModelParams.adapted_precision)",
+        params=lambda a, p: dataclasses.replace(_model(p, adapters="default", adapted_precision="fp32"), mode="virefsam"))
 variant("baseline", "the pipeline as it is (encoder backend auto: ORT for the embedded model on the CPU)",
         threads_kind="auto")
 def _two_classes(args, params):

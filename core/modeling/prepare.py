@@ -29,8 +29,8 @@ def run(args) -> int:
 
 
 def ensure_adapted_graph(log: Log = None) -> None:
-    """Export the shipped adapters' encoder graph for ONNX Runtime now rather than on the first run (it is
-    cached beside the weights; :mod:`.ort_adapted`). Skipped quietly where ONNX Runtime cannot run it; silent
+    """Export the shipped adapters' encoder graph for ONNX Runtime (and its int8 copy, the default) now rather
+    than on the first run (it is cached beside the weights; :mod:`.ort_adapted`). Skipped quietly where ONNX Runtime cannot run it; silent
     and fast when done (``adapted/shipped.json`` records the adapters' and weights' sha256 and the graph)."""
     import json
 
@@ -47,11 +47,12 @@ def ensure_adapted_graph(log: Log = None) -> None:
 
     stamp = ort_adapted.adapted_dir() / "shipped.json"
     want = {"adapters_sha256": _sha256(adapters), "weights_sha256": _sha256(weights_path()),
-            "export_version": ort_adapted.EXPORT_VERSION}
+            "export_version": ort_adapted.EXPORT_VERSION, "quant_version": ort_adapted.QUANT_VERSION}
     try:
         done = json.loads(stamp.read_text())
         graph = ort_adapted.adapted_dir() / done["graph"]
-        if {k: done.get(k) for k in want} == want and graph.is_file() and ort_adapted.stem_path(graph).is_file():
+        if {k: done.get(k) for k in want} == want and all(
+                p.is_file() for p in (graph, ort_adapted.stem_path(graph), ort_adapted.int8_path(graph))):
             return
     except (OSError, ValueError, KeyError, TypeError):
         pass

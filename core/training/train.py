@@ -125,7 +125,8 @@ def build_engine(args):
     # the plain pass as the plugin runs it (ONNX Runtime for the embedded model on the CPU in fp32, ~4x faster
     # than PyTorch here); its output is the frozen feature both backends compute (IoU of masks >= 0.99)
     engine = SamEngine(sam, device=args.device, precision=args.precision, threads=args.threads,
-                       encoder_backend=getattr(args, "encoder_backend", "auto"))
+                       encoder_backend=getattr(args, "encoder_backend", "auto"),
+                       adapted_precision=getattr(args, "adapted_precision", "int8"))
     root = Path(args.feature_cache) if args.feature_cache else cache_dir() / "features"
     cached = CachedEngine(engine, FeatureCache(root, model_tag(sam, args.model)))
     return cached, {"name": args.model, "sha256": backbone_sha256(args.model, args.checkpoint)}
