@@ -138,6 +138,8 @@ class ReferencePredictor:
         cache: "Optional[OrderedDict]" = None,
         bg: str = "per_shot",
         kshot: str = "joint",
+        tune_steps: int = 0,
+        tune_lr: float = 1e-4,
     ) -> None:
         if mode not in MODES:
             raise InputError(f"Unknown mode '{mode}': choose one of {', '.join(MODES)}.")
@@ -154,6 +156,8 @@ class ReferencePredictor:
         # 22.9 mIoU against 19.6 jointly, buildings 56.6 / 56.7) or N_b over all shots at once
         self.bg_per_shot = bg == "per_shot"
         self.kshot = kshot
+        # run-time tuning of VCP on the references (:mod:`.tune`), trained mode only; 0 = off
+        self.tune_steps, self.tune_lr = int(tune_steps), float(tune_lr)
         self._shots = None
         # tile digest -> plain embedding; pass one OrderedDict to several predictors (other classes, other modes
         # on the same engine) to share the frozen-encoder passes
@@ -178,6 +182,7 @@ class ReferencePredictor:
             if self.model.use_dta and hasattr(engine, "adapted_encoder") and not reused:
                 self.model.adapted_runner = engine.adapted_encoder(self.model.encoder, n_table=1 + model.n_bg)
             self.n_bg = model.n_bg
+        self._base_model = self.model  # the model as loaded; ``model`` may be a copy tuned on the references
         self._protos: Optional[Prototypes] = None
         self.n_negatives = 0  # negative prototypes in use (set_references)
         self._neg_rows = 0  # the last _neg_rows background rows of the prototypes are negatives
@@ -279,6 +284,34 @@ class ReferencePredictor:
                                                 self.seed) for k in range(len(images))]
                 if negatives and self._neg_rows:
                     self._shots = [with_negatives(p, neg, neg_valid) for p in self._shots]
+
+        self.model = self._base_model
+        if self.tune_steps > 0 and self.mode == "virefsam":
+            self.model = self._tuned(images, masks)
+
+    def _tuned(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> ViRefSAM:
+        """A copy of the model with VCP tuned on the references (:func:`.tune.tune_vcp`); K <= 2 references are
+        joined by their horizontal and vertical flips, each encoded by the frozen encoder."""
+        from .tune import TuneView, tune_vcp
+
+        views = []
+        for k, (image, mask) in enumerate(zip(images, masks)):
+            variants = [(image, mask, False)]
+            if len(images) <= 2:
+                variants += [(image[:, ::-1], mask[:, ::-1], True), (image[::-1], mask[::-1], True)]
+            for im, m, flipped in variants:
+                im, m = np.ascontiguousarray(im), np.ascontiguousarray(m)
+                with torch.inference_mode():
+                    t = self._encode([im])[0]
+                size, grid, dev = int(t.x.shape[-1]), int(t.plain.shape[-1]), t.plain.device
+                dtype = t.plain.dtype
+                views.append(TuneView(
+                    x=t.x.clone(), plain=t.plain.clone(), valid=t.valid.clone(),
+                    frac64=mask_fraction_grid(m, t.input_size, size, grid)[None].to(dev, dtype),
+                    frac256=mask_fraction_grid(m, t.input_size, size, 4 * grid)[None].to(dev, dtype),
+                    keep256=valid_grid(t.input_size, size, 4 * grid, device=dev)[None].to(dtype),
+                    shot=k, flipped=flipped, stem=None if t.stem is None else t.stem.clone()))
+        return tune_vcp(self._base_model, views, steps=self.tune_steps, lr=self.tune_lr, seed=self.seed)
 
     MAX_NEGATIVE_REGIONS = 64  # per negative example crop: the largest regions
 

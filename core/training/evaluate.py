@@ -77,6 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kshot", default=None, choices=("joint", "ensemble"),
                    help="trained modes with K > 1 shots: the joint prototypes alone, or averaged with each shot's "
                         "own decoding on the same adapted embedding (default: the predictor's, as the plugin)")
+    p.add_argument("--tune-steps", type=int, default=0,
+                   help="trained modes: tune VCP on the references for this many steps before the query "
+                        "(run-time tuning, core.modeling.tune; default 0 = off)")
+    p.add_argument("--tune-lr", type=float, default=1e-4, help="learning rate of --tune-steps")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -93,8 +97,10 @@ def adapters_file(name: Optional[str], model: str) -> Optional[Path]:
 
 
 def _kshot(args) -> dict:
+    """Keyword arguments of the trained modes' predictors: K-shot rule and run-time tuning."""
     k = getattr(args, "kshot", None)
-    return {"kshot": k} if k else {}
+    return dict({"kshot": k} if k else {}, tune_steps=getattr(args, "tune_steps", 0),
+                tune_lr=getattr(args, "tune_lr", 1e-4))
 
 
 def _predictors(args, engine):
@@ -205,6 +211,7 @@ def run(args) -> int:
         model=backbone, device=str(engine.device), precision=args.precision,
         decoding=getattr(args, "decoding", "local"), scale=str(getattr(args, "scale", "auto")),
         bg=getattr(args, "bg", "per_shot"), kshot=getattr(args, "kshot", None) or "joint",
+        tune={"steps": getattr(args, "tune_steps", 0), "lr": getattr(args, "tune_lr", 1e-4)},
         adapters=_file_record(adapters_file(args.adapters, args.model), file_sha256),
         ablation_adapters=_file_record(adapters_file(args.ablation_adapters, args.model), file_sha256),
         modes={m: (note or "ok") for m, (_, note) in preds.items()},

@@ -202,21 +202,6 @@ def prepare_image(engine, image, mask=None, ignore=None):
     return out
 
 
-def segmentation_loss(low, target, keep):
-    """(bce, dice) on low-res logits B x 1 x 256 x 256, soft targets B x 256 x 256, pixel weights B x 256 x 256."""
-    import torch
-    import torch.nn.functional as F
-
-    low = low[:, 0].float()
-    w = keep
-    bce = (F.binary_cross_entropy_with_logits(low, target, reduction="none") * w).sum() / w.sum().clamp_min(1.0)
-    p = torch.sigmoid(low) * w
-    t = target * w
-    inter = (p * t).sum(dim=(1, 2))
-    dice = 1.0 - (2.0 * inter + 1.0) / (p.sum(dim=(1, 2)) + t.sum(dim=(1, 2)) + 1.0)
-    return bce, dice.mean()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 
 def resolve_schedule(args, device_type: str) -> Dict[str, object]:
@@ -246,6 +231,7 @@ def lr_lambda(warmup: int, steps: int):
 def run(args) -> int:
     import torch
 
+    from ..modeling.losses import segmentation_loss
     from ..modeling.prototypes import Prototypes
     from ..modeling.virefsam import ViRefSAM
     from .episodes import iter_mixed_episodes, load_episode
