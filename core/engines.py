@@ -83,4 +83,5 @@ def make_predictor(engine, params: RunParams, adapters, cache=None):
     from .modeling.training_free import decoder_context
 
     return predictor_module.ReferencePredictor(engine, mode=params.mode, adapters=adapters, seed=params.seed,
-                                               decoder_context=decoder_context(params.decoding), cache=cache)
+                                               decoder_context=decoder_context(params.decoding), cache=cache,
+                                               kshot=params.kshot)

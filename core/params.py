@@ -17,6 +17,7 @@ MODES = ("virefsam", "training_free", "static_prompt")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DECODINGS = ("local", "exact")
+KSHOTS = ("ensemble", "joint")
 ENCODER_BACKENDS = ("auto", "torch", "onnxruntime")
 ADAPTED_PRECISIONS = ("int8", "fp32")  # the adapted pass in ONNX Runtime (core.modeling.ort_adapted)
 FORMATS = ("gpkg", "shp")
@@ -111,6 +112,9 @@ class RunParams:
     ``decoding`` (training-free mode): ``local`` (default) decodes each candidate object on a crop of the tile's
     embedding around its box (:data:`core.modeling.training_free.DEFAULT_CONTEXT`), ``exact`` on the whole
     tile as SAM does (about 8x slower on CPU, masks IoU ~0.95 with local, the same accuracy against truth).
+    ``kshot`` (trained mode, K > 1 references): ``ensemble`` (default) decodes each reference's own prototypes on
+    the tile's one adapted embedding too and averages the probabilities with the joint decoding; ``joint`` decodes
+    the prototypes of all K references together only (every parameters file from before the field).
     ``cluster``: where the tile loop runs: ``""`` in this process (default), ``local:N`` on N Dask worker processes
     of this computer, ``tcp://HOST:PORT`` on the workers of an existing Dask scheduler (:mod:`core.cluster`).
     """
@@ -134,6 +138,7 @@ class RunParams:
     seed: int = 0
     decoding: str = "local"
     scale: str = "auto"
+    kshot: str = "ensemble"  # K > 1 references, trained mode: "ensemble" (per-shot decodings averaged) or "joint"
     cluster: str = ""  # "" this process; "local:N" N Dask worker processes here; "tcp://HOST:PORT" a scheduler
     classes: Tuple[ClassSpec, ...] = ()  # several classes in one run (see above); () = class_name + references
     allow_overlap: bool = False  # several classes: keep overlapping polygons instead of the more probable class
@@ -172,6 +177,8 @@ class RunParams:
                              f"{', '.join(ADAPTED_PRECISIONS)}.")
         if self.decoding not in DECODINGS:
             raise InputError(f"Unknown decoding '{self.decoding}': choose one of {', '.join(DECODINGS)}.")
+        if self.kshot not in KSHOTS:
+            raise InputError(f"Unknown K-shot method '{self.kshot}': choose one of {', '.join(KSHOTS)}.")
         from .scale import parse_scale
 
         try:
@@ -212,6 +219,7 @@ class RunParams:
     @classmethod
     def from_dict(cls, d: dict) -> "RunParams":
         d = dict(d)
+        d.setdefault("kshot", "joint")  # a parameters file from before the field: the joint decoding it ran
         d["model"] = ModelParams(**{"adapted_precision": "fp32", **d.get("model", {})})  # older files ran fp32
 
         def refs(items):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from .errors import InputError
-from .params import DECODINGS, ENCODER_BACKENDS, MODES, ClassSpec, ModelParams, ReferenceSpec, RunParams
+from .params import DECODINGS, ENCODER_BACKENDS, KSHOTS, MODES, ClassSpec, ModelParams, ReferenceSpec, RunParams
 
 
 def add_arguments(p) -> None:
@@ -67,6 +67,10 @@ def add_arguments(p) -> None:
     p.add_argument("--decoding", default="local", choices=DECODINGS,
                    help="training-free mode: local (each candidate object decoded on a crop around it, default) "
                         "or exact (on the whole tile, as SAM does; about 8x slower decoding on a CPU)")
+    p.add_argument("--kshot", default="ensemble", choices=KSHOTS,
+                   help="several references, trained mode: ensemble (default: each reference also decoded on its "
+                        "own, the probabilities averaged with the joint decoding) or joint (all references "
+                        "together only)")
     p.add_argument("--bands", help="1-based bands to use as RGB, e.g. 4,3,2 (default: the first three)")
     p.add_argument("--scale", default="auto",
                    help="working resolution as a zoom of the reference raster's native one: auto (default: from "
@@ -262,6 +266,7 @@ def params_from_args(args) -> RunParams:
         simplify=args.simplify,
         fill_holes=not args.keep_holes,
         decoding=getattr(args, "decoding", "local"),
+        kshot=getattr(args, "kshot", "ensemble"),
         scale=str(getattr(args, "scale", "auto")),
         match_resolution=not args.no_resample,
         seed=args.seed,

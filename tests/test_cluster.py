@@ -2,7 +2,8 @@
 real `dask worker` processes on 127.0.0.1, the real embedded SAM, the real 2048 x 2048 Kampala orthophoto.
 
 Mode: training-free (adapters none) at tile size 1024 (9 tiles on kampala.tif), to keep the time sane on 2 cores;
-the cluster path does not depend on the mode (the predictor's reference state travels either way).
+the cluster path does not depend on the mode (the predictor's reference state travels either way). One slow test
+runs the trained mode with K > 1 reference crops: the K-shot ensemble's per-shot prototypes travel too.
 The equality runs are marked ``slow`` (opt-in: ``pytest -m slow tests/test_cluster.py``).
 """
 
@@ -203,6 +204,30 @@ def test_local_cluster_gives_the_in_process_result(tmp_path, kampala, in_process
     out = tmp_path / "cluster.gpkg"
     run(_params(out, [kampala], cluster="local:2"))
     _same_result(in_process, out)
+
+
+@pytest.mark.slow
+def test_local_cluster_runs_the_k_shot_ensemble_as_in_process(tmp_path, shared_data):
+    """The trained mode with K > 1 reference crops (the spread-reference demo: houses marked far apart, 3 crops)
+    and the K-shot ensemble (the default): the workers get the per-shot prototypes with the joint ones."""
+    import dataclasses
+
+    from core.demo import TARGETS, spread_reference
+
+    ref = spread_reference(shared_data / "oam_mosaics" / "zanzibar.tif")
+    base = dataclasses.replace(_params(tmp_path / "here.gpkg", [TARGETS["kampala"]], adapters="default"),
+                               references=(ref,))
+    assert base.mode == "virefsam" and base.kshot == "ensemble"
+    here = run(base)
+    assert "3 reference crops" in here.scale and here.targets[0].n_objects > 5
+    run(dataclasses.replace(base, output=str(tmp_path / "cluster.gpkg"), cluster="local:2"))
+    _same_result(tmp_path / "here.gpkg", tmp_path / "cluster.gpkg")
+    # the joint decoding alone gives other polygons: the equality above is the ensemble's
+    run(dataclasses.replace(base, output=str(tmp_path / "joint.gpkg"), kshot="joint"))
+    ua, uj = unary_union(_polygons(tmp_path / "here.gpkg")), unary_union(_polygons(tmp_path / "joint.gpkg"))
+    iou = ua.intersection(uj).area / ua.union(uj).area
+    print(f"ensemble against joint: union IoU {iou:.4f}")
+    assert iou < 0.97, iou
 
 
 @pytest.mark.slow

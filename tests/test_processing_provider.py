@@ -69,7 +69,7 @@ def test_algorithm_is_registered_with_its_parameters(provider):
     assert alg is not None and alg.displayName() == "Segment rasters from a reference"
     names = [p.name() for p in alg.parameterDefinitions()]
     for n in ("REFERENCE_RASTER", "REFERENCE_VECTOR", "BACKGROUND_VECTOR", "TARGETS", "CLASS_NAME", "MODEL",
-              "CHECKPOINT", "MODE", "DEVICE", "PRECISION", "DECODING", "TILE_SIZE", "OVERLAP", "THRESHOLD",
+              "CHECKPOINT", "MODE", "DEVICE", "PRECISION", "DECODING", "KSHOT", "TILE_SIZE", "OVERLAP", "THRESHOLD",
               "MIN_AREA", "SIMPLIFY", "NEGATIVES", "LAYER_PER_CLASS", "OUTPUT"):
         assert n in names
     assert '"Install dependencies"' in alg.shortHelpString() and "pip install" in alg.shortHelpString()
@@ -99,7 +99,9 @@ def test_parameters_become_plain_run_params(provider, paths, qgis_project):
     assert ref.crs == "EPSG:4326" and ref.raster == paths["ref"]
     assert run.targets == tuple(paths["targets"]) and run.mode == "training_free"
     assert run.model.device == "cpu" and run.model.adapters is None and run.tile_size == 256
-    assert run.decoding == "local" and run.model.precision == "fp32"  # the defaults
+    assert run.decoding == "local" and run.model.precision == "fp32" and run.kshot == "ensemble"  # the defaults
+    params["KSHOT"] = 1
+    assert alg.build_params(params, context).kshot == "joint"
 
 
 # -- precision and decoding -----------------------------------------------------------------------------------------
@@ -117,6 +119,10 @@ def test_precision_and_decoding_are_advanced_parameters_with_their_help(provider
     for words in ("Training-free", "crop", "whole tile"):
         assert words in decoding.help()
     assert "Precision" in alg.shortHelpString() and "Decoding" in alg.shortHelpString()
+    kshot = alg.parameterDefinition("KSHOT")
+    assert kshot.options() == ["Ensemble (default)", "Joint"] and kshot.defaultValue() == 0
+    assert kshot.flags() & kshot.FlagAdvanced and "Trained mode" in kshot.help()
+    assert "Several references" in alg.shortHelpString()
 
 
 @pytest.mark.parametrize(

@@ -108,6 +108,12 @@ def test_precision_and_decoding_controls(dock):
     assert decoding.isEnabled()
     dock.mode_combo.setCurrentIndex(dock.mode_combo.findData("virefsam"))
     assert not decoding.isEnabled() and precision.isEnabled()
+    kshot = dock.findChild(QComboBox, "kshot")
+    assert kshot is dock.kshot_combo and kshot.currentData() == "ensemble" and kshot.isEnabled()
+    assert [kshot.itemData(i) for i in range(kshot.count())] == ["ensemble", "joint"]
+    assert "averaged" in kshot.toolTip()
+    choose(dock, "none")
+    assert not kshot.isEnabled()  # training-free: nothing to ensemble
 
 
 def test_adapters_choice_is_kept_in_qgis_settings(dock, qgis_iface):

@@ -316,6 +316,10 @@ def test_build_params_copies_plain_values(dock, kampala, qgis_iface, qgis_projec
     dock.precision_combo.setCurrentIndex(dock.precision_combo.findData("bf16"))
     p = dock.build_params()
     assert p.decoding == "exact" and p.model.precision == "bf16"
+    assert p.kshot == "ensemble"  # the default; in the Options box, for trained runs only
+    assert not dock.kshot_combo.isEnabled()  # this run is training-free
+    dock.kshot_combo.setCurrentIndex(dock.kshot_combo.findData("joint"))
+    assert dock.build_params().kshot == "joint"
     # a checkpoint model needs its file; a file output gets its format from the suffix
     dock.model_combo.setCurrentIndex(dock.model_combo.findData("vit_b"))
     with pytest.raises(InputError, match="checkpoint"):
@@ -339,6 +343,7 @@ def test_settings_persist_between_docks(dock, qgis_iface, qgis_app):
     dock.device_combo.setCurrentIndex(dock.device_combo.findData("cpu"))
     dock.precision_combo.setCurrentIndex(dock.precision_combo.findData("bf16"))
     dock.decoding_combo.setCurrentIndex(dock.decoding_combo.findData("exact"))
+    dock.kshot_combo.setCurrentIndex(dock.kshot_combo.findData("joint"))
     dock.tile_spin.setValue(768)
     dock.overlap_spin.setValue(96)
     dock.threshold_spin.setValue(0.35)
@@ -361,6 +366,7 @@ def test_settings_persist_between_docks(dock, qgis_iface, qgis_app):
         assert again.mode_combo.currentData() == "training_free"
         assert again.device_combo.currentData() == "cpu"
         assert again.precision_combo.currentData() == "bf16" and again.decoding_combo.currentData() == "exact"
+        assert again.kshot_combo.currentData() == "joint"
         assert (again.tile_spin.value(), again.overlap_spin.value()) == (768, 96)
         assert abs(again.threshold_spin.value() - 0.35) < 1e-9
         assert again.min_area_spin.value() == 40.0 and again.simplify_spin.value() == 2.5

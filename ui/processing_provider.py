@@ -64,6 +64,8 @@ PRECISION_VALUES = tuple(v for _, v in run_options.PRECISIONS)  # fp32, bf16, fp
 PRECISION_LABELS = tuple(label for label, _ in run_options.PRECISIONS)
 DECODING_VALUES = tuple(v for _, v in run_options.DECODINGS)  # local, exact
 DECODING_LABELS = tuple(label for label, _ in run_options.DECODINGS)
+KSHOT_VALUES = tuple(v for _, v in run_options.KSHOTS)  # ensemble, joint
+KSHOT_LABELS = tuple(label for label, _ in run_options.KSHOTS)
 
 
 class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
@@ -80,6 +82,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
     DEVICE = "DEVICE"
     PRECISION = "PRECISION"
     DECODING = "DECODING"
+    KSHOT = "KSHOT"
     CLUSTER = "CLUSTER"
     SCALE = "SCALE"
     TILE_SIZE = "TILE_SIZE"
@@ -132,6 +135,9 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             "Precision (advanced): fp32 everywhere, bf16 on CUDA or CPUs with native bf16, fp16 on CUDA only. "
             "Decoding (advanced, training-free runs): Local (fast) decodes each candidate object on a crop around "
             "it, Exact on the whole tile as SAM does.\n"
+            "Several references (advanced, trained mode with several reference crops): Ensemble (default) also "
+            "decodes each reference on its own and averages with the joint decoding, Joint decodes them together "
+            "only.\n"
             "Other classes (advanced): a classes file, as 'python -m core segment --classes' takes it (a JSON list "
             "of {name, references: [{raster, geometry}], negatives}), segmented in the same run beside the class "
             "above; where classes overlap the more probable one keeps each pixel unless 'Classes may overlap'. "
@@ -211,6 +217,10 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             self.DECODING, "Decoding (training-free mode)", options=list(DECODING_LABELS), defaultValue=0
         )
         decoding.setHelp(run_options.DECODING_HELP)
+        kshot = QgsProcessingParameterEnum(
+            self.KSHOT, "Several references (trained mode)", options=list(KSHOT_LABELS), defaultValue=0
+        )
+        kshot.setHelp(run_options.KSHOT_HELP)
         cluster = QgsProcessingParameterString(self.CLUSTER, "Dask scheduler", defaultValue="", optional=True)
         cluster.setHelp("Empty: the tiles are segmented here. An address (tcp://HOST:8786): on the workers of that "
                         "Dask scheduler (dask scheduler; dask worker tcp://HOST:8786 in the plugin's environment), "
@@ -224,6 +234,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             QgsProcessingParameterEnum(self.DEVICE, "Device", options=list(DEVICE_LABELS), defaultValue=0),
             precision,
             decoding,
+            kshot,
             QgsProcessingParameterNumber(
                 self.TILE_SIZE, "Tile size (pixels)", QgsProcessingParameterNumber.Integer, 1024, minValue=64
             ),
@@ -383,6 +394,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
                 ),
                 mode=mode,
                 decoding=DECODING_VALUES[self.parameterAsEnum(parameters, self.DECODING, context)],
+                kshot=KSHOT_VALUES[self.parameterAsEnum(parameters, self.KSHOT, context)],
                 tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context),
                 overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
                 threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),

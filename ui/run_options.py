@@ -1,7 +1,8 @@
-"""Decoding and precision choices, shared by the dock and the Processing algorithm.
+"""Decoding, K-shot and precision choices, shared by the dock and the Processing algorithm.
 
 ``core.params.RunParams.decoding``: ``local`` (default) or ``exact``; it only matters when the run is
-training-free (no adapters). ``core.params.ModelParams.precision``: ``fp32`` (default), ``bf16`` or ``fp16``.
+training-free (no adapters). ``core.params.RunParams.kshot``: ``ensemble`` (default) or ``joint``; it only
+matters in the trained mode with several reference crops. ``core.params.ModelParams.precision``: ``fp32`` (default), ``bf16`` or ``fp16``.
 A precision the machine cannot run is refused with the engine's one sentence before any model is loaded
 (``core.pipeline.check_precision``).
 """
@@ -21,6 +22,21 @@ DECODING_TOOLTIP = (
 DECODING_HELP = (
     "Training-free mode only. Local (fast): each candidate object is decoded on a crop around it (about 8x faster "
     "decoding on a CPU, the same accuracy). Exact: decoded on the whole tile, as SAM does."
+)
+
+KSHOTS = (
+    ("Ensemble (default)", "ensemble"),
+    ("Joint", "joint"),
+)
+KSHOT_TOOLTIP = (
+    "How several references (or marks far apart, cut as several reference crops) are combined in the trained mode:\n"
+    "• Ensemble: each reference is also matched on its own and the results are averaged with the joint one "
+    "(better on average on held-out object classes; a little more decoding per tile).\n"
+    "• Joint: all references are matched together only (the behaviour of parameters files from before)."
+)
+KSHOT_HELP = (
+    "Trained mode with several reference crops only. Ensemble (default): each reference also decoded on its own, "
+    "the probabilities averaged with the joint decoding. Joint: all references decoded together only."
 )
 
 PRECISIONS = (

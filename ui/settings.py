@@ -19,6 +19,7 @@ DEFAULTS = {
     "device": ("auto", str),
     "precision": ("fp32", str),  # fp32 | bf16 | fp16 (ui/run_options.py)
     "decoding": ("local", str),  # local | exact
+    "kshot": ("ensemble", str),  # ensemble | joint (ui/run_options.py)
     "tile_size": (1024, int),
     "overlap": (128, int),
     "threshold": (0.5, float),

@@ -13,13 +13,16 @@ Joint context for C classes on one tile (each class's passes 2 as in :meth:`.vir
                                       (of any class) most similar to it; padding: P ("no prototype")
 
 then ONE adapted pass (the engine's ONNX Runtime runner where there is one: the table's row count is a dynamic
-axis of its graph) and, per class, the VCP queries (Eq. 4) and the decoder on that embedding. With one class the
-joint context is exactly the class's own (same table, same assignment), but one-class runs never come here.
+axis of its graph) and, per class, the VCP queries (Eq. 4) and the decoder on that embedding. A class with the
+K-shot ensemble (``ReferencePredictor._shots``) then decodes each of its shots on the same embedding and averages
+with that class's joint decoding (:meth:`.virefsam.ViRefSAM.shot_ensemble`, as in the class's own pass). With one
+class the joint context is exactly the class's own (same table, same assignment), but one-class runs never come
+here.
 
     probs = predict_classes(predictors, tile)    # C x H x W float32, one ReferencePredictor per class
 
 :func:`shared_pass_applies` says when the predictors can share the pass (all trained ViRefSAM with DTA on the
-same model, no K-shot ensemble); the pipeline falls back to one pass per class otherwise.
+same model); the pipeline falls back to one pass per class otherwise.
 """
 
 from __future__ import annotations
@@ -36,12 +39,12 @@ from .training_free import NO_MASK_LOGIT
 
 def shared_pass_applies(predictors: Sequence) -> bool:
     """Whether one adapted pass can serve every predictor: at least two, all in ``virefsam`` mode with DTA on
-    the same model, references set, and none with the K-shot ensemble (its shots run on their own)."""
+    the same model, references set (a K-shot ensemble's shots are decoded on the shared embedding too)."""
     if len(predictors) < 2:
         return False
     model = predictors[0].model
     return model is not None and model.use_dta and all(
-        p.mode == "virefsam" and p.model is model and p._protos is not None and p._shots is None for p in predictors
+        p.mode == "virefsam" and p.model is model and p._protos is not None for p in predictors
     )
 
 
@@ -116,7 +119,10 @@ def predict_classes(predictors: Sequence, image: np.ndarray) -> np.ndarray:
     emb = emb.to(plain.dtype)
     out = []
     for p, r, (pm, mg) in zip(predictors, refined, per_class):  # passes 4-5 per class
-        low = model._decode(r, pm, mg, emb, pe, valid)["low_res_logits"][:, :1]
+        low = model._decode(r, pm, mg, emb, pe, valid)["low_res_logits"]
+        if p._shots is not None and len(p._shots) > 1:  # the K-shot ensemble, as ViRefSAM.forward
+            low = model.shot_ensemble(low, p._shots, plain, emb, pe, valid)
+        low = low[:, :1]
         if p._neg_rows:  # as ReferencePredictor._low_res: parts like a "not this class" example go
             drop = negative_components(plain, low, p._protos, p._neg_rows, valid).to(low.device)
             low = low.masked_fill(drop[None, None], NO_MASK_LOGIT)

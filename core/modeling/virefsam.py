@@ -109,6 +109,8 @@ class ViRefSAM(nn.Module):
       valid     B x 64 x 64 bool, cells inside the image (padding excluded); None = all
       stem      B x 16384 x 128 stem tokens of the plain pass (SamEngine.encode_with_stem), used by
                 ``adapted_runner`` only; None = computed by it
+      shots     K > 1 :class:`Prototypes`, each reference's own (inference only): the K-shot ensemble
+                (:meth:`shot_ensemble`); None = the joint prototypes alone
     returns a dict: ``low_res_logits`` B x 1 x 256 x 256, ``iou`` B x 1, ``l_reg`` (scalar), ``pseudo_mask``
     B x 64 x 64 bool, ``margin`` B x 64 x 64, ``mask_input`` B x 1 x 256 x 256.
     """
@@ -267,19 +269,29 @@ class ViRefSAM(nn.Module):
         out = self._decode(refined, pmask, margin, emb, pe, valid)
         low = out["low_res_logits"]
         if shots is not None and len(shots) > 1 and not torch.is_grad_enabled():
-            # K-shot ensemble on the one adapted embedding: each shot's own prototypes (1 fg + its N_b bg, as in
-            # 1-shot) refined, pseudo-mask, queries and decoded; probabilities averaged with the joint ones
-            probs = [torch.sigmoid(low.float())]
-            for p in shots:
-                p = p.expand(b).to(device=plain.device, dtype=plain.dtype)
-                t = self.vcp.refine(p.table(), plain, pe, valid)
-                r = Prototypes(t[:, 0], p.fg_valid, t[:, 1:], p.bg_valid)
-                pm, mg, _ = pseudo_mask(plain, r, valid)
-                probs.append(torch.sigmoid(self._decode(r, pm, mg, emb, pe, valid)["low_res_logits"].float()))
-            prob = torch.stack(probs).mean(0).clamp(1e-6, 1 - 1e-6)
-            low = torch.log(prob / (1 - prob)).to(low.dtype)
+            low = self.shot_ensemble(low, shots, plain, emb, pe, valid)
         out["low_res_logits"] = low
         return out
+
+    def shot_ensemble(self, low: torch.Tensor, shots: List[Prototypes], plain: torch.Tensor, emb: torch.Tensor,
+                      pe: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+        """K-shot ensemble on one adapted embedding: each shot's own prototypes (1 fg + its N_b bg, as in 1-shot)
+        refined on ``plain`` (Eq. 2), its pseudo-mask (Eq. 3), queries and decoding on ``emb`` (passes 4-5); the
+        K probabilities averaged with the joint decoding's.
+
+        low B x M x 256 x 256 (the joint decoding's logits); shots K :class:`Prototypes` of batch 1 or B; plain,
+        emb B x 256 x 64 x 64; pe 1 x 256 x 64 x 64; valid B x 64 x 64 bool or None -> logits like ``low``.
+        Used by :meth:`forward` and by the shared adapted pass of several classes (:mod:`.joint_dta`)."""
+        b = plain.shape[0]
+        probs = [torch.sigmoid(low.float())]
+        for p in shots:
+            p = p.expand(b).to(device=plain.device, dtype=plain.dtype)
+            t = self.vcp.refine(p.table(), plain, pe, valid)
+            r = Prototypes(t[:, 0], p.fg_valid, t[:, 1:], p.bg_valid)
+            pm, mg, _ = pseudo_mask(plain, r, valid)
+            probs.append(torch.sigmoid(self._decode(r, pm, mg, emb, pe, valid)["low_res_logits"].float()))
+        prob = torch.stack(probs).mean(0).clamp(1e-6, 1 - 1e-6)
+        return torch.log(prob / (1 - prob)).to(low.dtype)
 
     def _decode(self, refined: Prototypes, pmask, margin, emb, pe, valid) -> Dict[str, torch.Tensor]:
         """Passes 4-5 for B targets: VCP queries (Eq. 4) on ``emb`` within ``pmask``, SAM's prompt encoder

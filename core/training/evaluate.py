@@ -74,9 +74,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bg", default="per_shot", choices=("per_shot", "joint"),
                    help="background prototypes of K shots: N_b Voronoi regions per shot (default, as the plugin) or "
                         "over all shots at once (the protocol of evaluation files before it)")
-    p.add_argument("--kshot", default=None, choices=("joint", "ensemble"),
-                   help="trained modes with K > 1 shots: the joint prototypes alone, or averaged with each shot's "
-                        "own decoding on the same adapted embedding (default: the predictor's, as the plugin)")
+    p.add_argument("--kshot", default="ensemble", choices=("ensemble", "joint"),
+                   help="trained modes with K > 1 shots: ensemble (default, as the plugin: the joint decoding "
+                        "averaged with each shot's own on the same adapted embedding) or joint (the joint "
+                        "prototypes alone, the protocol of evaluation files before it)")
     p.add_argument("--tune-steps", type=int, default=0,
                    help="trained modes: tune VCP on the references for this many steps before the query "
                         "(run-time tuning, core.modeling.tune; default 0 = off)")
@@ -98,9 +99,8 @@ def adapters_file(name: Optional[str], model: str) -> Optional[Path]:
 
 def _kshot(args) -> dict:
     """Keyword arguments of the trained modes' predictors: K-shot rule and run-time tuning."""
-    k = getattr(args, "kshot", None)
-    return dict({"kshot": k} if k else {}, tune_steps=getattr(args, "tune_steps", 0),
-                tune_lr=getattr(args, "tune_lr", 1e-4))
+    return {"kshot": getattr(args, "kshot", None) or "ensemble", "tune_steps": getattr(args, "tune_steps", 0),
+            "tune_lr": getattr(args, "tune_lr", 1e-4)}
 
 
 def _predictors(args, engine):
@@ -210,7 +210,7 @@ def run(args) -> int:
         protocol="per_fold" if args.per_fold else "per_class",
         model=backbone, device=str(engine.device), precision=args.precision,
         decoding=getattr(args, "decoding", "local"), scale=str(getattr(args, "scale", "auto")),
-        bg=getattr(args, "bg", "per_shot"), kshot=getattr(args, "kshot", None) or "joint",
+        bg=getattr(args, "bg", "per_shot"), kshot=_kshot(args)["kshot"],
         tune={"steps": getattr(args, "tune_steps", 0), "lr": getattr(args, "tune_lr", 1e-4)},
         adapters=_file_record(adapters_file(args.adapters, args.model), file_sha256),
         ablation_adapters=_file_record(adapters_file(args.ablation_adapters, args.model), file_sha256),

@@ -1,5 +1,6 @@
 """Dock section 3, model: which SAM (and its checkpoint), the mode and the adapters (two views of one choice),
-device, precision, decoding, and the Options box (tile size, overlap, threshold, minimum area, simplification).
+device, precision, decoding, and the Options box (tile size, overlap, threshold, minimum area, simplification,
+working scale, how several references combine).
 
 A new model-side control (e.g. an "Install dependencies" panel) goes here: build it in
 :meth:`ModelSection._build_model_boxes`, connect it in :meth:`ModelSection._connect_model`, keep it in the
@@ -95,6 +96,8 @@ class ModelSection:
         self.scale_edit.setPlaceholderText("auto")
         self.scale_edit.setToolTip(SCALE_TOOLTIP)
         of.addRow("Working scale", self.scale_edit)
+        self.kshot_combo = _choice_combo("kshot", run_options.KSHOTS, run_options.KSHOT_TOOLTIP)
+        of.addRow("Several references", self.kshot_combo)
         self.scale_status = QLabel()  # the scale the last run worked at (RunResult.scale)
         self.scale_status.setObjectName("scale_status")
         self.scale_status.setWordWrap(True)
@@ -103,7 +106,7 @@ class ModelSection:
 
         self.run_on = run_on.add_to_form(of)
         for combo in (self.model_combo, self.mode_combo, self.adapters_combo, self.device_combo,
-                      self.precision_combo, self.decoding_combo):
+                      self.precision_combo, self.decoding_combo, self.kshot_combo):
             combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(12)
         return [model_box, opt_box]
@@ -114,7 +117,7 @@ class ModelSection:
         self.adapters_combo.currentIndexChanged.connect(self._adapters_changed)
         self.adapters_file_widget.fileChanged.connect(self._update_adapters_widgets)
         for w in (self.model_combo, self.mode_combo, self.adapters_combo, self.device_combo, self.precision_combo,
-                  self.decoding_combo):
+                  self.decoding_combo, self.kshot_combo):
             w.currentIndexChanged.connect(self.save_settings)
         for w in (self.tile_spin, self.overlap_spin, self.threshold_spin, self.min_area_spin, self.simplify_spin):
             w.valueChanged.connect(self.save_settings)
@@ -131,6 +134,7 @@ class ModelSection:
         _set_combo_data(self.device_combo, settings.get("device"))
         _set_combo_data(self.precision_combo, settings.get("precision"))
         _set_combo_data(self.decoding_combo, settings.get("decoding"))
+        _set_combo_data(self.kshot_combo, settings.get("kshot"))
         self.tile_spin.setValue(settings.get("tile_size"))
         self.overlap_spin.setValue(settings.get("overlap"))
         self.threshold_spin.setValue(settings.get("threshold"))
@@ -148,6 +152,7 @@ class ModelSection:
         settings.set("device", self.device_combo.currentData())
         settings.set("precision", self.precision_combo.currentData())
         settings.set("decoding", self.decoding_combo.currentData())
+        settings.set("kshot", self.kshot_combo.currentData())
         settings.set("tile_size", self.tile_spin.value())
         settings.set("overlap", self.overlap_spin.value())
         settings.set("threshold", self.threshold_spin.value())
@@ -200,6 +205,8 @@ class ModelSection:
         choice = self.adapters_combo.currentData()
         self.adapters_file_widget.setEnabled(choice == adapter_choice.FILE)
         # the decoding only matters when the run is training-free (which "Shipped" is while none are shipped)
-        self.decoding_combo.setEnabled(adapter_choice.runs_training_free(choice, self.model_combo.currentData()))
+        training_free = adapter_choice.runs_training_free(choice, self.model_combo.currentData())
+        self.decoding_combo.setEnabled(training_free)
+        self.kshot_combo.setEnabled(not training_free)  # how several references combine: the trained mode only
         self.adapters_status.setText(adapter_choice.describe_choice(
             choice, self.model_combo.currentData(), self.adapters_file_widget.filePath()))

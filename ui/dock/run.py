@@ -195,6 +195,7 @@ class RunSection:
             model=model,
             mode=mode,
             decoding=self.decoding_combo.currentData(),
+            kshot=self.kshot_combo.currentData(),
             tile_size=self.tile_spin.value(),
             overlap=self.overlap_spin.value(),
             threshold=self.threshold_spin.value(),
