@@ -69,7 +69,7 @@ def test_algorithm_is_registered_with_its_parameters(provider):
     assert alg is not None and alg.displayName() == "Segment rasters from a reference"
     names = [p.name() for p in alg.parameterDefinitions()]
     for n in ("REFERENCE_RASTER", "REFERENCE_VECTOR", "BACKGROUND_VECTOR", "TARGETS", "CLASS_NAME", "MODEL",
-              "CHECKPOINT", "MODE", "DEVICE", "PRECISION", "DECODING", "KSHOT", "TILE_SIZE", "OVERLAP", "THRESHOLD",
+              "CHECKPOINT", "MODE", "DEVICE", "PRECISION", "DECODING", "KSHOT", "ADAPTED_PRECISION", "TILE_SIZE", "OVERLAP", "THRESHOLD",
               "MIN_AREA", "SIMPLIFY", "NEGATIVES", "LAYER_PER_CLASS", "OUTPUT"):
         assert n in names
     assert '"Install dependencies"' in alg.shortHelpString() and "pip install" in alg.shortHelpString()
@@ -123,6 +123,9 @@ def test_precision_and_decoding_are_advanced_parameters_with_their_help(provider
     assert kshot.options() == ["Ensemble (default)", "Joint"] and kshot.defaultValue() == 0
     assert kshot.flags() & kshot.FlagAdvanced and "Trained mode" in kshot.help()
     assert "Several references" in alg.shortHelpString()
+    adapted = alg.parameterDefinition("ADAPTED_PRECISION")
+    assert adapted.options()[0].startswith("int8") and adapted.defaultValue() == 0
+    assert adapted.flags() & adapted.FlagAdvanced and "ONNX Runtime" in adapted.help()
 
 
 @pytest.mark.parametrize(
@@ -142,6 +145,9 @@ def test_precision_and_decoding_become_run_params(provider, paths, qgis_project,
     run = alg.build_params(params, context)
     assert (run.model.precision, run.decoding) == (precision, decoding)
     assert run.model.device == "cpu" and run.mode == "training_free"
+    assert run.model.adapted_precision == "int8"  # the default
+    params["ADAPTED_PRECISION"] = 1
+    assert alg.build_params(params, context).model.adapted_precision == "fp32"
 
 
 def test_a_precision_the_device_cannot_run_is_one_sentence(provider, paths, qgis_processing):

@@ -66,6 +66,8 @@ DECODING_VALUES = tuple(v for _, v in run_options.DECODINGS)  # local, exact
 DECODING_LABELS = tuple(label for label, _ in run_options.DECODINGS)
 KSHOT_VALUES = tuple(v for _, v in run_options.KSHOTS)  # ensemble, joint
 KSHOT_LABELS = tuple(label for label, _ in run_options.KSHOTS)
+ADAPTED_PRECISION_VALUES = tuple(v for _, v in run_options.ADAPTED_PRECISIONS)  # int8, fp32
+ADAPTED_PRECISION_LABELS = tuple(label for label, _ in run_options.ADAPTED_PRECISIONS)
 
 
 class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
@@ -83,6 +85,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
     PRECISION = "PRECISION"
     DECODING = "DECODING"
     KSHOT = "KSHOT"
+    ADAPTED_PRECISION = "ADAPTED_PRECISION"
     CLUSTER = "CLUSTER"
     SCALE = "SCALE"
     TILE_SIZE = "TILE_SIZE"
@@ -138,6 +141,9 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             "Several references (advanced, trained mode with several reference crops): Ensemble (default) also "
             "decodes each reference on its own and averages with the joint decoding, Joint decodes them together "
             "only.\n"
+            "Adapted pass weights (advanced, trained mode on the CPU): int8 (default) runs the adapted encoder pass "
+            "with int8 weights in ONNX Runtime, about 1.6x faster for that pass with the same masks; fp32 as "
+            "exported.\n"
             "Other classes (advanced): a classes file, as 'python -m core segment --classes' takes it (a JSON list "
             "of {name, references: [{raster, geometry}], negatives}), segmented in the same run beside the class "
             "above; where classes overlap the more probable one keeps each pixel unless 'Classes may overlap'. "
@@ -221,6 +227,11 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             self.KSHOT, "Several references (trained mode)", options=list(KSHOT_LABELS), defaultValue=0
         )
         kshot.setHelp(run_options.KSHOT_HELP)
+        adapted_precision = QgsProcessingParameterEnum(
+            self.ADAPTED_PRECISION, "Adapted pass weights (trained mode, CPU)",
+            options=list(ADAPTED_PRECISION_LABELS), defaultValue=0,
+        )
+        adapted_precision.setHelp(run_options.ADAPTED_PRECISION_HELP)
         cluster = QgsProcessingParameterString(self.CLUSTER, "Dask scheduler", defaultValue="", optional=True)
         cluster.setHelp("Empty: the tiles are segmented here. An address (tcp://HOST:8786): on the workers of that "
                         "Dask scheduler (dask scheduler; dask worker tcp://HOST:8786 in the plugin's environment), "
@@ -235,6 +246,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             precision,
             decoding,
             kshot,
+            adapted_precision,
             QgsProcessingParameterNumber(
                 self.TILE_SIZE, "Tile size (pixels)", QgsProcessingParameterNumber.Integer, 1024, minValue=64
             ),
@@ -391,6 +403,8 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
                     adapters=adapters,
                     device=DEVICE_VALUES[self.parameterAsEnum(parameters, self.DEVICE, context)],
                     precision=PRECISION_VALUES[self.parameterAsEnum(parameters, self.PRECISION, context)],
+                    adapted_precision=ADAPTED_PRECISION_VALUES[
+                        self.parameterAsEnum(parameters, self.ADAPTED_PRECISION, context)],
                 ),
                 mode=mode,
                 decoding=DECODING_VALUES[self.parameterAsEnum(parameters, self.DECODING, context)],
