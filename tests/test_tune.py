@@ -1,0 +1,67 @@
+"""Run-time tuning of VCP on the references (core.modeling.tune) with the real embedded SAM, the shipped adapters
+and a real OpenAerialMap reference (Kampala houses) and target (Zanzibar)."""
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.modeling.predictor import ReferencePredictor
+from core.modeling.virefsam import ViRefSAM
+
+ADAPTERS = Path(__file__).resolve().parent.parent / "resources" / "adapters" / "embedded_virefsam.pt"
+
+
+def _read(path, window, bands):
+    import rasterio
+    from rasterio.windows import Window
+
+    with rasterio.open(path) as src:
+        return src.read(bands, window=Window(*window))
+
+
+@pytest.fixture(scope="module")
+def scene(shared_data):
+    mos = shared_data / "oam_mosaics"
+    ref = np.ascontiguousarray(_read(mos / "kampala.tif", (768, 768, 512, 512), [1, 2, 3]).transpose(1, 2, 0))
+    ref_mask = _read(mos / "kampala_buildings.tif", (768, 768, 512, 512), 1) > 0
+    tile = np.ascontiguousarray(_read(mos / "zanzibar.tif", (1024, 1024, 768, 768), [1, 2, 3]).transpose(1, 2, 0))
+    return (ref, ref_mask), tile
+
+
+def _vcp_state(model):
+    return {k: v.detach().clone() for k, v in model.vcp.state_dict().items()}
+
+
+def test_tuning_changes_a_copy_of_vcp_only(engine, scene):
+    ref, tile = scene
+    model = ViRefSAM.from_adapters(engine.sam, ADAPTERS)
+    before = _vcp_state(model)
+    plain = ReferencePredictor(engine, mode="virefsam", adapters=model, cache=OrderedDict())
+    tuned = ReferencePredictor(engine, mode="virefsam", adapters=model, cache=OrderedDict(), tune_steps=3)
+    plain.set_references([ref])
+    tuned.set_references([ref])
+    # the loaded model is untouched (other classes and runs share it); the tuned copy shares all but VCP
+    assert all(torch.equal(before[k], v) for k, v in model.vcp.state_dict().items())
+    assert tuned.model is not tuned._base_model and tuned._base_model is plain.model
+    assert tuned.model.sam is model.sam and tuned.model.encoder is model.encoder
+    assert tuned.model.vcp is not model.vcp and not tuned.model.training
+    moved = max(float((tuned.model.vcp.state_dict()[k] - v).abs().max()) for k, v in before.items())
+    assert moved > 0
+    assert not any(p.requires_grad for p in tuned.model.vcp.parameters())
+    a, b = plain.predict(tile), tuned.predict(tile)
+    assert np.isfinite(b).all() and float(np.abs(a - b).max()) > 1e-4  # the tuning acts on the result
+    ma, mb = a > 0.5, b > 0.5
+    assert ma.mean() > 0.01 and (ma & mb).sum() / max((ma | mb).sum(), 1) > 0.5  # three small steps: near it
+    # new references start again from the loaded model
+    tuned.set_references([ref])
+    assert tuned.model is not tuned._base_model and tuned._base_model is model
+
+
+def test_tuning_is_for_the_trained_mode_only(engine, scene):
+    ref, _ = scene
+    pred = ReferencePredictor(engine, mode="training_free", tune_steps=3)
+    pred.set_references([ref])
+    assert pred.model is None
