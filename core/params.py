@@ -115,6 +115,8 @@ class RunParams:
     ``kshot`` (trained mode, K > 1 references): ``ensemble`` (default) decodes each reference's own prototypes on
     the tile's one adapted embedding too and averages the probabilities with the joint decoding; ``joint`` decodes
     the prototypes of all K references together only (every parameters file from before the field).
+    ``tune_steps`` (trained mode): AdamW steps of the VCP encoder on the references themselves before the targets
+    (:mod:`core.modeling.tune`: each reference the support of the others, K <= 2 with their flips); 0 = off.
     ``cluster``: where the tile loop runs: ``""`` in this process (default), ``local:N`` on N Dask worker processes
     of this computer, ``tcp://HOST:PORT`` on the workers of an existing Dask scheduler (:mod:`core.cluster`).
     """
@@ -139,6 +141,7 @@ class RunParams:
     decoding: str = "local"
     scale: str = "auto"
     kshot: str = "ensemble"  # K > 1 references, trained mode: "ensemble" (per-shot decodings averaged) or "joint"
+    tune_steps: int = 0  # trained mode: optimiser steps of VCP on the references before the targets (0 = off)
     cluster: str = ""  # "" this process; "local:N" N Dask worker processes here; "tcp://HOST:PORT" a scheduler
     classes: Tuple[ClassSpec, ...] = ()  # several classes in one run (see above); () = class_name + references
     allow_overlap: bool = False  # several classes: keep overlapping polygons instead of the more probable class
@@ -177,6 +180,8 @@ class RunParams:
                              f"{', '.join(ADAPTED_PRECISIONS)}.")
         if self.decoding not in DECODINGS:
             raise InputError(f"Unknown decoding '{self.decoding}': choose one of {', '.join(DECODINGS)}.")
+        if not isinstance(self.tune_steps, int) or not 0 <= self.tune_steps <= 500:
+            raise InputError(f"The tuning steps must be a whole number from 0 to 500, not {self.tune_steps!r}.")
         if self.kshot not in KSHOTS:
             raise InputError(f"Unknown K-shot method '{self.kshot}': choose one of {', '.join(KSHOTS)}.")
         from .scale import parse_scale
@@ -220,6 +225,7 @@ class RunParams:
     def from_dict(cls, d: dict) -> "RunParams":
         d = dict(d)
         d.setdefault("kshot", "joint")  # a parameters file from before the field: the joint decoding it ran
+        d.setdefault("tune_steps", 0)  # nor did it tune on the references
         d["model"] = ModelParams(**{"adapted_precision": "fp32", **d.get("model", {})})  # older files ran fp32
 
         def refs(items):

@@ -259,7 +259,13 @@ def run(params: RunParams, progress: Optional[Progress] = None,
         negatives = [[(r.image, r.background) for r in rs.negatives] for rs in ref_sets]  # "not this class"
 
         def set_references() -> None:
-            for pred, s, n in zip(predictors, shots, negatives):
+            for c, pred, s, n in zip(classes, predictors, shots, negatives):
+                if getattr(pred, "tune_steps", 0) and pred.mode == "virefsam":  # run-time tuning: its own step
+                    def tuned(i, total, name=c.name):
+                        say(0.02 + 0.03 * i / total, f"tuning on the references of {name} ({i}/{total})")
+                        check_cancel()
+
+                    pred.tune_progress = tuned
                 pred.set_references(s, n)
 
         def on_cpu(fail: BaseException):

@@ -67,6 +67,9 @@ def add_arguments(p) -> None:
     p.add_argument("--decoding", default="local", choices=DECODINGS,
                    help="training-free mode: local (each candidate object decoded on a crop around it, default) "
                         "or exact (on the whole tile, as SAM does; about 8x slower decoding on a CPU)")
+    p.add_argument("--tune-steps", type=int, default=0,
+                   help="trained mode: tune the VCP encoder on the references for this many steps before the "
+                        "targets (run-time tuning; 0 = off)")
     p.add_argument("--kshot", default="ensemble", choices=KSHOTS,
                    help="several references, trained mode: ensemble (default: each reference also decoded on its "
                         "own, the probabilities averaged with the joint decoding) or joint (all references "
@@ -267,6 +270,7 @@ def params_from_args(args) -> RunParams:
         fill_holes=not args.keep_holes,
         decoding=getattr(args, "decoding", "local"),
         kshot=getattr(args, "kshot", "ensemble"),
+        tune_steps=getattr(args, "tune_steps", 0),
         scale=str(getattr(args, "scale", "auto")),
         match_resolution=not args.no_resample,
         seed=args.seed,

@@ -65,3 +65,43 @@ def test_tuning_is_for_the_trained_mode_only(engine, scene):
     pred = ReferencePredictor(engine, mode="training_free", tune_steps=3)
     pred.set_references([ref])
     assert pred.model is None
+
+
+def test_tuned_reference_state_reaches_another_predictor(engine, scene):
+    """A Dask worker gets the tuned VCP with the prototypes: the same probabilities as the tuning predictor."""
+    import pickle
+
+    ref, tile = scene
+    pred = ReferencePredictor(engine, mode="virefsam", adapters=ADAPTERS, cache=OrderedDict(), tune_steps=2)
+    pred.set_references([ref])
+    state = pickle.loads(pickle.dumps(pred.reference_state(), protocol=5))
+    assert "vcp" in state
+    other = ReferencePredictor(engine, mode="virefsam", adapters=ADAPTERS, cache=OrderedDict(), tune_steps=2)
+    other.load_reference_state(state)
+    assert other.model is not other._base_model
+    assert float(np.abs(pred.predict(tile) - other.predict(tile)).max()) < 1e-5
+
+
+def test_tune_steps_run_parameter_and_pipeline_progress(tmp_path):
+    import json
+
+    from core.demo import TARGETS, demo_params
+    from core.errors import InputError
+    from core.params import RunParams
+    from core.pipeline import run
+
+    params = demo_params(tmp_path)
+    assert params.tune_steps == 0
+    old = json.loads(params.to_json())
+    del old["tune_steps"]  # a file from before the field: no tuning
+    assert RunParams.from_json(json.dumps(old)).tune_steps == 0
+    with pytest.raises(InputError, match="tuning steps"):
+        params.__class__(**{**params.__dict__, "tune_steps": -1})
+    import dataclasses
+
+    tuned = dataclasses.replace(params, tune_steps=2, targets=(str(TARGETS["kampala"]),))
+    assert RunParams.from_json(tuned.to_json()) == tuned
+    said = []
+    result = run(tuned, progress=lambda f, m="": said.append(m))
+    assert any(m.startswith("tuning on the references of building (2/2)") for m in said)
+    assert result.targets[0].n_objects > 0

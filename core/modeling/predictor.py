@@ -178,8 +178,10 @@ class ReferencePredictor:
         # adapted embedding and averages the probabilities with the joint decoding (3 NWPU folds, 5-shot mIoU 26.5
         # against 25.3 joint); "joint" decodes the joint prototypes alone
         self.kshot = kshot
-        # run-time tuning of VCP on the references (:mod:`.tune`), trained mode only; 0 = off
+        # run-time tuning of VCP on the references (:mod:`.tune`), trained mode only; 0 = off;
+        # ``tune_progress(step, steps)`` is called after each step (the pipeline's progress and cancel)
         self.tune_steps, self.tune_lr = int(tune_steps), float(tune_lr)
+        self.tune_progress = None
         self._shots = None
         # tile digest -> plain embedding; pass one OrderedDict to several predictors (other classes, other modes
         # on the same engine) to share the frozen-encoder passes
@@ -333,7 +335,8 @@ class ReferencePredictor:
                     frac256=mask_fraction_grid(m, t.input_size, size, 4 * grid)[None].to(dev, dtype),
                     keep256=valid_grid(t.input_size, size, 4 * grid, device=dev)[None].to(dtype),
                     shot=k, flipped=flipped, stem=None if t.stem is None else t.stem.clone()))
-        return tune_vcp(self._base_model, views, steps=self.tune_steps, lr=self.tune_lr, seed=self.seed)
+        return tune_vcp(self._base_model, views, steps=self.tune_steps, lr=self.tune_lr, seed=self.seed,
+                        progress=self.tune_progress)
 
     MAX_NEGATIVE_REGIONS = 64  # per negative example crop: the largest regions
 
@@ -376,6 +379,8 @@ class ReferencePredictor:
         state = {"mode": self.mode, "neg_rows": self._neg_rows, **_proto_arrays(self._protos)}
         if self._shots is not None:  # the K-shot ensemble's per-shot prototypes
             state["shots"] = [_proto_arrays(p) for p in self._shots]
+        if self.model is not None and self.model is not self._base_model:  # VCP tuned on the references
+            state["vcp"] = {k: v.detach().to("cpu").numpy() for k, v in self.model.vcp.state_dict().items()}
         return state
 
     def load_reference_state(self, state: dict) -> None:
@@ -392,6 +397,15 @@ class ReferencePredictor:
         shots = state.get("shots")
         self._shots = [_proto_tensors(p, dev, dtype) for p in shots] if shots else None
         self._neg_rows = int(state.get("neg_rows", 0))
+        self.model = self._base_model
+        if state.get("vcp") is not None and self.model is not None:  # the tuned VCP of the run's references
+            import copy
+
+            from .tune import with_vcp
+
+            vcp = copy.deepcopy(self.model.vcp)
+            vcp.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state["vcp"].items()})
+            self.model = with_vcp(self.model, vcp.eval())
         first_neg = self._protos.n_bg - self._neg_rows
         self.n_negatives = int(self._protos.bg_valid[0, first_neg:].sum()) if self._neg_rows else 0
         self._static = None
