@@ -35,6 +35,8 @@ def add_arguments(p) -> None:
                    help="encoder precision (fp16: CUDA only; default fp32)")
     p.add_argument("--adapters", default="default",
                    help="trained adapters: default (shipped), none (training-free) or a .pt file, as for segment")
+    p.add_argument("--tune-steps", type=int, default=0,
+                   help="trained mode: tune VCP on the references for this many steps first (as for segment)")
     p.add_argument("--adapted-precision", default="int8", choices=("int8", "fp32"),
                    help="weights of the adapted (DTA) pass where it runs in ONNX Runtime: int8 (default, about 1.5x faster on a CPU, masks at IoU >= 0.99 with fp32) or fp32")
     p.add_argument("--quiet", action="store_true")
@@ -42,7 +44,7 @@ def add_arguments(p) -> None:
 
 def demo_params(out: Path, mode: str = "virefsam", device: str = "auto", scale: str = "auto",
                 spread: bool = False, precision: str = "fp32", adapters: str = "default",
-                adapted_precision: str = "int8") -> RunParams:
+                adapted_precision: str = "int8", tune_steps: int = 0) -> RunParams:
     from .segment_cli import read_geometries
 
     fg, bg, crs = read_geometries(str(DEMO / "reference_houses.geojson"))
@@ -57,6 +59,7 @@ def demo_params(out: Path, mode: str = "virefsam", device: str = "auto", scale: 
                           adapters=None if str(adapters).lower() == "none" else adapters),
         mode=mode,
         scale=scale,
+        tune_steps=tune_steps,
     )
     if spread:
         params = dataclasses.replace(params, references=(spread_reference(),))
@@ -182,7 +185,8 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     params = demo_params(out, args.mode, args.device, args.scale, args.spread, getattr(args, "precision", "fp32"),
-                         getattr(args, "adapters", "default"), getattr(args, "adapted_precision", "int8"))
+                         getattr(args, "adapters", "default"), getattr(args, "adapted_precision", "int8"),
+                         getattr(args, "tune_steps", 0))
     progress = _Progress(args.quiet)
     t0 = time.perf_counter()
     try:

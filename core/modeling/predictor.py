@@ -157,6 +157,7 @@ class ReferencePredictor:
         kshot: str = "ensemble",
         tune_steps: int = 0,
         tune_lr: float = 1e-4,
+        tune_ignore_found: bool = False,
     ) -> None:
         if mode not in MODES:
             raise InputError(f"Unknown mode '{mode}': choose one of {', '.join(MODES)}.")
@@ -182,6 +183,7 @@ class ReferencePredictor:
         # ``tune_progress(step, steps)`` is called after each step (the pipeline's progress and cancel)
         self.tune_steps, self.tune_lr = int(tune_steps), float(tune_lr)
         self.tune_progress = None
+        self.tune_ignore_found = tune_ignore_found  # partial marks: see tune.tune_vcp
         self._shots = None
         # tile digest -> plain embedding; pass one OrderedDict to several predictors (other classes, other modes
         # on the same engine) to share the frozen-encoder passes
@@ -336,7 +338,7 @@ class ReferencePredictor:
                     keep256=valid_grid(t.input_size, size, 4 * grid, device=dev)[None].to(dtype),
                     shot=k, flipped=flipped, stem=None if t.stem is None else t.stem.clone()))
         return tune_vcp(self._base_model, views, steps=self.tune_steps, lr=self.tune_lr, seed=self.seed,
-                        progress=self.tune_progress)
+                        progress=self.tune_progress, ignore_found=self.tune_ignore_found)
 
     MAX_NEGATIVE_REGIONS = 64  # per negative example crop: the largest regions
 

@@ -72,9 +72,22 @@ def _adapted_embedding(model: ViRefSAM, view: TuneView, protos: Prototypes, pe: 
         return model.encoder(view.x, ctx).to(view.plain.dtype)
 
 
+def _found_unmarked(model: ViRefSAM, view: TuneView, protos: Prototypes, emb: torch.Tensor,
+                    pe: torch.Tensor) -> torch.Tensor:
+    """1 x 256 x 256 float: where the untuned model predicts the class (p > 0.5) but the view's mask has none."""
+    with torch.no_grad():
+        table = model.vcp.refine(protos.table(), view.plain, pe, view.valid)
+        refined = Prototypes(table[:, 0], protos.fg_valid, table[:, 1:], protos.bg_valid)
+        pmask, margin, _ = pseudo_mask(view.plain, refined, view.valid)
+        low = model._decode(refined, pmask, margin, emb, pe, view.valid)["low_res_logits"][:, 0].float()
+    return ((low > 0) & (view.frac256 < 0.5)).to(view.keep256.dtype)
+
+
 def tune_vcp(model: ViRefSAM, views: List[TuneView], steps: int = 24, lr: float = 1e-4, reg_weight: float = 0.2,
-             weight_decay: float = 0.01, seed: int = 0, progress=None) -> ViRefSAM:
+             weight_decay: float = 0.01, seed: int = 0, progress=None, ignore_found: bool = False) -> ViRefSAM:
     """``steps`` AdamW steps of a copy of ``model.vcp`` on episodes drawn from ``views`` (see the module doc).
+    ``ignore_found``: pixels the untuned model finds but the marks do not cover are left out of the loss (an
+    analyst's marks rarely cover every object of the crop: unmarked objects must not be learnt as background).
     ``progress(i, steps)`` is called after each step. Returns the tuned model (``model`` itself for 0 steps or
     a reference set with nothing to learn from)."""
     shots = sorted({v.shot for v in views})
@@ -91,6 +104,10 @@ def tune_vcp(model: ViRefSAM, views: List[TuneView], steps: int = 24, lr: float 
     for i, q in enumerate(queries):
         others = [k for k in shots if k != q.shot] or shots
         emb[i] = _adapted_embedding(model, q, support[others[0]], pe)
+    if ignore_found:  # what the untuned model finds beyond the marks is left out of the loss (partial marks)
+        for i, q in enumerate(queries):
+            others = [k for k in shots if k != q.shot] or shots
+            q.keep256 = q.keep256 * (1.0 - _found_unmarked(model, q, support[others[0]], emb[i], pe))
     vcp = copy.deepcopy(model.vcp).train()
     for p in vcp.parameters():
         p.requires_grad_(True)

@@ -82,6 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="trained modes: tune VCP on the references for this many steps before the query "
                         "(run-time tuning, core.modeling.tune; default 0 = off)")
     p.add_argument("--tune-lr", type=float, default=1e-4, help="learning rate of --tune-steps")
+    p.add_argument("--tune-ignore-found", action="store_true",
+                   help="--tune-steps: leave what the untuned model finds beyond the reference mask out of the loss")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -100,7 +102,8 @@ def adapters_file(name: Optional[str], model: str) -> Optional[Path]:
 def _kshot(args) -> dict:
     """Keyword arguments of the trained modes' predictors: K-shot rule and run-time tuning."""
     return {"kshot": getattr(args, "kshot", None) or "ensemble", "tune_steps": getattr(args, "tune_steps", 0),
-            "tune_lr": getattr(args, "tune_lr", 1e-4)}
+            "tune_lr": getattr(args, "tune_lr", 1e-4),
+            "tune_ignore_found": getattr(args, "tune_ignore_found", False)}
 
 
 def _predictors(args, engine):
@@ -211,7 +214,8 @@ def run(args) -> int:
         model=backbone, device=str(engine.device), precision=args.precision,
         decoding=getattr(args, "decoding", "local"), scale=str(getattr(args, "scale", "auto")),
         bg=getattr(args, "bg", "per_shot"), kshot=_kshot(args)["kshot"],
-        tune={"steps": getattr(args, "tune_steps", 0), "lr": getattr(args, "tune_lr", 1e-4)},
+        tune={"steps": getattr(args, "tune_steps", 0), "lr": getattr(args, "tune_lr", 1e-4),
+              "ignore_found": getattr(args, "tune_ignore_found", False)},
         adapters=_file_record(adapters_file(args.adapters, args.model), file_sha256),
         ablation_adapters=_file_record(adapters_file(args.ablation_adapters, args.model), file_sha256),
         modes={m: (note or "ok") for m, (_, note) in preds.items()},
