@@ -83,7 +83,7 @@ def test_adapters_control_choices_tooltip_and_mode_in_step(dock):
 def test_precision_and_decoding_controls(dock):
     """Beside the device: the precision and decoding combos, their tooltips, and the decoding greyed out when the
     run uses adapters (it only matters for training-free runs, which "Shipped" is while none are shipped)."""
-    from qgis.PyQt.QtWidgets import QComboBox
+    from qgis.PyQt.QtWidgets import QComboBox, QSpinBox
     from virefsam.core.pipeline import default_adapters
 
     precision = dock.findChild(QComboBox, "precision")
@@ -112,8 +112,11 @@ def test_precision_and_decoding_controls(dock):
     assert kshot is dock.kshot_combo and kshot.currentData() == "ensemble" and kshot.isEnabled()
     assert [kshot.itemData(i) for i in range(kshot.count())] == ["ensemble", "joint"]
     assert "averaged" in kshot.toolTip()
+    tune = dock.findChild(QSpinBox, "tune_steps")
+    assert tune is dock.tune_spin and tune.value() == 0 and tune.isEnabled() and "flips" in tune.toolTip()
     choose(dock, "none")
     assert not kshot.isEnabled()  # training-free: nothing to ensemble
+    assert not tune.isEnabled()  # nor to tune
 
 
 def test_adapters_choice_is_kept_in_qgis_settings(dock, qgis_iface):

@@ -320,6 +320,9 @@ def test_build_params_copies_plain_values(dock, kampala, qgis_iface, qgis_projec
     assert not dock.kshot_combo.isEnabled()  # this run is training-free
     dock.kshot_combo.setCurrentIndex(dock.kshot_combo.findData("joint"))
     assert dock.build_params().kshot == "joint"
+    assert p.tune_steps == 0 and dock.tune_spin.specialValueText() == "off"  # run-time tuning: off by default
+    dock.tune_spin.setValue(24)
+    assert dock.build_params().tune_steps == 24
     # a checkpoint model needs its file; a file output gets its format from the suffix
     dock.model_combo.setCurrentIndex(dock.model_combo.findData("vit_b"))
     with pytest.raises(InputError, match="checkpoint"):
@@ -344,6 +347,7 @@ def test_settings_persist_between_docks(dock, qgis_iface, qgis_app):
     dock.precision_combo.setCurrentIndex(dock.precision_combo.findData("bf16"))
     dock.decoding_combo.setCurrentIndex(dock.decoding_combo.findData("exact"))
     dock.kshot_combo.setCurrentIndex(dock.kshot_combo.findData("joint"))
+    dock.tune_spin.setValue(12)
     dock.tile_spin.setValue(768)
     dock.overlap_spin.setValue(96)
     dock.threshold_spin.setValue(0.35)
@@ -367,6 +371,7 @@ def test_settings_persist_between_docks(dock, qgis_iface, qgis_app):
         assert again.device_combo.currentData() == "cpu"
         assert again.precision_combo.currentData() == "bf16" and again.decoding_combo.currentData() == "exact"
         assert again.kshot_combo.currentData() == "joint"
+        assert again.tune_spin.value() == 12
         assert (again.tile_spin.value(), again.overlap_spin.value()) == (768, 96)
         assert abs(again.threshold_spin.value() - 0.35) < 1e-9
         assert again.min_area_spin.value() == 40.0 and again.simplify_spin.value() == 2.5

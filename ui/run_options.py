@@ -39,6 +39,13 @@ KSHOT_HELP = (
     "the probabilities averaged with the joint decoding. Joint: all references decoded together only."
 )
 
+TUNE_TOOLTIP = (
+    "Trained mode: before the targets, tune the VCP encoder on your references for this many steps (each reference "
+    "the example for the others; one reference with its flips), shown as its own progress step (about 0.5-1 s a "
+    "step on a CPU). It pays when the references mark every object of the class in their crops (NWPU object "
+    "classes: see the README); with a few of many houses marked it did not help. Off (0) by default."
+)
+
 ADAPTED_PRECISIONS = (
     ("int8 (default, faster on a CPU)", "int8"),
     ("fp32", "fp32"),

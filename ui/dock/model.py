@@ -98,6 +98,13 @@ class ModelSection:
         of.addRow("Working scale", self.scale_edit)
         self.kshot_combo = _choice_combo("kshot", run_options.KSHOTS, run_options.KSHOT_TOOLTIP)
         of.addRow("Several references", self.kshot_combo)
+        self.tune_spin = QSpinBox()
+        self.tune_spin.setObjectName("tune_steps")
+        self.tune_spin.setRange(0, 500)
+        self.tune_spin.setSpecialValueText("off")
+        self.tune_spin.setSuffix(" steps")
+        self.tune_spin.setToolTip(run_options.TUNE_TOOLTIP)
+        of.addRow("Tune on the references", self.tune_spin)
         self.scale_status = QLabel()  # the scale the last run worked at (RunResult.scale)
         self.scale_status.setObjectName("scale_status")
         self.scale_status.setWordWrap(True)
@@ -119,7 +126,8 @@ class ModelSection:
         for w in (self.model_combo, self.mode_combo, self.adapters_combo, self.device_combo, self.precision_combo,
                   self.decoding_combo, self.kshot_combo):
             w.currentIndexChanged.connect(self.save_settings)
-        for w in (self.tile_spin, self.overlap_spin, self.threshold_spin, self.min_area_spin, self.simplify_spin):
+        for w in (self.tile_spin, self.overlap_spin, self.threshold_spin, self.min_area_spin, self.simplify_spin,
+                  self.tune_spin):
             w.valueChanged.connect(self.save_settings)
         self.scale_edit.editingFinished.connect(self.save_settings)
         self.checkpoint_widget.fileChanged.connect(self.save_settings)
@@ -135,6 +143,7 @@ class ModelSection:
         _set_combo_data(self.precision_combo, settings.get("precision"))
         _set_combo_data(self.decoding_combo, settings.get("decoding"))
         _set_combo_data(self.kshot_combo, settings.get("kshot"))
+        self.tune_spin.setValue(settings.get("tune_steps"))
         self.tile_spin.setValue(settings.get("tile_size"))
         self.overlap_spin.setValue(settings.get("overlap"))
         self.threshold_spin.setValue(settings.get("threshold"))
@@ -153,6 +162,7 @@ class ModelSection:
         settings.set("precision", self.precision_combo.currentData())
         settings.set("decoding", self.decoding_combo.currentData())
         settings.set("kshot", self.kshot_combo.currentData())
+        settings.set("tune_steps", self.tune_spin.value())
         settings.set("tile_size", self.tile_spin.value())
         settings.set("overlap", self.overlap_spin.value())
         settings.set("threshold", self.threshold_spin.value())
@@ -208,5 +218,6 @@ class ModelSection:
         training_free = adapter_choice.runs_training_free(choice, self.model_combo.currentData())
         self.decoding_combo.setEnabled(training_free)
         self.kshot_combo.setEnabled(not training_free)  # how several references combine: the trained mode only
+        self.tune_spin.setEnabled(not training_free)  # run-time tuning of VCP: the trained mode only
         self.adapters_status.setText(adapter_choice.describe_choice(
             choice, self.model_combo.currentData(), self.adapters_file_widget.filePath()))

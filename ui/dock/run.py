@@ -196,6 +196,7 @@ class RunSection:
             mode=mode,
             decoding=self.decoding_combo.currentData(),
             kshot=self.kshot_combo.currentData(),
+            tune_steps=self.tune_spin.value(),
             tile_size=self.tile_spin.value(),
             overlap=self.overlap_spin.value(),
             threshold=self.threshold_spin.value(),
