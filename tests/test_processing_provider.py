@@ -69,7 +69,7 @@ def test_algorithm_is_registered_with_its_parameters(provider):
     assert alg is not None and alg.displayName() == "Segment rasters from a reference"
     names = [p.name() for p in alg.parameterDefinitions()]
     for n in ("REFERENCE_RASTER", "REFERENCE_VECTOR", "BACKGROUND_VECTOR", "TARGETS", "CLASS_NAME", "MODEL",
-              "CHECKPOINT", "MODE", "DEVICE", "PRECISION", "DECODING", "KSHOT", "ADAPTED_PRECISION", "TILE_SIZE", "OVERLAP", "THRESHOLD",
+              "CHECKPOINT", "MODE", "DEVICE", "PRECISION", "DECODING", "KSHOT", "ADAPTED_PRECISION", "TUNE_STEPS", "TILE_SIZE", "OVERLAP", "THRESHOLD",
               "MIN_AREA", "SIMPLIFY", "NEGATIVES", "LAYER_PER_CLASS", "OUTPUT"):
         assert n in names
     assert '"Install dependencies"' in alg.shortHelpString() and "pip install" in alg.shortHelpString()
@@ -148,6 +148,9 @@ def test_precision_and_decoding_become_run_params(provider, paths, qgis_project,
     assert run.model.adapted_precision == "int8"  # the default
     params["ADAPTED_PRECISION"] = 1
     assert alg.build_params(params, context).model.adapted_precision == "fp32"
+    assert run.tune_steps == 0
+    params["TUNE_STEPS"] = 16
+    assert alg.build_params(params, context).tune_steps == 16
 
 
 def test_a_precision_the_device_cannot_run_is_one_sentence(provider, paths, qgis_processing):

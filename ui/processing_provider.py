@@ -86,6 +86,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
     DECODING = "DECODING"
     KSHOT = "KSHOT"
     ADAPTED_PRECISION = "ADAPTED_PRECISION"
+    TUNE_STEPS = "TUNE_STEPS"
     CLUSTER = "CLUSTER"
     SCALE = "SCALE"
     TILE_SIZE = "TILE_SIZE"
@@ -144,6 +145,8 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             "Adapted pass weights (advanced, trained mode on the CPU): int8 (default) runs the adapted encoder pass "
             "with int8 weights in ONNX Runtime, about 1.6x faster for that pass with the same masks; fp32 as "
             "exported.\n"
+            "Tune on the references (advanced, trained mode): steps of VCP tuning on the references before the "
+            "targets (0 = off, the default).\n"
             "Other classes (advanced): a classes file, as 'python -m core segment --classes' takes it (a JSON list "
             "of {name, references: [{raster, geometry}], negatives}), segmented in the same run beside the class "
             "above; where classes overlap the more probable one keeps each pixel unless 'Classes may overlap'. "
@@ -232,6 +235,11 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             options=list(ADAPTED_PRECISION_LABELS), defaultValue=0,
         )
         adapted_precision.setHelp(run_options.ADAPTED_PRECISION_HELP)
+        tune_steps = QgsProcessingParameterNumber(
+            self.TUNE_STEPS, "Tune on the references (steps, trained mode)", QgsProcessingParameterNumber.Integer,
+            0, minValue=0, maxValue=500,
+        )
+        tune_steps.setHelp(run_options.TUNE_TOOLTIP)
         cluster = QgsProcessingParameterString(self.CLUSTER, "Dask scheduler", defaultValue="", optional=True)
         cluster.setHelp("Empty: the tiles are segmented here. An address (tcp://HOST:8786): on the workers of that "
                         "Dask scheduler (dask scheduler; dask worker tcp://HOST:8786 in the plugin's environment), "
@@ -247,6 +255,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             decoding,
             kshot,
             adapted_precision,
+            tune_steps,
             QgsProcessingParameterNumber(
                 self.TILE_SIZE, "Tile size (pixels)", QgsProcessingParameterNumber.Integer, 1024, minValue=64
             ),
@@ -409,6 +418,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
                 mode=mode,
                 decoding=DECODING_VALUES[self.parameterAsEnum(parameters, self.DECODING, context)],
                 kshot=KSHOT_VALUES[self.parameterAsEnum(parameters, self.KSHOT, context)],
+                tune_steps=self.parameterAsInt(parameters, self.TUNE_STEPS, context),
                 tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context),
                 overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
                 threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),
