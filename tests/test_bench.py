@@ -110,14 +110,18 @@ def quick_report(tmp_path_factory, shared_data):
 def test_quick_bench_report_has_every_section(quick_report):
     r, md = quick_report
     assert r["quick"] is True and r["schema"] == 1
-    for key in ("machine", "roofline", "encoder", "speed_steps", "e2e", "multi", "memory", "cluster", "notes",
-                "seconds"):
+    for key in ("machine", "roofline", "encoder", "speed_steps", "e2e", "latency", "multi", "memory", "cluster",
+                "notes", "seconds"):
         assert key in r, key
     m = r["machine"]
     assert m["cores"] >= 1 and m["torch_threads"] >= 1 and isinstance(m["bf16"], bool)
     for heading in ("## Roofline", "## Image encoder", "## End to end", "## Several targets", "## Memory",
-                    "## The same run on a local Dask cluster"):
+                    "## The same run on a local Dask cluster", "## Model load and first-tile latency"):
         assert heading in md
+    # latency in a fresh process: the int8 graph made cold, and a second run that loads nothing again
+    lat = r["latency"]["seconds"]
+    assert lat["adapted graph int8 quantisation (cold)"] > 0 and lat["first tile"] > 0
+    assert lat["engine (second run)"] < 0.5 and lat["predictor, second run"] < 0.5
     # the cluster row: the same objects as in-process, what travels per tile, the overhead per tile
     local, cluster = r["cluster"]
     assert cluster["run"] == "local:2" and cluster["objects"] == local["objects"]

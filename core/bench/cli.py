@@ -18,7 +18,7 @@ from .memory import bench_memory, memory_child
 from .report import _notes, best_threads, render_markdown, speed_steps
 from .roofline import bench_roofline
 
-SECTIONS = ("roofline", "encoder", "e2e", "multi", "memory", "cluster")
+SECTIONS = ("roofline", "encoder", "e2e", "latency", "multi", "memory", "cluster")
 SHARED_DATA = PACKAGE_ROOT.parent / "shared" / "data"
 DEFAULT_TARGET = SHARED_DATA / "oam_mosaics" / "zanzibar.tif"
 DEFAULT_REFERENCE = RESOURCES / "demo" / "reference.tif"
@@ -178,6 +178,11 @@ def run(args) -> int:
             max_tiles = args.max_tiles if args.max_tiles is not None else (0 if args.quick else 2)
             report["memory"] = bench_memory(args, sizes, max_tiles, work, log,
                                             gdal_cachemax=None if args.quick else args.memory_gdal_cachemax)
+        if "latency" in sections:
+            log("model load and first-tile latency (a fresh process) ...")
+            from .default import load_latency
+
+            report["latency"] = load_latency(args.threads, args.target)
         if "cluster" in sections:
             log("in-process vs a local Dask cluster ...")
             from .cluster import bench_rows

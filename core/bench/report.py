@@ -175,6 +175,13 @@ def render_markdown(r: dict) -> str:
                      f"{x['peak_rss_mb']} | {x['peak_anon_mb']} | {x['peak_file_mb']} | {x['seconds']:.1f} | "
                      f"{x['features']} |")
         L.append("")
+    lat = r.get("latency")
+    if lat:
+        L += ["## Model load and first-tile latency (a fresh process, `core/bench/default.py`)", "",
+              f"Default path (shipped adapters). Load average before {lat.get('load_average_before')}, after "
+              f"{lat.get('load_average_after')}. The export and quantisation rows are cold (into a temporary "
+              "folder); the sessions open the model cache's graphs.", "", "| step | s |", "|---|---:|"]
+        L += [f"| {k} | {v} |" for k, v in lat["seconds"].items()] + [""]
     cl = r.get("cluster")
     if cl:
         L += ["## The same run on a local Dask cluster (`--cluster local:2`, core/bench/cluster.py)", "",
