@@ -141,10 +141,12 @@ def test_ort_runner_takes_a_multi_class_table(shared_data):
         used = set(ctx.assign.unique().tolist())
         assert {0, 6} <= used and max(used) <= 12  # both classes' foreground rows are used
         assert torch.equal(ctx.assign == 0, per_class[0][0] & ~(per_class[1][0] & (per_class[1][1] > per_class[0][1])))
-        fast = model.adapted_runner(t.x, ctx, stem=t.stem)
+        fast = model.adapted_runner(t.x, ctx, stem=t.stem)  # the default: the int8 graph
+        exact = ort_adapted.OrtAdaptedEncoder(model.encoder, threads=1, precision="fp32")(t.x, ctx, stem=t.stem)
         want = model.encoder(t.x, DTAContext(ctx.table, ctx.assign))
         probs = joint_dta.predict_classes(preds, tile)
-    assert float((fast - want).abs().max()) < 1e-4  # measured ~1e-6
+    assert float((exact - want).abs().max()) < 1e-4  # the fp32 graph: measured ~1e-6
+    assert float((fast - want).norm() / want.norm()) < 0.05  # int8 weights: measured ~0.01
     assert probs.shape == (2, 1024, 1024)
     for p, prob in zip(preds, probs):  # each class as its own adapted pass segments it
         a, b = prob > 0.5, p.predict(tile) > 0.5
@@ -158,7 +160,8 @@ def test_ort_runner_takes_a_multi_class_table(shared_data):
     torch_preds[1].set_references([(ref, ~houses)])
     for a, b in zip(joint_dta.predict_classes(torch_preds, tile), probs):
         a, b = a > 0.5, b > 0.5
-        assert (a & b).sum() / (a | b).sum() > 0.99
+        # > 0.99 with the fp32 graph; the default int8 graph: 0.980 measured on this tile (boundary pixels flip)
+        assert (a & b).sum() / (a | b).sum() > 0.975
 
 
 def test_k_shot_ensemble_classes_share_the_adapted_pass(shared_data):
