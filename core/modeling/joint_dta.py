@@ -105,8 +105,8 @@ def predict_classes(predictors: Sequence, image: np.ndarray) -> np.ndarray:
     refined, tables = [], []
     for p in predictors:  # pass 2 (cont.) per class: Eq. 2 refinement
         protos = p._protos.expand(1).to(device=plain.device, dtype=plain.dtype)
-        table = model.vcp.refine(protos.table(), plain, pe, valid)
-        refined.append(Prototypes(table[:, 0], protos.fg_valid, table[:, 1:], protos.bg_valid))
+        table, r = model.refine(protos, plain, pe, valid)
+        refined.append(r)
         tables.append(table)
     ctx, per_class = joint_context(plain, refined, tables, valid)
     # pass 3, once for all classes

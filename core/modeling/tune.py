@@ -67,8 +67,7 @@ def _adapted_embedding(model: ViRefSAM, view: TuneView, protos: Prototypes, pe: 
     if not model.use_dta:
         return view.plain
     with torch.no_grad():
-        table = model.vcp.refine(protos.table(), view.plain, pe, view.valid)
-        refined = Prototypes(table[:, 0], protos.fg_valid, table[:, 1:], protos.bg_valid)
+        table, refined = model.refine(protos, view.plain, pe, view.valid)
         _, _, assign = pseudo_mask(view.plain, refined, view.valid)
         ctx = DTAContext(table, assign)
         if model.adapted_runner is not None:
@@ -80,8 +79,7 @@ def _found_unmarked(model: ViRefSAM, view: TuneView, protos: Prototypes, emb: to
                     pe: torch.Tensor) -> torch.Tensor:
     """1 x 256 x 256 float: where the untuned model gives the class p > 0.5 but the view's mask has none."""
     with torch.no_grad():
-        table = model.vcp.refine(protos.table(), view.plain, pe, view.valid)
-        refined = Prototypes(table[:, 0], protos.fg_valid, table[:, 1:], protos.bg_valid)
+        _, refined = model.refine(protos, view.plain, pe, view.valid)
         pmask, margin, _ = pseudo_mask(view.plain, refined, view.valid)
         low = model._decode(refined, pmask, margin, emb, pe, view.valid)["low_res_logits"][:, 0].float()
     return ((low > IGNORE_LOGIT) & (view.frac256 < 0.5)).to(view.keep256.dtype)
@@ -130,8 +128,7 @@ def tune_vcp(model: ViRefSAM, views: List[TuneView], steps: int = 24, lr: float 
             q = queries[qi]
             others = [k for k in shots if k != q.shot] or shots
             protos = support[others[step % len(others)]]
-            table = vcp.refine(protos.table(), q.plain, pe, q.valid)
-            refined = Prototypes(table[:, 0], protos.fg_valid, table[:, 1:], protos.bg_valid)
+            _, refined = tuned.refine(protos, q.plain, pe, q.valid)  # the copy's VCP: gradients reach it
             pmask, margin, _ = pseudo_mask(q.plain, refined, q.valid)
             out = tuned._decode(refined, pmask, margin, emb[qi], pe, q.valid)
             bce, dice = segmentation_loss(out["low_res_logits"], q.frac256, q.keep256)

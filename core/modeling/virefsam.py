@@ -248,8 +248,7 @@ class ViRefSAM(nn.Module):
         pe = self.sam.prompt_encoder.get_dense_pe().to(plain.dtype)
 
         # pass 2 (cont.): Eq. 2 refinement, Eq. 3 pseudo-mask, Eq. 6 assignment
-        table = self.vcp.refine(protos.table(), plain, pe, valid)
-        refined = Prototypes(table[:, 0], protos.fg_valid, table[:, 1:], protos.bg_valid)
+        table, refined = self.refine(protos, plain, pe, valid)
         pmask, margin, assign = pseudo_mask(plain, refined, valid)
 
         # pass 3: adapted encoder (Eq. 5); without DTA it would return the plain embedding exactly
@@ -273,6 +272,14 @@ class ViRefSAM(nn.Module):
         out["low_res_logits"] = low
         return out
 
+    def refine(self, protos: Prototypes, plain: torch.Tensor, pe: torch.Tensor,
+               valid: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Prototypes]:
+        """Eq. 2: the prototypes refined against the target. protos of batch B (on plain's device and dtype);
+        plain B x 256 x 64 x 64; pe 1 x 256 x 64 x 64; valid B x 64 x 64 bool or None -> (table B x P x 256, the
+        same rows as :class:`Prototypes`)."""
+        table = self.vcp.refine(protos.table(), plain, pe, valid)
+        return table, Prototypes(table[:, 0], protos.fg_valid, table[:, 1:], protos.bg_valid)
+
     def shot_ensemble(self, low: torch.Tensor, shots: List[Prototypes], plain: torch.Tensor, emb: torch.Tensor,
                       pe: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
         """K-shot ensemble on one adapted embedding: each shot's own prototypes (1 fg + its N_b bg, as in 1-shot)
@@ -286,8 +293,7 @@ class ViRefSAM(nn.Module):
         probs = [torch.sigmoid(low.float())]
         for p in shots:
             p = p.expand(b).to(device=plain.device, dtype=plain.dtype)
-            t = self.vcp.refine(p.table(), plain, pe, valid)
-            r = Prototypes(t[:, 0], p.fg_valid, t[:, 1:], p.bg_valid)
+            _, r = self.refine(p, plain, pe, valid)
             pm, mg, _ = pseudo_mask(plain, r, valid)
             probs.append(torch.sigmoid(self._decode(r, pm, mg, emb, pe, valid)["low_res_logits"].float()))
         prob = torch.stack(probs).mean(0).clamp(1e-6, 1 - 1e-6)

@@ -99,7 +99,7 @@ def adapters_file(name: Optional[str], model: str) -> Optional[Path]:
     return resolve_adapters(ModelParams(name=model, adapters=name))
 
 
-def _kshot(args) -> dict:
+def _trained_kwargs(args) -> dict:
     """Keyword arguments of the trained modes' predictors: K-shot rule and run-time tuning."""
     return {"kshot": getattr(args, "kshot", None) or "ensemble", "tune_steps": getattr(args, "tune_steps", 0),
             "tune_lr": getattr(args, "tune_lr", 1e-4),
@@ -127,7 +127,7 @@ def _predictors(args, engine):
                 continue
             model = ViRefSAM.from_adapters(engine.sam, adapters, seed=args.seed)
             out[mode] = (ReferencePredictor(engine, mode="virefsam", adapters=model, seed=args.seed, bg=args.bg,
-                                            **_kshot(args)), "")
+                                            **_trained_kwargs(args)), "")
         else:  # vcp_no_dta
             if ablation is not None:
                 model = ViRefSAM.from_adapters(engine.sam, ablation, seed=args.seed)
@@ -140,7 +140,7 @@ def _predictors(args, engine):
                 continue
             disable_dta(model)
             out[mode] = (ReferencePredictor(engine, mode="virefsam", adapters=model, seed=args.seed, bg=args.bg,
-                                            **_kshot(args)), note)
+                                            **_trained_kwargs(args)), note)
     return out
 
 
@@ -213,7 +213,7 @@ def run(args) -> int:
         protocol="per_fold" if args.per_fold else "per_class",
         model=backbone, device=str(engine.device), precision=args.precision,
         decoding=getattr(args, "decoding", "local"), scale=str(getattr(args, "scale", "auto")),
-        bg=getattr(args, "bg", "per_shot"), kshot=_kshot(args)["kshot"],
+        bg=getattr(args, "bg", "per_shot"), kshot=_trained_kwargs(args)["kshot"],
         tune={"steps": getattr(args, "tune_steps", 0), "lr": getattr(args, "tune_lr", 1e-4),
               "ignore_found": getattr(args, "tune_ignore_found", False)},
         adapters=_file_record(adapters_file(args.adapters, args.model), file_sha256),
