@@ -7,6 +7,7 @@ summary JSON with each fold and the mean over the folds: the expected accuracy o
     python scripts/folds.py --out runs/folds                       # the shipped recipe (VCP + DTA, 1000 episodes)
     python scripts/folds.py --out runs/folds_vcp --no-dta --episodes 300
     python scripts/folds.py --out runs/folds --eval-only          # evaluate what is there again
+    python scripts/folds.py --out runs/folds --eval-only --nested 5 --tag nested5   # paired 1- and 5-shot
 
 Finished trainings (``OUT/fold<F>/adapters.pt``) are reused, an interrupted one is resumed. The OpenAerialMap
 training folders are made by ``scripts/oam_area_split.py OAM`` and ``scripts/oam_collages.py OAM`` (``--oam``).
@@ -41,15 +42,22 @@ def main(argv=None) -> int:
     p.add_argument("--kshot", default=None, help="eval --kshot")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--nested", type=int, default=None, metavar="K",
+                   help="eval --nested K: 1-shot takes the first support of the K-shot episodes (paired)")
+    p.add_argument("--tune-steps", type=int, default=0, help="eval --tune-steps N --tune-ignore-found (run-time tuning)")
+    p.add_argument("--shots", default="1,5", help="eval --shots")
+    p.add_argument("--tag", default="", help="eval JSON names fold<F>.<TAG>.eval.json, summary <TAG>.folds.json")
+    p.add_argument("--summary-only", action="store_true", help="summarise the eval JSON files already there")
     a = p.parse_args(argv)
     py = sys.executable
     also = [a.data / "dubai_landcover", a.data / "spacenet_atlanta", a.data / "swiss_trees"]
     if a.oam is not None:
         also += [a.oam / "oam_buildings_train", a.oam / "oam_collages_train"]
-    summary = {"recipe": {"episodes": a.episodes, "dta": not a.no_dta, "also": [str(x) for x in also]}, "folds": {}}
+    summary = {"recipe": {"episodes": a.episodes, "dta": not a.no_dta, "also": [str(x) for x in also]},
+               "eval": {"nested": a.nested, "tune_steps": a.tune_steps, "kshot": a.kshot}, "folds": {}}
     for f in [int(x) for x in a.folds.split(",")]:
         out = a.out / f"fold{f}"
-        if not a.eval_only and not (out / "adapters.pt").is_file():
+        if not (a.eval_only or a.summary_only) and not (out / "adapters.pt").is_file():
             cmd = [py, "-m", "core", "train", "--data", a.data / "nwpu_vhr10_dev", "--fold", f,
                    "--episodes", a.episodes, "--save-every", 50, "--threads", a.threads, "--out", out, "--quiet"]
             for x in also:
@@ -59,19 +67,24 @@ def main(argv=None) -> int:
             if (out / "checkpoint.pt").is_file():
                 cmd.append("--resume")
             run(cmd)
-        js = a.out / f"fold{f}.eval.json"
-        cmd = [py, "-m", "core", "eval", "--data", a.data / "nwpu_vhr10_dev", "--fold", f, "--shots", "1,5",
+        js = a.out / (f"fold{f}.{a.tag}.eval.json" if a.tag else f"fold{f}.eval.json")
+        cmd = [py, "-m", "core", "eval", "--data", a.data / "nwpu_vhr10_dev", "--fold", f, "--shots", a.shots,
                "--episodes", a.eval_episodes, "--modes", "virefsam", "--adapters", out / "adapters.pt",
                "--threads", a.threads, "--quiet", "--json", js]
         if a.kshot:
             cmd += ["--kshot", a.kshot]
-        run(cmd)
+        if a.nested:
+            cmd += ["--nested", a.nested]
+        if a.tune_steps:
+            cmd += ["--tune-steps", a.tune_steps, "--tune-ignore-found"]
+        if not a.summary_only:
+            run(cmd)
         res = json.loads(js.read_text())["results"]
         summary["folds"][f] = {k: round(v["modes"]["virefsam"]["miou"], 2) for k, v in res.items()}
     shots = sorted({k for v in summary["folds"].values() for k in v})
     summary["mean"] = {k: round(sum(v[k] for v in summary["folds"].values()) / len(summary["folds"]), 2)
                        for k in shots}
-    (a.out / "folds.json").write_text(json.dumps(summary, indent=1))
+    (a.out / (f"{a.tag}.folds.json" if a.tag else "folds.json")).write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return 0
 

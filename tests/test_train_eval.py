@@ -216,3 +216,22 @@ def test_eval_kshot_ensemble(tiny_folder, tmp_path):
     rep = json.loads(report.read_text())
     assert rep["kshot"] == "ensemble"
     assert 0.0 <= rep["results"]["2-shot"]["modes"]["virefsam"]["miou"] <= 100.0
+
+
+def test_eval_nested_shot_counts_share_the_queries(tiny_folder, tmp_path):
+    """``eval --nested K``: every shot count takes the first supports of the K-shot episodes, so 1-shot and K-shot
+    see the same queries (a paired measure); the K-shot episodes are those a plain K-shot run draws."""
+    torch.set_num_threads(2)
+    common = ["eval", "--data", str(tiny_folder), "--fold", "0", "--device", "cpu", "--feature-cache",
+              str(tmp_path / "features"), "--quiet", "--episodes", "2", "--modes", "training_free"]
+    nested, plain = tmp_path / "nested.json", tmp_path / "plain.json"
+    assert cli.main(common + ["--shots", "1,2", "--nested", "2", "--json", str(nested)]) == 0
+    assert cli.main(common + ["--shots", "2", "--json", str(plain)]) == 0
+    rep, ref = json.loads(nested.read_text()), json.loads(plain.read_text())
+    assert rep["nested"] == 2 and ref["nested"] is None
+    one = rep["results"]["1-shot"]["modes"]["training_free"]["episodes"]
+    two = rep["results"]["2-shot"]["modes"]["training_free"]["episodes"]
+    assert [e["query"] for e in one] == [e["query"] for e in two]
+    assert [e["support"] for e in one] == [e["support"][:1] for e in two] and all(len(e["support"]) == 2 for e in two)
+    assert rep["results"]["2-shot"]["episodes_sha256"] == ref["results"]["2-shot"]["episodes_sha256"]
+    assert cli.main(common + ["--shots", "1,2", "--nested", "1"]) == 2  # K below a shot count: one sentence

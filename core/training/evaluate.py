@@ -15,6 +15,9 @@ A pixel is foreground where the predicted probability exceeds 0.5. Per novel cla
 are summed over its episodes; mIoU is the mean over classes and FB-IoU the mean of foreground and background
 IoU over all episodes (:mod:`.metrics`). Episodes: ``--episodes N`` per class (balanced, default), or
 ``--per-fold N`` in all (the iSAID-5i protocol: 1,000 per fold; a query image is drawn, then a class it holds).
+Each shot count draws its own episodes, unless ``--nested K``: then every count takes the first supports of the
+K-shot episodes, so 1-shot and 5-shot see the same queries (a paired measure of what more
+references buy; with 40 episodes a fold, unpaired query sets differ by more than the effect).
 
 Frozen-encoder outputs go through the on-disk feature cache (see :mod:`.feature_cache`), so every image is
 encoded once for all modes and shot counts (and later runs). A table goes to stdout; ``--json`` writes the
@@ -24,6 +27,7 @@ per-class numbers, seed, episode count and fingerprint, model and adapter sha256
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections import OrderedDict
@@ -44,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shots", default="1,5", help="comma-separated shot counts (default 1,5)")
     p.add_argument("--episodes", type=int, default=40, help="episodes per class (default 40)")
     p.add_argument("--per-fold", type=int, default=None, help="N episodes in all, PASCAL-5i/iSAID-5i style")
+    p.add_argument("--nested", type=int, default=None, metavar="K",
+                   help="paired shot counts: the K-shot episodes are drawn (K >= every --shots count) and each "
+                        "count takes their first supports (same queries), so the difference is what more "
+                        "references buy; default: each count draws its own episodes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-pixels", type=int, default=None)
     p.add_argument("--modes", default="virefsam,training_free,static_prompt,vcp_no_dta")
@@ -167,7 +175,8 @@ def _episode_row(ep, zoom: float, data, pred_mask) -> dict:
     inter, union = int((gt & pm).sum()), int((gt | pm).sum())
     q = object_sizes(data.query_mask)
     r = np.concatenate([object_sizes(m) for m in data.support_masks])
-    return {"class": ep.class_name, "iou": round(inter / union, 4) if union else None, "zoom": round(zoom, 4),
+    return {"class": ep.class_name, "query": ep.query, "support": list(ep.support),
+            "iou": round(inter / union, 4) if union else None, "zoom": round(zoom, 4),
             "query_px": round(float(np.median(q)) * zoom, 1) if q.size else None,
             "ref_px": round(float(np.median(r)) * zoom, 1) if r.size else None}
 
@@ -210,7 +219,7 @@ def run(args) -> int:
     report = OrderedDict(
         dataset=ds.name, data=str(Path(args.data).resolve()), fold=args.fold,
         classes={str(c): ds.classes[c] for c in classes}, seed=args.seed, threshold=args.threshold,
-        protocol="per_fold" if args.per_fold else "per_class",
+        protocol="per_fold" if args.per_fold else "per_class", nested=getattr(args, "nested", None),
         model=backbone, device=str(engine.device), precision=args.precision,
         decoding=getattr(args, "decoding", "local"), scale=str(getattr(args, "scale", "auto")),
         bg=getattr(args, "bg", "per_shot"), kshot=_trained_kwargs(args)["kshot"],
@@ -224,12 +233,18 @@ def run(args) -> int:
     active = [(m, p) for m, (p, _) in preds.items() if p is not None]
     if not active:
         raise InputError("No mode can run: give --adapters or choose training_free / static_prompt.")
-    for k in shots:
+    def draw(k: int):
         if args.per_fold:
-            eps = sample_episodes(ds, classes, n=args.per_fold, shots=k, seed=args.seed,
-                                  min_pixels=args.min_pixels, per_class=False)
-        else:
-            eps = sample_episodes(ds, classes, n=args.episodes, shots=k, seed=args.seed, min_pixels=args.min_pixels)
+            return sample_episodes(ds, classes, n=args.per_fold, shots=k, seed=args.seed,
+                                   min_pixels=args.min_pixels, per_class=False)
+        return sample_episodes(ds, classes, n=args.episodes, shots=k, seed=args.seed, min_pixels=args.min_pixels)
+
+    nested = getattr(args, "nested", None)
+    if nested is not None and nested < max(shots):
+        raise InputError(f"--nested {nested} must be at least the largest shot count ({max(shots)}).")
+    largest = draw(nested) if nested is not None else None
+    for k in shots:
+        eps = draw(k) if largest is None else [dataclasses.replace(e, support=e.support[:k]) for e in largest]
         meters = OrderedDict((m, FewShotMeter()) for m, _ in active)
         seconds = {m: 0.0 for m, _ in active}
         per_episode = {m: [] for m, _ in active}
