@@ -27,8 +27,12 @@ to int8 per output channel and activations quantised on the fly (ONNX Runtime's 
 beside it as ``<kind>_<key>.int8v<QUANT_VERSION>.onnx`` and derived from it the same way (atomic, rebuilt when
 damaged). On this project's AVX512-VNNI CPU it runs the adapted pass in about two thirds of the fp32 graph's
 time; masks on real tiles agree with PyTorch fp32 at IoU >= 0.99 (tests/test_ort_adapted.py, and the bench states
-it). The plain pass stays fp32: quantised the same way, its masks moved more (IoU 0.98 on a Kampala tile), and
-the plain embedding feeds the prototypes and pseudo-mask of every later step.
+it). The plain pass stays fp32: the plain embedding feeds the prototypes and pseudo-mask of every later step, and a
+pseudo-mask cell that flips takes a whole object with it. Quantised the same way, its masks moved more (IoU 0.98
+on a Kampala tile); with only layers 1-2 in int8 (17-21% off the plain pass) and even with layer 1 alone, the
+demo's Kampala target lost an object (IoU 0.935 against the fp32 plain pass); layer 1's MLPs alone kept it
+(0.992) for 6% of the pass (docs/BENCH.md). Convolutions in uint8 (ConvInteger) took 10% off this graph but
+masks fell to 0.986 pooled.
 
 Only inference goes through ORT: an input that requires grad (training) runs the PyTorch module, and so does
 every pass on CUDA or in bf16/fp16 (:meth:`core.modeling.engine.SamEngine.adapted_encoder` decides).
