@@ -279,3 +279,18 @@ def test_collage_folders_from_shared_tiles(shared_data, tmp_path, monkeypatch):
     assert ds.image(0).shape == (512, 512, 3)
     for e in E.sample_episodes(ds, n=4):
         assert ds.items[e.query].group != ds.items[e.support[0]].group
+
+
+def test_training_stream_with_several_shot_counts(tiny):
+    """``--shots 1,2``: each training episode draws one of the counts (both occur), deterministic and resumable,
+    over one dataset or several; a single count keeps the stream it always had."""
+    other = E.SegDataset("other", tiny.root, tiny.items, {1: "one", 2: "two"}, ignore_ids=(9,), min_pixels=100)
+    for make in (lambda **k: E.iter_episodes(tiny, [1, 2], seed=5, **k),
+                 lambda **k: E.iter_mixed_episodes([(tiny, [2]), (other, [1, 2])], seed=5, **k)):
+        stream = list(itertools.islice(make(shots=(1, 2)), 40))
+        assert {len(e.support) for e in stream} == {1, 2}
+        assert all(e.query not in e.support and len(set(e.support)) == len(e.support) for e in stream)
+        assert list(itertools.islice(make(shots=[1, 2], start=9), 4)) == stream[9:13]
+        assert list(itertools.islice(make(shots=(2,)), 12)) == list(itertools.islice(make(shots=2), 12))
+    with pytest.raises(InputError, match="at least 1 shot"):
+        next(E.iter_episodes(tiny, [1], shots=(0, 1)))

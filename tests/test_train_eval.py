@@ -235,3 +235,17 @@ def test_eval_nested_shot_counts_share_the_queries(tiny_folder, tmp_path):
     assert [e["support"] for e in one] == [e["support"][:1] for e in two] and all(len(e["support"]) == 2 for e in two)
     assert rep["results"]["2-shot"]["episodes_sha256"] == ref["results"]["2-shot"]["episodes_sha256"]
     assert cli.main(common + ["--shots", "1,2", "--nested", "1"]) == 2  # K below a shot count: one sentence
+
+
+def test_train_with_several_shot_counts(tiny_folder, tmp_path):
+    """``train --shots 1,2``: each episode draws one count (recorded in the adapters file); several counts need
+    one episode per step, else one sentence."""
+    torch.set_num_threads(2)
+    out = tmp_path / "mixed"
+    argv = ["train", "--data", str(tiny_folder), "--fold", "all", "--device", "cpu", "--feature-cache",
+            str(tmp_path / "features"), "--quiet", "--episodes", "3", "--lr", "1e-4", "--warmup", "1",
+            "--n-queries", "8", "--no-dta", "--shots", "1,2"]
+    assert cli.main(argv + ["--batch", "2", "--out", str(tmp_path / "refused")]) == 2
+    assert cli.main(argv + ["--batch", "1", "--out", str(out)]) == 0
+    meta = torch.load(out / "adapters.pt", map_location="cpu", weights_only=True)["training"]
+    assert meta["shots"] == [1, 2] and meta["complete"]

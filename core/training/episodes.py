@@ -95,6 +95,23 @@ def _class_seed(seed: int, *parts) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(tag)])
 
 
+def _shot_counts(shots) -> Tuple[int, ...]:
+    """``shots``: one count (int) or several (each training episode draws one of them uniformly)."""
+    counts = (int(shots),) if isinstance(shots, (int, np.integer)) else tuple(int(k) for k in shots)
+    if not counts or min(counts) < 1:
+        raise InputError("Episodes need at least 1 shot.")
+    return counts
+
+
+def _draw_shots(rng: np.random.Generator, counts: Tuple[int, ...]) -> int:
+    """One count of ``counts``; a single count draws nothing, so its stream is the one it always was."""
+    return counts[0] if len(counts) == 1 else counts[int(rng.integers(len(counts)))]
+
+
+def _stream_tag(counts: Tuple[int, ...]):
+    return counts[0] if len(counts) == 1 else "shots" + "-".join(str(k) for k in counts)
+
+
 def _need(ds: SegDataset, cid: int, eligible: Sequence[int], shots: int, min_pixels) -> None:
     if len(eligible) < shots + 1:
         mp = ds.min_pixels if min_pixels is None else min_pixels
@@ -149,38 +166,42 @@ def sample_episodes(ds: SegDataset, classes: Optional[Sequence[int]] = None, n: 
     return episodes
 
 
-def iter_episodes(ds: SegDataset, classes: Sequence[int], shots: int = 1, seed: int = 0,
+def iter_episodes(ds: SegDataset, classes: Sequence[int], shots=1, seed: int = 0,
                   min_pixels: Optional[int] = None, start: int = 0) -> Iterator[Episode]:
     """An endless deterministic stream of training episodes over ``classes`` (uniform class, then query).
 
+    ``shots``: the support count, or several counts (e.g. ``(1, 3)``: each episode draws one, uniformly).
     ``start`` skips that many episodes (no file is read), so a resumed training sees the same stream.
     """
+    counts = _shot_counts(shots)
     classes = [ds.class_id(c) for c in classes]
     if not classes:
         raise InputError("Training needs at least one base class.")
     eligible = {c: np.asarray(ds.images_with(c, min_pixels)) for c in classes}
     for c in classes:
-        _need(ds, c, eligible[c], shots, min_pixels)
-    rng = _class_seed(seed, ds.name, "train", *classes, shots)
+        _need(ds, c, eligible[c], max(counts), min_pixels)
+    rng = _class_seed(seed, ds.name, "train", *classes, _stream_tag(counts))
     k = 0
     while True:
         c = classes[int(rng.integers(len(classes)))]
         pool = eligible[c]
         q = int(rng.choice(pool))
-        sup = rng.choice(ds.others(pool, q, shots), size=shots, replace=False)
+        n = _draw_shots(rng, counts)
+        sup = rng.choice(ds.others(pool, q, n), size=n, replace=False)
         if k >= start:
             yield Episode(ds.name, c, ds.classes[c], tuple(int(s) for s in sup), q)
         k += 1
 
 
-def iter_mixed_episodes(pools: Sequence[Tuple[SegDataset, Sequence[int]]], shots: int = 1, seed: int = 0,
+def iter_mixed_episodes(pools: Sequence[Tuple[SegDataset, Sequence[int]]], shots=1, seed: int = 0,
                         min_pixels: Optional[int] = None, start: int = 0) -> Iterator[Episode]:
     """An endless deterministic stream over several datasets: uniform over (dataset, class) pairs, then query.
 
     ``pools`` is ``[(dataset, training classes), ...]``; every episode stays inside one dataset (references and
     target from the same dataset, all different images). With one pool this is :func:`iter_episodes`.
-    ``start`` skips that many episodes, as there.
+    ``shots`` and ``start`` as there.
     """
+    counts = _shot_counts(shots)
     pools = [(ds, [ds.class_id(c) for c in classes]) for ds, classes in pools]
     if len(pools) == 1:
         yield from iter_episodes(pools[0][0], pools[0][1], shots=shots, seed=seed, min_pixels=min_pixels,
@@ -195,15 +216,16 @@ def iter_mixed_episodes(pools: Sequence[Tuple[SegDataset, Sequence[int]]], shots
     eligible = {}
     for ds, c in pairs:
         e = ds.images_with(c, min_pixels)
-        _need(ds, c, e, shots, min_pixels)
+        _need(ds, c, e, max(counts), min_pixels)
         eligible[(ds.name, c)] = np.asarray(e)
-    rng = _class_seed(seed, "mixed", *[f"{ds.name}:{c}" for ds, c in pairs], shots)
+    rng = _class_seed(seed, "mixed", *[f"{ds.name}:{c}" for ds, c in pairs], _stream_tag(counts))
     k = 0
     while True:
         ds, c = pairs[int(rng.integers(len(pairs)))]
         pool = eligible[(ds.name, c)]
         q = int(rng.choice(pool))
-        sup = rng.choice(ds.others(pool, q, shots), size=shots, replace=False)
+        n = _draw_shots(rng, counts)
+        sup = rng.choice(ds.others(pool, q, n), size=n, replace=False)
         if k >= start:
             yield Episode(ds.name, c, ds.classes[c], tuple(int(s) for s in sup), q)
         k += 1

@@ -56,6 +56,14 @@ SCHEDULES = {
 CKPT_FORMAT = "virefsam-train-checkpoint"
 
 
+def _shots(text: str):
+    """``--shots``: ``3`` (int) or ``1,3`` (a list: each episode draws one count)."""
+    counts = [int(x) for x in str(text).split(",") if x.strip()]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"shot counts must be whole numbers >= 1, not {text!r}")
+    return counts[0] if len(counts) == 1 else counts
+
+
 def _fold(text: str):
     """``--fold``: a fold number, or ``all`` (None: no class held out)."""
     if str(text).strip().lower() == "all":
@@ -71,7 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fold", type=_fold, required=True,
                    help="fold whose novel classes are held out, or 'all': every class trains (for the adapters "
                         "a plugin ships: a user's class is never in training, so more base classes help)")
-    g.add_argument("--shots", type=int, default=1)
+    g.add_argument("--shots", type=_shots, default=1,
+                   help="references per training episode (default 1), or several counts, e.g. 1,3: each episode "
+                        "draws one (needs --batch 1)")
     g.add_argument("--min-pixels", type=int, default=None, help="class pixels an image needs to count")
     g.add_argument("--also", action="append", default=[], metavar="DATA[@CLASS,...]",
                    help="another dataset whose classes (all, or those after @) join the base classes; repeat it. "
@@ -299,6 +309,8 @@ def run(args) -> int:
         step = int(blob["step"])
         torch.set_rng_state(blob["torch_rng"])
 
+    if isinstance(args.shots, list) and sched["batch"] > 1:
+        raise InputError("Several shot counts (--shots 1,3) train one episode per step: add --batch 1.")
     stream = iter_mixed_episodes([(ds, base)] + extra, shots=args.shots, seed=args.seed,
                                  min_pixels=args.min_pixels, start=step * sched["batch"])
     use_autocast = args.precision != "fp32"
