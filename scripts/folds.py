@@ -79,6 +79,9 @@ def main(argv=None) -> int:
             cmd += ["--tune-steps", a.tune_steps, "--tune-ignore-found"]
         if not a.summary_only:
             run(cmd)
+        elif not js.is_file():
+            print(f"{js} is missing: run without --summary-only to evaluate fold {f}.", file=sys.stderr)
+            return 2
         res = json.loads(js.read_text())["results"]
         summary["folds"][f] = {k: round(v["modes"]["virefsam"]["miou"], 2) for k, v in res.items()}
     shots = sorted({k for v in summary["folds"].values() for k in v})

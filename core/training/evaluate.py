@@ -233,6 +233,7 @@ def run(args) -> int:
     active = [(m, p) for m, (p, _) in preds.items() if p is not None]
     if not active:
         raise InputError("No mode can run: give --adapters or choose training_free / static_prompt.")
+
     def draw(k: int):
         if args.per_fold:
             return sample_episodes(ds, classes, n=args.per_fold, shots=k, seed=args.seed,
