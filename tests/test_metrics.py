@@ -46,6 +46,26 @@ def test_class_iou_is_ratio_of_sums_not_mean_of_ratios():
     assert s["episodes"] == 3
 
 
+def test_precision_and_recall_are_ratios_of_sums_with_ignore():
+    meter = FewShotMeter()
+    # episode 1: 2 predicted, 1 right, 1 true pixel; episode 2: 1 predicted and right of 3 true (1 ignored)
+    meter.update("a", _m([[1, 1, 0, 0]]), _m([[1, 0, 0, 0]]))
+    meter.update("a", _m([[1, 0, 0, 0]]), _m([[1, 1, 1, 1]]), ignore=_m([[0, 0, 0, 1]]))
+    prec, rec = meter.class_precision_recall()["a"]
+    assert prec == pytest.approx(100 * 2 / 3)
+    assert rec == pytest.approx(100 * 2 / 4)
+    cls = meter.summary()["classes"]["a"]
+    assert (cls["precision"], cls["recall"]) == (pytest.approx(66.667), pytest.approx(50.0))
+    # nothing predicted: precision undefined, recall 0; counts added without pred_px: unknown
+    meter.update("b", _m([[0, 0]]), _m([[1, 0]]))
+    assert meter.class_precision_recall()["b"] == (None, 0.0)
+    meter.add_counts("c", 1, 2, 2, 3)
+    assert meter.summary()["classes"]["c"]["precision"] is None
+    m2 = FewShotMeter()
+    m2.update("a", _m([[1, 1]]), _m([[0, 0]]))
+    assert meter.merge(m2).class_precision_recall()["a"][0] == pytest.approx(100 * 2 / 5)
+
+
 def test_fbiou_accumulates_over_all_episodes():
     meter = FewShotMeter()
     meter.update("a", _m([[1, 0, 0, 0]]), _m([[1, 1, 0, 0]]))  # fg 1/2, bg 2/3

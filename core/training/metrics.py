@@ -5,6 +5,8 @@ all of that class's episodes; the class IoU is the ratio of the sums, and **mIoU
 IoUs (a class with many episodes does not weigh more). **FB-IoU** is the mean of the foreground IoU and the
 background IoU, each a ratio of sums accumulated over all episodes of all classes. Pixels marked *ignore*
 count in neither. Per-episode IoUs are kept too, as a diagnostic (their mean is *not* the protocol's mIoU).
+So are each class's pixel **precision** and **recall** (sums over its episodes, like its IoU): they tell a
+model that marks too much (other objects taken for the class) from one that misses objects.
 """
 
 from __future__ import annotations
@@ -27,14 +29,19 @@ def _as_bool(a) -> np.ndarray:
     return np.asarray(a).astype(bool, copy=False)
 
 
-def intersection_union(pred, gt, ignore=None):
-    """``((I_bg, U_bg), (I_fg, U_fg))`` pixel counts of one prediction (bool arrays of the same shape)."""
+def _kept(pred, gt, ignore):
     pred, gt = _as_bool(pred), _as_bool(gt)
     if pred.shape != gt.shape:
         raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
     if ignore is not None:
         keep = ~_as_bool(ignore)
         pred, gt = pred[keep], gt[keep]
+    return pred, gt
+
+
+def intersection_union(pred, gt, ignore=None):
+    """``((I_bg, U_bg), (I_fg, U_fg))`` pixel counts of one prediction (bool arrays of the same shape)."""
+    pred, gt = _kept(pred, gt, ignore)
     i_fg = int(np.count_nonzero(pred & gt))
     u_fg = int(np.count_nonzero(pred | gt))
     i_bg = int(np.count_nonzero(~pred & ~gt))
@@ -49,6 +56,7 @@ class _ClassAcc:
     i_bg: int = 0
     u_bg: int = 0
     episodes: int = 0
+    pred_px: Optional[int] = 0  # predicted foreground pixels; None once an episode came without them
     episode_ious: List[float] = field(default_factory=list)
 
 
@@ -60,12 +68,16 @@ class FewShotMeter:
 
     def update(self, class_key: Hashable, pred, gt, ignore=None) -> float:
         """Add one episode; returns that episode's foreground IoU in % (100 when both masks are empty)."""
-        (i_bg, u_bg), (i_fg, u_fg) = intersection_union(pred, gt, ignore)
-        return self.add_counts(class_key, i_fg, u_fg, i_bg, u_bg)
+        pred, gt = _kept(pred, gt, ignore)
+        (i_bg, u_bg), (i_fg, u_fg) = intersection_union(pred, gt)
+        return self.add_counts(class_key, i_fg, u_fg, i_bg, u_bg, pred_px=int(np.count_nonzero(pred)))
 
-    def add_counts(self, class_key: Hashable, i_fg: int, u_fg: int, i_bg: int, u_bg: int) -> float:
-        """Add one episode from its pixel counts (e.g. stored by an interrupted run); returns its fg IoU in %."""
+    def add_counts(self, class_key: Hashable, i_fg: int, u_fg: int, i_bg: int, u_bg: int,
+                   pred_px: Optional[int] = None) -> float:
+        """Add one episode from its pixel counts (e.g. stored by an interrupted run); returns its fg IoU in %.
+        Without ``pred_px`` (predicted foreground pixels) the class has no precision and recall."""
         acc = self._acc.setdefault(class_key, _ClassAcc())
+        acc.pred_px = None if pred_px is None or acc.pred_px is None else acc.pred_px + int(pred_px)
         acc.i_fg += i_fg
         acc.u_fg += u_fg
         acc.i_bg += i_bg
@@ -102,6 +114,18 @@ class FewShotMeter:
         bg = i_bg / u_bg if u_bg else 1.0
         return 100.0 * (fg + bg) / 2.0
 
+    def class_precision_recall(self) -> Dict[Hashable, tuple]:
+        """Pixel precision and recall (%) of each class over its episodes; (None, None) where unknown
+        (episodes added without ``pred_px``) and None where undefined (nothing predicted / nothing to find)."""
+        out = {}
+        for k, a in self._acc.items():
+            if a.pred_px is None:
+                out[k] = (None, None)
+                continue
+            gt_px = a.u_fg + a.i_fg - a.pred_px  # |P| + |G| = |P u G| + |P n G|
+            out[k] = (100.0 * a.i_fg / a.pred_px if a.pred_px else None, 100.0 * a.i_fg / gt_px if gt_px else None)
+        return out
+
     def class_fbiou(self) -> Dict[Hashable, float]:
         """FB-IoU restricted to one class's episodes (a diagnostic)."""
         out = {}
@@ -112,12 +136,15 @@ class FewShotMeter:
         return out
 
     def summary(self) -> dict:
-        """A JSON-ready dict: mIoU, FB-IoU, episodes, and per class IoU, FB-IoU, episodes, mean episode IoU."""
-        ious, fbs = self.class_iou(), self.class_fbiou()
+        """A JSON-ready dict: mIoU, FB-IoU, episodes, and per class IoU, FB-IoU, precision, recall, episodes,
+        mean episode IoU."""
+        ious, fbs, prs = self.class_iou(), self.class_fbiou(), self.class_precision_recall()
         per_class = OrderedDict()
         for k, a in self._acc.items():
+            prec, rec = (None if v is None else round(v, 3) for v in prs[k])
             per_class[str(k)] = {
-                "iou": round(ious[k], 3), "fbiou": round(fbs[k], 3), "episodes": a.episodes,
+                "iou": round(ious[k], 3), "fbiou": round(fbs[k], 3), "precision": prec, "recall": rec,
+                "episodes": a.episodes,
                 "mean_episode_iou": round(float(np.mean(a.episode_ious)), 3) if a.episode_ious else None,
                 "intersection": a.i_fg, "union": a.u_fg,
             }
@@ -132,6 +159,7 @@ class FewShotMeter:
             a.i_bg += b.i_bg
             a.u_bg += b.u_bg
             a.episodes += b.episodes
+            a.pred_px = None if a.pred_px is None or b.pred_px is None else a.pred_px + b.pred_px
             a.episode_ious.extend(b.episode_ious)
         return self
 
