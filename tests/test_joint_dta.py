@@ -59,6 +59,7 @@ def _features(result):
 
 def test_two_class_trained_run_shares_the_adapted_pass(houses, monkeypatch):
     from core.pipeline import run
+    from core.scale import ZOOM_VIEWS
     from shapely.ops import unary_union
 
     ground = (ReferenceSpec(str(DEMO / "reference.tif"), (GROUND,), crs="EPSG:3857", ref_id="ground"),)
@@ -69,7 +70,9 @@ def test_two_class_trained_run_shares_the_adapted_pass(houses, monkeypatch):
     counter.rows.clear()
     apart = run(_params(classes, shared_adapted_pass=False))
     assert n_shared >= 1 and len(counter.rows) == 2 * n_shared  # one adapted pass per tile instead of two
-    assert all(r == 2 * 6 for r in rows_shared) and all(r == 6 for r in counter.rows)  # both tables, 1 + 5 rows
+    # both tables; each class's one reference crop and its two zoomed views (RunParams.zoom_views): 1 + 3 x 5 rows
+    rows = 1 + (1 + len(ZOOM_VIEWS)) * 5
+    assert all(r == 2 * rows for r in rows_shared) and all(r == rows for r in counter.rows)
     for result in (shared, apart):
         assert "+adapters" in result.targets[0].features[0].attributes["model"]
     a = Counter(f.attributes["class_name"] for f in shared.targets[0].features)
@@ -98,7 +101,10 @@ def test_one_class_run_is_unchanged(houses, monkeypatch):
     n_on = len(counter.rows)
     off = run(_params(cls, shared_adapted_pass=False))
     assert _features(on) == _features(off) and len(_features(on)) > 5
-    assert n_on >= 1 and len(counter.rows) == 2 * n_on and set(counter.rows) == {6}
+    from core.scale import ZOOM_VIEWS
+
+    rows = 1 + (1 + len(ZOOM_VIEWS)) * 5  # the reference crop and its two zoomed views, 5 bg rows each
+    assert n_on >= 1 and len(counter.rows) == 2 * n_on and set(counter.rows) == {rows}
 
 
 def _read(path, window, bands):
@@ -120,7 +126,9 @@ def test_ort_runner_takes_a_multi_class_table(shared_data):
     tile = _read(mos / "zanzibar.tif", (1024, 1024, 1024, 1024), [1, 2, 3]).transpose(1, 2, 0).copy()
     eng = load_engine(ModelParams(device="cpu"))
     cache = OrderedDict()
-    preds = [ReferencePredictor(eng, mode="virefsam", adapters=ADAPTERS, cache=cache) for _ in range(2)]
+    # the joint table of two one-crop classes without their zoomed views: 2 x (1 + 5) rows
+    preds = [ReferencePredictor(eng, mode="virefsam", adapters=ADAPTERS, cache=cache, zoom_views=False)
+             for _ in range(2)]
     assert preds[0].model is preds[1].model and isinstance(preds[0].model.adapted_runner, ort_adapted.OrtAdaptedEncoder)
     preds[0].set_references([(ref, houses)])
     preds[1].set_references([(ref, ~houses)])  # everything but the houses: another class on the same scene
@@ -154,7 +162,8 @@ def test_ort_runner_takes_a_multi_class_table(shared_data):
     # the same joint pass in PyTorch (no ONNX Runtime runner: CUDA, bf16/fp16, encoder_backend 'torch')
     slow = load_engine(ModelParams(device="cpu", encoder_backend="torch"))
     cache = OrderedDict()
-    torch_preds = [ReferencePredictor(slow, mode="virefsam", adapters=ADAPTERS, cache=cache) for _ in range(2)]
+    torch_preds = [ReferencePredictor(slow, mode="virefsam", adapters=ADAPTERS, cache=cache, zoom_views=False)
+                   for _ in range(2)]
     assert torch_preds[0].model.adapted_runner is None
     torch_preds[0].set_references([(ref, houses)])
     torch_preds[1].set_references([(ref, ~houses)])
@@ -218,7 +227,10 @@ def test_bench_two_class_default_row_runs_one_adapted_pass_per_tile(tmp_path):
     assert two["tiles"] == one["tiles"] >= 1
     for row in (one, two):
         assert row["encoder_calls"]["tiles"] == row["encoder_calls"]["adapted"] == row["tiles"], row["encoder_calls"]
-    assert two["encoder_calls"]["reference"] == 1
+    from core.scale import ZOOM_VIEWS
+
+    # the reference crop and its zoomed views, encoded once for both classes
+    assert two["encoder_calls"]["reference"] == 1 + len(ZOOM_VIEWS)
 
 
 # -- accuracy guard (slow, opt-in: pytest -m slow tests/test_joint_dta.py -s prints the table) -----------------

@@ -82,9 +82,12 @@ def test_make_predictor_uses_the_run_kshot(two_shots):
         assert pred.kshot == kshot
         pred.set_references(shots)
         assert (None if pred._shots is None else len(pred._shots)) == n
+    one = make_predictor(eng, _run_params(zoom_views=False), ADAPTERS)
+    one.set_references(shots[:1])
+    assert one._shots is None  # one shot without its zoomed views: nothing to ensemble
     one = make_predictor(eng, _run_params(), ADAPTERS)
     one.set_references(shots[:1])
-    assert one._shots is None  # one shot: nothing to ensemble
+    assert len(one._shots) == 3  # the reference and its two zoomed views (RunParams.zoom_views, the default)
 
 
 def test_k2_reference_state_round_trips(two_shots):

@@ -151,6 +151,9 @@ def test_precision_and_decoding_become_run_params(provider, paths, qgis_project,
     assert run.tune_steps == 0
     params["TUNE_STEPS"] = 16
     assert alg.build_params(params, context).tune_steps == 16
+    assert run.zoom_views is True  # zoomed views of a one-crop reference: on by default
+    params["ZOOM_VIEWS"] = False
+    assert alg.build_params(params, context).zoom_views is False
 
 
 def test_a_precision_the_device_cannot_run_is_one_sentence(provider, paths, qgis_processing):

@@ -87,6 +87,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
     KSHOT = "KSHOT"
     ADAPTED_PRECISION = "ADAPTED_PRECISION"
     TUNE_STEPS = "TUNE_STEPS"
+    ZOOM_VIEWS = "ZOOM_VIEWS"
     CLUSTER = "CLUSTER"
     SCALE = "SCALE"
     TILE_SIZE = "TILE_SIZE"
@@ -240,6 +241,9 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             0, minValue=0, maxValue=500,
         )
         tune_steps.setHelp(run_options.TUNE_TOOLTIP)
+        zoom_views = QgsProcessingParameterBoolean(self.ZOOM_VIEWS, "Zoomed views of the references (trained mode)",
+                                                   defaultValue=True)
+        zoom_views.setHelp(run_options.ZOOM_VIEWS_TOOLTIP)
         cluster = QgsProcessingParameterString(self.CLUSTER, "Dask scheduler", defaultValue="", optional=True)
         cluster.setHelp("Empty: the tiles are segmented here. An address (tcp://HOST:8786): on the workers of that "
                         "Dask scheduler (dask scheduler; dask worker tcp://HOST:8786 in the plugin's environment), "
@@ -256,6 +260,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             kshot,
             adapted_precision,
             tune_steps,
+            zoom_views,
             QgsProcessingParameterNumber(
                 self.TILE_SIZE, "Tile size (pixels)", QgsProcessingParameterNumber.Integer, 1024, minValue=64
             ),
@@ -419,6 +424,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
                 decoding=DECODING_VALUES[self.parameterAsEnum(parameters, self.DECODING, context)],
                 kshot=KSHOT_VALUES[self.parameterAsEnum(parameters, self.KSHOT, context)],
                 tune_steps=self.parameterAsInt(parameters, self.TUNE_STEPS, context),
+                zoom_views=self.parameterAsBool(parameters, self.ZOOM_VIEWS, context),
                 tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context),
                 overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
                 threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),

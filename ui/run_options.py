@@ -48,6 +48,14 @@ TUNE_TOOLTIP = (
     "marks 0.68 / 0.26 against 0.73 / 0.52). Off (0) by default."
 )
 
+ZOOM_VIEWS_TOOLTIP = (
+    "Trained mode, one reference crop: it is also matched zoomed out (0.7x) and zoomed in (1.4x), as two more "
+    "references, so that objects of the class a little smaller or larger than the marked ones are found too. "
+    "Held-out NWPU object classes: +1.2 mIoU on average (three folds, three adapter files); buildings unchanged; "
+    "three more decodings per tile, about a quarter more time on a CPU. On by default; several reference crops "
+    "get no views."
+)
+
 ADAPTED_PRECISIONS = (
     ("int8 (default, faster on a CPU)", "int8"),
     ("fp32", "fp32"),

@@ -20,6 +20,7 @@ DEFAULTS = {
     "precision": ("fp32", str),  # fp32 | bf16 | fp16 (ui/run_options.py)
     "decoding": ("local", str),  # local | exact
     "kshot": ("ensemble", str),  # ensemble | joint (ui/run_options.py)
+    "zoom_views": (True, bool),  # trained mode: zoomed views of each reference (RunParams.zoom_views)
     "tune_steps": (0, int),  # run-time tuning of VCP on the references (RunParams.tune_steps), 0 = off
     "tile_size": (1024, int),
     "overlap": (128, int),

@@ -158,6 +158,7 @@ class ReferencePredictor:
         tune_steps: int = 0,
         tune_lr: float = 1e-4,
         tune_ignore_found: bool = False,
+        zoom_views: bool = True,
     ) -> None:
         if mode not in MODES:
             raise InputError(f"Unknown mode '{mode}': choose one of {', '.join(MODES)}.")
@@ -171,7 +172,9 @@ class ReferencePredictor:
         self.window_margin = window_margin  # training-free masks are upscaled only near their prompt
         # training-free: each prompt decoded on a crop around its box ((margin, min cells)); None: the whole tile
         self.decoder_context = decoder_context
-        self.cache_size = cache_size
+        # with zoomed views a reference is three images: keep all three, so that another class marked on the same
+        # crop (a several-class run sharing ``cache``) encodes none of them again
+        self.cache_size = max(cache_size, 3) if zoom_views and cache_size > 0 else cache_size
         # background prototypes: N_b Voronoi regions per shot (K x N_b, the default: on NWPU's novel classes 5-shot
         # 22.9 mIoU against 19.6 jointly, buildings 56.6 / 56.7) or N_b over all shots at once
         self.bg_per_shot = bg == "per_shot"
@@ -184,6 +187,8 @@ class ReferencePredictor:
         self.tune_steps, self.tune_lr = int(tune_steps), float(tune_lr)
         self.tune_progress = None
         self.tune_ignore_found = tune_ignore_found  # partial marks: see tune.tune_vcp
+        # trained mode, one reference: also zoomed out and in (core.scale.zoom_view), two more shots
+        self.zoom_views = bool(zoom_views)
         self._shots = None
         # tile digest -> plain embedding; pass one OrderedDict to several predictors (other classes, other modes
         # on the same engine) to share the frozen-encoder passes
@@ -267,7 +272,12 @@ class ReferencePredictor:
         class (e.g. result polygons an analyst marked "Not <class>"). Each connected region becomes one more
         background prototype (:func:`.prototypes.negative_prototypes`, appended by
         :func:`.prototypes.with_negatives`), used by every mode that matches prototypes (ViRefSAM, training-free);
-        static prompt reuse has no prototypes and ignores them."""
+        static prompt reuse has no prototypes and ignores them.
+
+        Trained mode with ``zoom_views`` and one reference: it is also seen zoomed out and in
+        (:data:`core.scale.ZOOM_VIEWS`, :func:`core.scale.zoom_view`), two more shots of the K-shot ensemble (K >= 2
+        references bring their own variety: no views, which would cost three decodings per tile each); run-time
+        tuning learns from the reference as given."""
         refs = list(references)
         if not refs:
             raise InputError("No reference was given: mark at least one example of the class first.")
@@ -284,6 +294,13 @@ class ReferencePredictor:
                 raise InputError(f"Reference {i} marks nothing: draw at least one object of the class.")
             images.append(image)
             masks.append(mask)
+        originals = (images, masks)  # run-time tuning learns from the references as marked
+        if self.zoom_views and self.mode == "virefsam" and len(images) == 1:
+            from ..scale import ZOOM_VIEWS, zoom_view
+
+            views = [v for im, m in zip(images, masks) for z in ZOOM_VIEWS
+                     for v in [zoom_view(im, m, z)] if v is not None]
+            images, masks = images + [v[0] for v in views], masks + [v[1] for v in views]
         with torch.inference_mode():
             self._shots = None
             if self.mode == "static_prompt":
@@ -313,7 +330,7 @@ class ReferencePredictor:
 
         self.model = self._base_model
         if self.tune_steps > 0 and self.mode == "virefsam":
-            self.model = self._tuned(images, masks)
+            self.model = self._tuned(*originals)
 
     def _tuned(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> ViRefSAM:
         """A copy of the model with VCP tuned on the references (:func:`.tune.tune_vcp`); K <= 2 references are

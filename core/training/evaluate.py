@@ -86,6 +86,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="trained modes with K > 1 shots: ensemble (default, as the plugin: the joint decoding "
                         "averaged with each shot's own on the same adapted embedding) or joint (the joint "
                         "prototypes alone, the protocol of evaluation files before it)")
+    p.add_argument("--no-zoom-views", dest="zoom_views", action="store_false",
+                   help="trained modes: no zoomed views of a one-crop reference (as the plugin, the default adds a "
+                        "0.7x and a 1.4x view as two more shots: RunParams.zoom_views; evaluation files before it "
+                        "had none)")
     p.add_argument("--tune-steps", type=int, default=0,
                    help="trained modes: tune VCP on the references for this many steps before the query "
                         "(run-time tuning, core.modeling.tune; default 0 = off)")
@@ -111,7 +115,8 @@ def _trained_kwargs(args) -> dict:
     """Keyword arguments of the trained modes' predictors: K-shot rule and run-time tuning."""
     return {"kshot": getattr(args, "kshot", None) or "ensemble", "tune_steps": getattr(args, "tune_steps", 0),
             "tune_lr": getattr(args, "tune_lr", 1e-4),
-            "tune_ignore_found": getattr(args, "tune_ignore_found", False)}
+            "tune_ignore_found": getattr(args, "tune_ignore_found", False),
+            "zoom_views": getattr(args, "zoom_views", True)}
 
 
 def _predictors(args, engine):
@@ -223,6 +228,7 @@ def run(args) -> int:
         model=backbone, device=str(engine.device), precision=args.precision,
         decoding=getattr(args, "decoding", "local"), scale=str(getattr(args, "scale", "auto")),
         bg=getattr(args, "bg", "per_shot"), kshot=_trained_kwargs(args)["kshot"],
+        zoom_views=_trained_kwargs(args)["zoom_views"],
         tune={"steps": getattr(args, "tune_steps", 0), "lr": getattr(args, "tune_lr", 1e-4),
               "ignore_found": getattr(args, "tune_ignore_found", False)},
         adapters=_file_record(adapters_file(args.adapters, args.model), file_sha256),
@@ -272,6 +278,10 @@ def run(args) -> int:
             bar.close()
         print()
         print(format_table(meters, title=f"{ds.name} {k}-shot, {len(eps)} episodes, seed {args.seed}: IoU %"))
+        for m, meter in meters.items():
+            pr = meter.class_precision_recall()
+            print(f"{m} precision / recall %: " + ", ".join(
+                f"{c} {'-' if p is None else f'{p:.1f}'} / {'-' if r is None else f'{r:.1f}'}" for c, (p, r) in pr.items()))
         report["results"][f"{k}-shot"] = OrderedDict(
             episodes=len(eps), episodes_sha256=episodes_sha256(eps), wall_s=round(time.time() - t0, 1),
             modes=OrderedDict((m, dict(meters[m].summary(), s_per_episode=round(seconds[m] / max(len(eps), 1), 3),

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import List
 
 from qgis.gui import QgsCollapsibleGroupBox, QgsFileWidget
-from qgis.PyQt.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QLineEdit, QSpinBox, QWidget
+from qgis.PyQt.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QLineEdit, QSpinBox, QWidget
 
 from .. import adapters as adapter_choice
 from .. import run_options, settings
@@ -98,6 +98,10 @@ class ModelSection:
         of.addRow("Working scale", self.scale_edit)
         self.kshot_combo = _choice_combo("kshot", run_options.KSHOTS, run_options.KSHOT_TOOLTIP)
         of.addRow("Several references", self.kshot_combo)
+        self.zoom_views_check = QCheckBox("Also match the references zoomed out and in")
+        self.zoom_views_check.setObjectName("zoom_views")
+        self.zoom_views_check.setToolTip(run_options.ZOOM_VIEWS_TOOLTIP)
+        of.addRow("Zoomed views", self.zoom_views_check)
         self.tune_spin = QSpinBox()
         self.tune_spin.setObjectName("tune_steps")
         self.tune_spin.setRange(0, 500)
@@ -129,6 +133,7 @@ class ModelSection:
         for w in (self.tile_spin, self.overlap_spin, self.threshold_spin, self.min_area_spin, self.simplify_spin,
                   self.tune_spin):
             w.valueChanged.connect(self.save_settings)
+        self.zoom_views_check.toggled.connect(self.save_settings)
         self.scale_edit.editingFinished.connect(self.save_settings)
         self.checkpoint_widget.fileChanged.connect(self.save_settings)
         self.adapters_file_widget.fileChanged.connect(self.save_settings)
@@ -144,6 +149,7 @@ class ModelSection:
         _set_combo_data(self.decoding_combo, settings.get("decoding"))
         _set_combo_data(self.kshot_combo, settings.get("kshot"))
         self.tune_spin.setValue(settings.get("tune_steps"))
+        self.zoom_views_check.setChecked(settings.get("zoom_views"))
         self.tile_spin.setValue(settings.get("tile_size"))
         self.overlap_spin.setValue(settings.get("overlap"))
         self.threshold_spin.setValue(settings.get("threshold"))
@@ -163,6 +169,7 @@ class ModelSection:
         settings.set("decoding", self.decoding_combo.currentData())
         settings.set("kshot", self.kshot_combo.currentData())
         settings.set("tune_steps", self.tune_spin.value())
+        settings.set("zoom_views", self.zoom_views_check.isChecked())
         settings.set("tile_size", self.tile_spin.value())
         settings.set("overlap", self.overlap_spin.value())
         settings.set("threshold", self.threshold_spin.value())
@@ -218,6 +225,7 @@ class ModelSection:
         training_free = adapter_choice.runs_training_free(choice, self.model_combo.currentData())
         self.decoding_combo.setEnabled(training_free)
         self.kshot_combo.setEnabled(not training_free)  # how several references combine: the trained mode only
+        self.zoom_views_check.setEnabled(not training_free)
         self.tune_spin.setEnabled(not training_free)  # run-time tuning of VCP: the trained mode only
         self.adapters_status.setText(adapter_choice.describe_choice(
             choice, self.model_combo.currentData(), self.adapters_file_widget.filePath()))
