@@ -107,3 +107,5 @@ def test_zoom_views_run_parameter(tmp_path):
     assert args.zoom_views is False
     args = build_parser().parse_args(["eval", "--data", "d"])
     assert args.zoom_views is True
+    assert build_parser().parse_args(["demo", "--no-zoom-views"]).zoom_views is False
+    assert demo_params(tmp_path, zoom_views=False).zoom_views is False
