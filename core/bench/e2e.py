@@ -54,6 +54,9 @@ variant("default", "the default run: ViRefSAM with the shipped adapters (plain p
 variant("default_fp32", "the default run with the adapted pass's ONNX graph in fp32, as before its int8 weights "
         "(ModelParams.adapted_precision)",
         params=lambda a, p: dataclasses.replace(_model(p, adapters="default", adapted_precision="fp32"), mode="virefsam"))
+variant("default_no_views", "the default run without the zoomed views of its one-crop reference "
+        "(RunParams.zoom_views False: one decoding per tile instead of four, as before them)",
+        params=lambda a, p: dataclasses.replace(_model(p, adapters="default"), mode="virefsam", zoom_views=False))
 variant("baseline", "the pipeline as it is (encoder backend auto: ORT for the embedded model on the CPU)",
         threads_kind="auto")
 def _two_classes(args, params):
