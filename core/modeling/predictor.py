@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, ModelError
+from ..scale import ZOOM_VIEWS, zoom_view
 from .prototypes import (
     GRID,
     Prototypes,
@@ -172,9 +173,9 @@ class ReferencePredictor:
         self.window_margin = window_margin  # training-free masks are upscaled only near their prompt
         # training-free: each prompt decoded on a crop around its box ((margin, min cells)); None: the whole tile
         self.decoder_context = decoder_context
-        # with zoomed views a reference is three images: keep all three, so that another class marked on the same
+        # with zoomed views a reference is three images: keep them all, so that another class marked on the same
         # crop (a several-class run sharing ``cache``) encodes none of them again
-        self.cache_size = max(cache_size, 3) if zoom_views and cache_size > 0 else cache_size
+        self.cache_size = max(cache_size, 1 + len(ZOOM_VIEWS)) if zoom_views and cache_size > 0 else cache_size
         # background prototypes: N_b Voronoi regions per shot (K x N_b, the default: on NWPU's novel classes 5-shot
         # 22.9 mIoU against 19.6 jointly, buildings 56.6 / 56.7) or N_b over all shots at once
         self.bg_per_shot = bg == "per_shot"
@@ -296,10 +297,7 @@ class ReferencePredictor:
             masks.append(mask)
         originals = (images, masks)  # run-time tuning learns from the references as marked
         if self.zoom_views and self.mode == "virefsam" and len(images) == 1:
-            from ..scale import ZOOM_VIEWS, zoom_view
-
-            views = [v for im, m in zip(images, masks) for z in ZOOM_VIEWS
-                     for v in [zoom_view(im, m, z)] if v is not None]
+            views = [v for z in ZOOM_VIEWS if (v := zoom_view(images[0], masks[0], z)) is not None]
             images, masks = images + [v[0] for v in views], masks + [v[1] for v in views]
         with torch.inference_mode():
             self._shots = None

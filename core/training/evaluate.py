@@ -279,9 +279,9 @@ def run(args) -> int:
         print()
         print(format_table(meters, title=f"{ds.name} {k}-shot, {len(eps)} episodes, seed {args.seed}: IoU %"))
         for m, meter in meters.items():
-            pr = meter.class_precision_recall()
+            pct = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
             print(f"{m} precision / recall %: " + ", ".join(
-                f"{c} {'-' if p is None else f'{p:.1f}'} / {'-' if r is None else f'{r:.1f}'}" for c, (p, r) in pr.items()))
+                f"{c} {pct(p)} / {pct(r)}" for c, (p, r) in meter.class_precision_recall().items()))
         report["results"][f"{k}-shot"] = OrderedDict(
             episodes=len(eps), episodes_sha256=episodes_sha256(eps), wall_s=round(time.time() - t0, 1),
             modes=OrderedDict((m, dict(meters[m].summary(), s_per_episode=round(seconds[m] / max(len(eps), 1), 3),
