@@ -98,15 +98,24 @@ def test_ctrl_c_during_training_says_the_checkpoint_was_saved_and_how_to_resume(
     args = ["train", "--data", str(tiny_folder), "--fold", "0", "--device", "cpu", "--feature-cache",
             str(tmp_path / "features"), "--quiet", "--episodes", "200", "--batch", "1", "--lr", "1e-4",
             "--warmup", "1", "--out", str(out), "--n-queries", "8", "--save-every", "1000", "--threads", "1"]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1")  # faulthandler: stacks on SIGABRT
     proc = subprocess.Popen([sys.executable, "-m", "core", *args], cwd=root, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+                            stderr=subprocess.PIPE, text=True, env=env)
     log = out / "train_log.jsonl"
     t0 = time.time()
     while not (log.exists() and log.read_text().strip()) and proc.poll() is None and time.time() - t0 < 300:
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
+    waited = time.time() - t0
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # show where it hangs: faulthandler prints every thread's stack on SIGABRT
+        proc.send_signal(signal.SIGABRT)
+        stdout, stderr = proc.communicate(timeout=60)
+        steps = len(log.read_text().splitlines()) if log.exists() else 0
+        pytest.fail(f"no exit 120 s after SIGINT (sent {waited:.0f} s after the start; {steps} steps logged "
+                    f"when it was killed); the stacks:\n{stderr[-6000:]}")
     assert proc.returncode == 130, stderr
     ckpt = out / "checkpoint.pt"
     assert ckpt.is_file()  # --save-every 1000: written by the interrupt, not by the schedule
