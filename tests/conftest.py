@@ -36,6 +36,38 @@ def engine(embedded_sam):
     return SamEngine(embedded_sam, device="cpu", precision="fp32")
 
 
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny synthetic dataset for train / eval (tests/test_train_eval.py, test_adapter_choice.py): 6 images
+    96x96: class 1 = red squares, class 2 = blue discs; fold 0 holds class 1 out (base = 2)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("data") / "shapes"
+    (root / "img").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = ["image,mask"]
+    yy, xx = np.mgrid[:96, :96]
+    for i in range(6):
+        img = rng.integers(90, 140, (96, 96, 3)).astype(np.uint8)
+        lab = np.zeros((96, 96), np.uint8)
+        x0, y0 = 8 + 6 * i, 10 + 4 * i
+        lab[y0:y0 + 24, x0:x0 + 24] = 1
+        disc = (yy - 66) ** 2 + (xx - 70 + 3 * i) ** 2 < 14 ** 2
+        lab[disc] = 2
+        img[lab == 1] = (200, 40, 40)
+        img[lab == 2] = (40, 60, 200)
+        Image.fromarray(img).save(root / "img" / f"{i}.png")
+        Image.fromarray(lab).save(root / "img" / f"{i}_mask.png")
+        rows.append(f"img/{i}.png,img/{i}_mask.png")
+    (root / "index.csv").write_text("\n".join(rows) + "\n")
+    (root / "classes.json").write_text(json.dumps(
+        {"classes": {"1": "square", "2": "disc"}, "folds": [[1], [2]], "min_pixels": 100}))
+    return root
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # QGIS: one real QgsApplication (offscreen) per session, a real iface substitute, the plugin importable as
 # `virefsam`, Processing initialised. Used by tests/test_plugin_*.py, test_ui_*.py, test_processing*.py.

@@ -33,7 +33,7 @@ def houses():
 
 def _params(classes, **kw):
     return RunParams("+".join(c.name for c in classes), () if len(classes) > 1 else classes[0].references,
-                     (TARGET,), model=ModelParams(device="cpu"), mode="virefsam",
+                     (TARGET,), model=ModelParams(device="cpu", adapters="default"), mode="virefsam",  # DTA's pass
                      classes=tuple(classes) if len(classes) > 1 else (), **kw)
 
 

@@ -286,7 +286,7 @@ def test_adapters_parameters_with_their_help(provider):
 @pytest.mark.parametrize(
     "given,mode,adapters",
     [
-        ({}, "virefsam", "default"),  # the algorithm's defaults: mode ViRefSAM, shipped adapters
+        ({}, "virefsam", "auto"),  # the algorithm's defaults: mode ViRefSAM, shipped adapters (the check chooses)
         ({"ADAPTERS": 1}, "training_free", None),
         ({"ADAPTERS": 2, "ADAPTERS_FILE": str(TRAINED)}, "virefsam", str(TRAINED)),
         ({"ADAPTERS_FILE": str(TRAINED)}, "virefsam", str(TRAINED)),  # a file given selects it

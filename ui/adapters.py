@@ -1,7 +1,8 @@
 """The choice of adapter weights, shared by the dock and the Processing algorithm.
 
-``core.params.ModelParams.adapters`` is ``"default"`` (the adapters shipped for the model in
-``resources/adapters/{model}_virefsam.pt``), ``None`` (training-free) or the path of a ``.pt`` file written by
+``core.params.ModelParams.adapters`` is ``"auto"`` (the files shipped for the model in ``resources/adapters/``:
+``{model}_virefsam.pt`` and, where there is one, ``{model}_virefsam_objects.pt``; a check on the reference picks
+one per run, :mod:`core.choice`), ``None`` (training-free) or the path of a ``.pt`` file written by
 ``python -m core train``. The user sees three choices: Shipped / None / File. Where no adapters are shipped for
 the chosen model yet, "Shipped" runs training-free (``core.pipeline.resolve_adapters`` gives None).
 """
@@ -21,8 +22,10 @@ CHOICES = (
 TOOLTIP = (
     "Which trained VCP + DTA adapter weights guide SAM:\n"
     "• Shipped (ViRefSAM): the adapters that come with the plugin for the chosen model "
-    "(resources/adapters/<model>_virefsam.pt). Where none are shipped for that model yet, the run is "
-    "training-free.\n"
+    "(resources/adapters/<model>_virefsam.pt, for buildings and land cover, and <model>_virefsam_objects.pt, "
+    "for compact objects such as courts, tanks or bridges). Each segments your reference first; the one that "
+    "finds your marked objects best does the run, and the message says which. Where none are shipped for "
+    "that model yet, the run is training-free.\n"
     "• None (training-free): SAM alone, prompted from prototypes of the reference; nothing trained is used.\n"
     "• File…: a .pt file of adapters written by 'python -m core train' (for instance trained on your own "
     "classes); it must have been trained for the chosen model."
@@ -52,7 +55,7 @@ def mode_and_adapters(choice: str, path: str = "") -> Tuple[str, Optional[str]]:
         if not os.path.isfile(path):
             raise InputError(missing_file_sentence(path))
         return "virefsam", path
-    return "virefsam", "default"
+    return "virefsam", "auto"
 
 
 def shipped_file(model_name: str):
@@ -92,6 +95,14 @@ def describe_choice(choice: str, model_name: str, path: str = "") -> str:
         return ""
     if shipped is None:
         return f"No adapters are shipped for the model '{model_name}' yet: runs are training-free."
+    try:
+        from ..core.engines import objects_adapters
+
+        objects = objects_adapters(model_name)
+    except ImportError:
+        objects = None
+    if objects is not None:
+        return f"ViRefSAM with the shipped {shipped.name} or {objects.name}, whichever finds your marks best."
     return f"ViRefSAM with the shipped {shipped.name}."
 
 
@@ -100,6 +111,8 @@ def describe_run(params) -> str:
     adapters = params.model.adapters
     if params.mode != "virefsam" or adapters in (None, "", "none"):
         return "Mode: training-free (no adapters)."
+    if adapters == "auto":  # a finished run's params name the file chosen; before the run, the choice is open
+        return "Mode: ViRefSAM, the shipped adapters the reference's check prefers."
     if adapters == "default":
         try:
             shipped = shipped_file(params.model.name)
@@ -108,4 +121,4 @@ def describe_run(params) -> str:
         if shipped is None:
             return f"Mode: training-free (no adapters are shipped for the model '{params.model.name}' yet)."
         return f"Mode: ViRefSAM, shipped adapters {shipped}."
-    return f"Mode: ViRefSAM, adapters {adapters}."
+    return f"Mode: ViRefSAM, adapters {adapters}."  # after an "auto" run: the file it chose (the note says why)

@@ -32,7 +32,7 @@ import json
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from ..errors import InputError
 
@@ -105,10 +105,51 @@ def adapters_file(name: Optional[str], model: str) -> Optional[Path]:
     none is shipped), 'none' or nothing = None, else a path that must exist (ModelError)."""
     if not name or name.lower() == "none":
         return None
+    if "," in name:  # A.pt,B.pt (adapter_choices): the first is the one a single-file mode uses
+        name = name.split(",")[0].strip()
     from ..params import ModelParams
     from ..pipeline import resolve_adapters
 
     return resolve_adapters(ModelParams(name=model, adapters=name))
+
+
+def adapter_choices(name: Optional[str], model: str) -> List[Path]:
+    """The files ``--adapters`` lets the reference check choose from: ``auto`` = the shipped ones
+    (:func:`core.engines.adapter_candidates`), ``A.pt,B.pt`` = these (e.g. per-fold files); else one or none."""
+    if name and "," in name:
+        return [adapters_file(n.strip(), model) for n in name.split(",") if n.strip()]
+    if name == "auto":
+        from ..engines import adapter_candidates
+        from ..params import ModelParams
+
+        return adapter_candidates(ModelParams(name=model, adapters="auto"))
+    path = adapters_file(name, model)
+    return [] if path is None else [path]
+
+
+class ChoosingPredictor:
+    """``--adapters auto`` or ``A.pt,B.pt``: per episode, :func:`core.choice.reference_check` of each file's
+    predictor on the episode's reference crops and :func:`core.choice.pick` choose the one that predicts the
+    query, as the pipeline chooses one per run (the first file unless another checks more than the margin better). ``counts[i]``: the episodes that chose file i; ``scores``: the last episode's checks."""
+
+    mode = "virefsam"
+
+    def __init__(self, predictors, paths) -> None:
+        self.predictors, self.paths = list(predictors), list(paths)
+        self.counts = [0] * len(self.predictors)
+        self.scores: List[float] = []
+        self.chosen = 0
+
+    def set_references(self, references, negatives=()) -> None:
+        from ..choice import pick, reference_check
+
+        self.scores = [reference_check(p, references) for p in self.predictors]
+        self.chosen = pick(self.scores)
+        self.counts[self.chosen] += 1
+        self.predictors[self.chosen].set_references(references, negatives)
+
+    def predict(self, image):
+        return self.predictors[self.chosen].predict(image)
 
 
 def _trained_kwargs(args) -> dict:
@@ -135,6 +176,13 @@ def _predictors(args, engine):
             out[mode] = (ReferencePredictor(engine, mode=mode, seed=args.seed, bg=args.bg,
                                             decoder_context=decoder_context(getattr(args, "decoding", "local"))), "")
         elif mode == "virefsam":
+            candidates = adapter_choices(args.adapters, args.model)
+            if len(candidates) > 1:  # --adapters auto / A.pt,B.pt: the reference check picks one per episode
+                preds = [ReferencePredictor(engine, mode="virefsam", adapters=ViRefSAM.from_adapters(
+                    engine.sam, path, seed=args.seed), seed=args.seed, bg=args.bg, **_trained_kwargs(args))
+                    for path in candidates]
+                out[mode] = (ChoosingPredictor(preds, candidates), "")
+                continue
             if adapters is None:
                 out[mode] = (None, _no_adapters(args))
                 continue
@@ -231,7 +279,9 @@ def run(args) -> int:
         zoom_views=_trained_kwargs(args)["zoom_views"],
         tune={"steps": getattr(args, "tune_steps", 0), "lr": getattr(args, "tune_lr", 1e-4),
               "ignore_found": getattr(args, "tune_ignore_found", False)},
-        adapters=_file_record(adapters_file(args.adapters, args.model), file_sha256),
+        adapters=_file_record(adapters_file(args.adapters, args.model), file_sha256)
+        if len(adapter_choices(args.adapters, args.model)) < 2 else
+        {"choose_from": [_file_record(p, file_sha256) for p in adapter_choices(args.adapters, args.model)]},
         ablation_adapters=_file_record(adapters_file(args.ablation_adapters, args.model), file_sha256),
         modes={m: (note or "ok") for m, (_, note) in preds.items()},
         results=OrderedDict(),
@@ -271,6 +321,8 @@ def run(args) -> int:
                 seconds[m] += time.time() - t
                 meters[m].update(ep.class_name, prob > args.threshold, data.query_mask, data.query_ignore)
                 per_episode[m].append(_episode_row(ep, zoom, data, prob > args.threshold))
+                if isinstance(pred, ChoosingPredictor):
+                    per_episode[m][-1].update(chosen=pred.chosen, checks=[round(c, 4) for c in pred.scores])
             if bar is not None:
                 bar.set_postfix({m: f"{meters[m].miou():.1f}" for m, _ in active})
                 bar.update(1)
@@ -287,6 +339,15 @@ def run(args) -> int:
             modes=OrderedDict((m, dict(meters[m].summary(), s_per_episode=round(seconds[m] / max(len(eps), 1), 3),
                                        episodes=per_episode[m]))
                               for m, _ in active))
+        for m, pred in active:
+            if isinstance(pred, ChoosingPredictor):
+                from ..choice import MARGIN
+
+                report["results"][f"{k}-shot"]["modes"][m]["chosen"] = {
+                    str(p): n for p, n in zip(pred.paths, pred.counts)}
+                report["results"][f"{k}-shot"]["modes"][m]["choice_margin"] = MARGIN
+                print(f"{m} chose: " + ", ".join(f"{p} in {n} episodes" for p, n in zip(pred.paths, pred.counts)))
+                pred.counts = [0] * len(pred.counts)
     report["feature_cache"] = {"hits": engine.hits, "misses": engine.misses}
     for m, (p, note) in preds.items():
         if p is None or note:
