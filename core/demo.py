@@ -201,6 +201,9 @@ def run(args) -> int:
     print(f"ViRefSAM demo: class 'building', 1 reference (4 houses), mode {result.targets and params.mode}, "
           f"model {result.targets[0].features[0].attributes['model'] if result.targets[0].features else params.model.name}")
     print(f"  {result.scale}")
+    for note in result.notes:
+        if note.startswith("Adapters auto:"):  # which shipped file the reference chose, and both checks
+            print(f"  {note}")
     for (name, raster), t in zip(TARGETS.items(), result.targets):
         with rasterio.open(raster) as ds:
             s = score([f.geometry for f in t.features], _osm(name), (ds.height, ds.width), ds.transform)
@@ -210,7 +213,8 @@ def run(args) -> int:
               f"recall {s['recall']:.2f}  houses found {s['houses_found']}/{s['osm_houses']}  ({t.seconds:.0f} s)")
     render(result, params, out / "demo.png")
     (out / "demo_scores.json").write_text(json.dumps({"scores": scores, "scale": result.scale, "timings": result.timings,
-                                                       "seconds": result.seconds}, indent=2))
+                                                       "seconds": result.seconds,
+                                                       "adapters": result.params.model.adapters}, indent=2))
     print(f"Wrote {result.output}, {out / 'demo.png'} and {out / 'demo_scores.json'} "
           f"in {time.perf_counter() - t0:.0f} s.")
     return 0
