@@ -231,6 +231,35 @@ def test_local_cluster_runs_the_k_shot_ensemble_as_in_process(tmp_path, shared_d
 
 
 @pytest.mark.slow
+def test_local_cluster_uses_the_adapters_file_the_reference_chose(tmp_path, shared_data):
+    """adapters "auto": the client chooses the file from the reference before the tiles go out; the workers
+    build their predictor from the chosen file (the run's params name it), so the result is the in-process one.
+    This reference (one large marked building) chooses the second file, not the one "auto" means elsewhere."""
+    import dataclasses
+    import json
+
+    from shapely.geometry import shape
+
+    from core.engines import objects_adapters
+    from core.params import ReferenceSpec
+
+    if objects_adapters("embedded") is None:
+        pytest.skip("no second adapters file is shipped")
+    tile = shared_data / "oam_buildings" / "images" / "area2_OAM-1238452-1046530-21.tif"
+    labels = json.loads((shared_data / "oam_buildings" / "labels_geojson" / f"{tile.stem}.geojson").read_text())
+    house = max((shape(f["geometry"]) for f in labels["features"]), key=lambda g: g.area)
+    ref = ReferenceSpec(raster=str(tile), foreground=(house.wkt,), crs="EPSG:4326")
+    here = RunParams(class_name="building", references=(ref,), targets=(str(tile),), output=str(tmp_path / "here.gpkg"),
+                     overwrite=True, model=ModelParams(device="cpu", adapters="auto"), mode="virefsam")
+    result = run(here)
+    assert result.params.model.adapters == str(objects_adapters("embedded"))
+    run(dataclasses.replace(here, output=str(tmp_path / "cluster.gpkg"), cluster="local:2"))
+    written = json.loads((tmp_path / "cluster.gpkg.params.json").read_text())
+    assert written["model"]["adapters"] == str(objects_adapters("embedded"))
+    _same_result(tmp_path / "here.gpkg", tmp_path / "cluster.gpkg")
+
+
+@pytest.mark.slow
 def test_killed_worker_tiles_are_recomputed_and_the_result_is_the_same(tmp_path, kampala, in_process, tcp_cluster):
     killed = []
 
