@@ -4,8 +4,9 @@
 device, precision, threads, backend) and keeps it for later runs in this process (one model in memory at a
 time); ``make_predictor`` wraps it in the run's ReferencePredictor; ``resolve_adapters`` turns the one name of
 the shipped adapters (``"default"``), ``"none"`` or a path into a file; ``adapter_candidates`` lists the shipped
-files ``"auto"`` chooses from by a check on the reference (:mod:`core.choice`, in the pipeline and eval). Used by the pipeline, the Dask workers
-(``core.cluster_worker``), eval and bench alike, so that no one of them imports another.
+files ``"auto"`` chooses from by a check on the reference (:mod:`core.choice`, in the pipeline and eval). Used by
+the pipeline, the Dask workers (``core.cluster_worker``), eval and bench alike, so that no one of them imports
+another.
 """
 
 from __future__ import annotations

@@ -258,15 +258,18 @@ def run(params: RunParams, progress: Optional[Progress] = None,
         scale_note = f"The {scale.describe()}; {n_crops} reference crop{'s' if n_crops != 1 else ''}."
         shots = [[(r.image, r.mask) for r in rs.refs] for rs in ref_sets]
         negatives = [[(r.image, r.background) for r in rs.negatives] for rs in ref_sets]  # "not this class"
-        if params.mode == "virefsam" and params.model.adapters == "auto":  # which shipped file: ask the reference
+        candidates = adapter_candidates(params.model) if params.mode == "virefsam" else []
+        if len(candidates) > 1:  # adapters "auto" with two shipped files: the reference chooses (core.choice)
             say(0.02, "choosing the adapters from the reference")
             with stage("reference"):
-                adapters, note = _choose_adapters(engine, params, shots, adapters)
+                chosen, note = _choose_adapters(engine, params, shots, candidates)
             check_cancel()
             notes.append(note)
-            params = dataclasses.replace(params, model=dataclasses.replace(params.model, adapters=str(adapters)))
-            model = params.model
-            predictors = [make_predictor(engine, params, adapters, cache=shared) for _ in classes]
+            params = dataclasses.replace(params, model=dataclasses.replace(params.model, adapters=str(chosen)))
+            model = params.model  # the written params name the file: a replay does not choose again
+            if chosen != adapters:
+                adapters = chosen
+                predictors = [make_predictor(engine, params, adapters, cache=shared) for _ in classes]
             if hasattr(executor, "params"):  # a cluster's workers build their predictor from the run's params
                 executor.params = params
 
@@ -404,14 +407,11 @@ def run(params: RunParams, progress: Optional[Progress] = None,
                      timings=dict(timings), notes=notes, scale=scale_note)
 
 
-def _choose_adapters(engine, params: RunParams, shots, default):
-    """``adapters="auto"``: the shipped file whose predictor best finds the marked objects of the reference crops
-    (:mod:`core.choice`); returns (file, a note for the message bar)."""
+def _choose_adapters(engine, params: RunParams, shots, candidates):
+    """The candidate file whose predictor best finds the marked objects of the reference crops (:mod:`core.choice`),
+    and a note for the message bar with every candidate's check."""
     from .choice import choose
 
-    candidates = adapter_candidates(params.model)
-    if len(candidates) < 2:
-        return default, "Adapters auto: one shipped file, no choice to make."
     chosen, scores = choose(candidates, lambda path: make_predictor(engine, params, path), shots)
     told = ", ".join(f"{p.name} {s:.2f}" for p, s in zip(candidates, scores))
     return chosen, f"Adapters auto: {chosen.name} chosen by the check on the reference ({told})."

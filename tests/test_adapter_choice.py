@@ -40,6 +40,8 @@ def test_auto_offers_the_shipped_files_default_first():
     assert resolve_adapters(ModelParams(adapters="auto")) == shipped  # without references: the default file
     assert adapter_candidates(ModelParams(adapters="default")) == [shipped]
     assert adapter_candidates(ModelParams(adapters=None)) == []
+    if default_adapters("vit_b") is None:  # nothing shipped for the model: no choice, the run is training-free
+        assert adapter_candidates(ModelParams(name="vit_b", adapters="auto")) == []
 
 
 def test_a_run_with_auto_says_which_file_it_chose_and_records_it(tmp_path):
