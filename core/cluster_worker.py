@@ -78,17 +78,16 @@ def _params(params_json: str):
 
 
 def _predictor(params, state_token: str, reference: dict):
-    from .engines import load_engine, make_predictor, resolve_adapters
+    from .engines import load_engine, run_predictor
 
     model = dataclasses.replace(params.model, threads=worker_threads(params.model.threads))
     key = (model, params.mode, params.seed, params.decoding, params.kshot, params.tune_steps,
            params.zoom_views)
     entry = _PREDICTORS.get(key)
     if entry is None:
-        adapters = resolve_adapters(model) if params.mode == "virefsam" else None
         engine = load_engine(model)
         STATS["engines_built"] += 1
-        entry = [make_predictor(engine, params, adapters), None]
+        entry = [run_predictor(engine, dataclasses.replace(params, model=model)), None]  # a blend: params weigh it
         _PREDICTORS.clear()  # load_engine keeps one model per process: so do we
         _PREDICTORS[key] = entry
     if entry[1] != state_token:

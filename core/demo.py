@@ -202,7 +202,7 @@ def run(args) -> int:
           f"model {result.targets[0].features[0].attributes['model'] if result.targets[0].features else params.model.name}")
     print(f"  {result.scale}")
     for note in result.notes:
-        if note.startswith("Adapters auto:"):  # which shipped file the reference chose, and both checks
+        if note.startswith("Adapters auto:"):  # which shipped files the reference weighed, and both checks
             print(f"  {note}")
     for (name, raster), t in zip(TARGETS.items(), result.targets):
         with rasterio.open(raster) as ds:

@@ -35,27 +35,39 @@ def objects_adapters(model_name: str) -> Optional[Path]:
     return path if path.is_file() else None
 
 
+def _listed(model: ModelParams) -> List[str]:
+    """``model.adapters`` split at commas (several files: a blend weighed by the check)."""
+    return [a.strip() for a in str(model.adapters).split(",") if a.strip()]
+
+
 def adapter_candidates(model: ModelParams) -> List[Path]:
-    """The files a run may use: for ``"auto"`` the shipped ones (default first), else the one file (or none)."""
+    """The files a run may use: for ``"auto"`` the shipped ones (default first), for a comma list each file, else
+    the one file (or none)."""
     if model.adapters == "auto":
         return [p for p in (default_adapters(model.name), objects_adapters(model.name)) if p is not None]
+    if model.adapters and "," in str(model.adapters):
+        return [_existing(Path(a)) for a in _listed(model)]
     path = resolve_adapters(model)
     return [] if path is None else [path]
 
 
-def resolve_adapters(model: ModelParams) -> Optional[Path]:
-    """``model.adapters`` as a file path, or None for the training-free mode. ``"auto"`` gives the default file
-    here: the choice between the shipped files needs the references (:func:`adapter_candidates`)."""
-    if model.adapters in (None, "", "none"):
-        return None
-    if model.adapters in ("default", "auto"):
-        return default_adapters(model.name)
-    path = Path(model.adapters)
+def _existing(path: Path) -> Path:
     if not path.is_file():
         raise ModelError(
             f"The adapter weights file {path} does not exist: choose the .pt file written by training, or no adapters."
         )
     return path
+
+
+def resolve_adapters(model: ModelParams) -> Optional[Path]:
+    """``model.adapters`` as a file path, or None for the training-free mode. ``"auto"`` gives the default file
+    and a comma list its first file here: the weights of several files need the references
+    (:func:`adapter_candidates`, :mod:`core.choice`)."""
+    if model.adapters in (None, "", "none"):
+        return None
+    if model.adapters in ("default", "auto"):
+        return default_adapters(model.name)
+    return _existing(Path(_listed(model)[0]))
 
 
 def check_precision(model: ModelParams) -> None:
@@ -104,3 +116,24 @@ def make_predictor(engine, params: RunParams, adapters, cache=None):
                                                kshot=params.kshot, tune_steps=params.tune_steps,
                                                tune_ignore_found=True,  # an analyst's marks are partial
                                                zoom_views=params.zoom_views)
+
+
+def run_predictor(engine, params: RunParams, cache=None):
+    """The predictor a run's parameters describe: one ReferencePredictor, or, when ``params.model`` names
+    several adapters files with their weights (written by the pipeline after the check on the reference), a
+    :class:`core.modeling.blend.BlendedPredictor` of those with a weight above 0, sharing one embedding cache.
+    Several files without weights: the first alone (the pipeline weighs them before the tiles)."""
+    files = adapter_candidates(params.model) if params.mode == "virefsam" else []
+    weights = params.model.adapter_weights
+    if len(files) > 1 and len(weights) == len(files):
+        kept = [(f, w) for f, w in zip(files, weights) if w > 0]
+        if len(kept) > 1:
+            from collections import OrderedDict
+
+            from .modeling.blend import BlendedPredictor
+
+            cache = OrderedDict() if cache is None else cache
+            return BlendedPredictor([make_predictor(engine, params, f, cache=cache) for f, _ in kept],
+                                    [w for _, w in kept])
+        files = [kept[0][0]] if kept else files
+    return make_predictor(engine, params, files[0] if files else None, cache=cache)

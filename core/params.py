@@ -45,7 +45,12 @@ class ModelParams:
     adapters:   ``"auto"`` (default: of the files shipped in ``resources/adapters/`` for this model, the one a
                 check on the reference prefers, :mod:`core.choice`; the run's written parameters name the file
                 chosen), ``"default"`` (the main shipped VCP+DTA file, when there is one), ``None`` (no
-                adapters: training-free), or a path to a ``.pt`` of adapter weights.
+                adapters: training-free), a path to a ``.pt`` of adapter weights, or several paths joined by
+                commas (the check on the reference weighs them, as for ``"auto"``).
+    adapter_weights: empty (default): with several files (``"auto"`` or a comma list) the check on the reference
+                sets the weights of their blend (:mod:`core.choice`), and the run's written parameters hold the
+                files and weights it used; given (one per file, as a replay's parameters give them): used as they
+                are, without the check.
     device:     ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``.
     precision:  ``fp32`` (default), ``bf16`` (CPUs with bf16 support, or CUDA) or ``fp16`` (CUDA only).
     threads:    CPU threads for torch (and ONNX Runtime's intra-op threads); 0 = the library's default.
@@ -62,6 +67,7 @@ class ModelParams:
     name: str = "embedded"
     checkpoint: Optional[str] = None
     adapters: Optional[str] = "auto"
+    adapter_weights: Tuple[float, ...] = ()
     device: str = "auto"
     precision: str = "fp32"
     threads: int = 0
@@ -172,6 +178,9 @@ class RunParams:
             raise InputError(
                 f"Unknown precision '{self.model.precision}': choose one of {', '.join(PRECISIONS)}."
             )
+        w = self.model.adapter_weights
+        if w and (min(w) < 0 or sum(w) <= 0 or len(w) != len(str(self.model.adapters or "").split(","))):
+            raise InputError("The adapter weights must be one non-negative number per adapters file, not all zero.")
         backend = self.model.encoder_backend
         if backend not in ENCODER_BACKENDS:
             raise InputError(
@@ -236,7 +245,9 @@ class RunParams:
         d.setdefault("kshot", "joint")  # a parameters file from before the field: the joint decoding it ran
         d.setdefault("tune_steps", 0)  # nor did it tune on the references
         d.setdefault("zoom_views", False)  # nor see them zoomed
-        d["model"] = ModelParams(**{"adapted_precision": "fp32", **d.get("model", {})})  # older files ran fp32
+        model = {"adapted_precision": "fp32", **d.get("model", {})}  # older files ran fp32
+        model["adapter_weights"] = tuple(float(w) for w in model.get("adapter_weights", ()))
+        d["model"] = ModelParams(**model)
 
         def refs(items):
             return tuple(ReferenceSpec(**{**r, "foreground": tuple(r.get("foreground", ())),

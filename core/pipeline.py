@@ -50,7 +50,7 @@ import numpy as np
 
 from .errors import CancelledError, InputError
 from .engines import (adapter_candidates, check_precision, default_adapters, load_engine, make_predictor,  # noqa: F401
-                      resolve_adapters)
+                      resolve_adapters, run_predictor)
 from .params import RunParams
 from .results import Feature, RunResult, TargetResult
 
@@ -217,7 +217,8 @@ def run(params: RunParams, progress: Optional[Progress] = None,
     say(0.0, "checking the inputs")
     _check_output(params)
     check_precision(params.model)
-    adapters = resolve_adapters(params.model) if params.mode == "virefsam" else None
+    # every adapters file named exists (several: "auto" or a comma list, weighed on the reference below)
+    candidates = adapter_candidates(params.model) if params.mode == "virefsam" else []
     sources: List = []
     results: List[TargetResult] = []
     executor = None  # [cluster #17] who runs the tile loop (core.executors)
@@ -237,7 +238,7 @@ def run(params: RunParams, progress: Optional[Progress] = None,
         shared = OrderedDict() if len(classes) > 1 else None
         with stage("model"):
             engine = load_engine(model)
-            predictors = [make_predictor(engine, params, adapters, cache=shared) for _ in classes]
+            predictors = [run_predictor(engine, params, cache=shared) for _ in classes]
         mode = predictors[0].mode
         model_label = model.name + ("+adapters" if mode == "virefsam" else f" ({mode})")
         check_cancel()
@@ -258,18 +259,21 @@ def run(params: RunParams, progress: Optional[Progress] = None,
         scale_note = f"The {scale.describe()}; {n_crops} reference crop{'s' if n_crops != 1 else ''}."
         shots = [[(r.image, r.mask) for r in rs.refs] for rs in ref_sets]
         negatives = [[(r.image, r.background) for r in rs.negatives] for rs in ref_sets]  # "not this class"
-        candidates = adapter_candidates(params.model) if params.mode == "virefsam" else []
-        if len(candidates) > 1:  # adapters "auto" with two shipped files: the reference chooses (core.choice)
-            say(0.02, "choosing the adapters from the reference")
+        if len(candidates) > 1 and len(params.model.adapter_weights) != len(candidates):
+            # adapters "auto" (two shipped files) or a comma list: the reference weighs the files (core.choice)
+            say(0.02, "weighing the adapters on the reference")
             with stage("reference"):
-                chosen, note = _choose_adapters(engine, params, shots, candidates)
+                weights, note = _weigh_adapters(engine, params, shots, candidates)
             check_cancel()
             notes.append(note)
-            params = dataclasses.replace(params, model=dataclasses.replace(params.model, adapters=str(chosen)))
-            model = params.model  # the written params name the file: a replay does not choose again
-            if chosen != adapters:
-                adapters = chosen
-                predictors = [make_predictor(engine, params, adapters, cache=shared) for _ in classes]
+            kept = [(str(f), w) for f, w in zip(candidates, weights) if w > 0]
+            # the written params name the files and weights used: a replay or a Dask worker does not check again
+            params = dataclasses.replace(params, model=dataclasses.replace(
+                params.model, adapters=",".join(f for f, _ in kept),
+                adapter_weights=tuple(round(w, 4) for _, w in kept) if len(kept) > 1 else ()))
+            model = params.model
+            if len(kept) > 1 or Path(kept[0][0]) != candidates[0]:  # not the first file alone, as built above
+                predictors = [run_predictor(engine, params, cache=shared) for _ in classes]
             if hasattr(executor, "params"):  # a cluster's workers build their predictor from the run's params
                 executor.params = params
 
@@ -295,7 +299,7 @@ def run(params: RunParams, progress: Optional[Progress] = None,
             say(0.05, "GPU out of memory: going on on the CPU")
             engine = load_engine(model)
             cache = OrderedDict() if len(classes) > 1 else None
-            predictors = [make_predictor(engine, params, adapters, cache=cache) for _ in classes]
+            predictors = [run_predictor(engine, params, cache=cache) for _ in classes]
             set_references()
 
         def cuda_safe(call, again: bool = True):
@@ -407,14 +411,17 @@ def run(params: RunParams, progress: Optional[Progress] = None,
                      timings=dict(timings), notes=notes, scale=scale_note)
 
 
-def _choose_adapters(engine, params: RunParams, shots, candidates):
-    """The candidate file whose predictor best finds the marked objects of the reference crops (:mod:`core.choice`),
-    and a note for the message bar with every candidate's check."""
-    from .choice import choose
+def _weigh_adapters(engine, params: RunParams, shots, candidates):
+    """The weights of the candidate files by the check on the reference crops (:mod:`core.choice`), and a note
+    for the message bar with every candidate's check and weight."""
+    from .choice import weigh
 
-    chosen, scores = choose(candidates, lambda path: make_predictor(engine, params, path), shots)
+    cache = OrderedDict()  # the candidates share the reference crops' plain passes
+    weights, scores = weigh(candidates, lambda path: make_predictor(engine, params, path, cache=cache), shots)
     told = ", ".join(f"{p.name} {s:.2f}" for p, s in zip(candidates, scores))
-    return chosen, f"Adapters auto: {chosen.name} chosen by the check on the reference ({told})."
+    used = [f"{p.name} {w:.0%}" for p, w in zip(candidates, weights) if w > 0]
+    what = used[0].rsplit(" ", 1)[0] + " alone" if len(used) == 1 else "a blend of " + " and ".join(used)
+    return weights, f"Adapters auto: {what}, by the check on the reference ({told})."
 
 
 def _layer_classes(params: RunParams) -> Optional[List[str]]:

@@ -54,8 +54,9 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default="embedded", choices=("embedded", "vit_t", "vit_b", "vit_l", "vit_h"))
     p.add_argument("--checkpoint", help="SAM checkpoint file for vit_t/vit_b/vit_l/vit_h")
     p.add_argument("--adapters", default="auto",
-                   help="trained adapters: 'auto' (default: the shipped file the reference's check prefers), "
-                        "'default' (the main shipped file), 'none' (training-free) or a .pt path")
+                   help="trained adapters: 'auto' (default: the shipped files, weighed by a check on the reference), "
+                        "'default' (the main shipped file), 'none' (training-free), a .pt path, or several .pt paths "
+                        "joined by commas (weighed as for auto)")
     p.add_argument("--mode", default="virefsam", choices=MODES)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))

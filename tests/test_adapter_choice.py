@@ -1,7 +1,8 @@
-"""``adapters="auto"``: the check on the reference that picks one of the shipped adapters files (core.choice).
+"""``adapters="auto"``: the check on the reference that weighs the shipped adapters files (core.choice), and the
+blend of their probabilities (core.modeling.blend).
 
-The real embedded SAM, the two real shipped files, the demo's real reference and a real target; the eval command
-on a tiny synthetic dataset choosing between the two files per episode.
+The real embedded SAM, the two real shipped files, the demo's real reference and a real target, a real OAM tile;
+the eval command on a tiny synthetic dataset weighing the two files per episode.
 """
 
 import json
@@ -9,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from core.choice import MARGIN, pick, touching_iou
+from core.choice import FLOOR, blend_weights, touching_iou
 from core.engines import adapter_candidates, default_adapters, objects_adapters, resolve_adapters
 from core.params import ModelParams
 
@@ -26,10 +27,14 @@ def test_touching_iou_leaves_out_objects_away_from_the_marks():
     assert touching_iou(np.zeros((40, 40)), marks) == (0, 100)
 
 
-def test_the_default_file_keeps_the_run_unless_another_checks_clearly_better():
-    assert pick([0.50, 0.50 + MARGIN]) == 0  # not more than the margin above: the default file
-    assert pick([0.50, 0.51 + MARGIN]) == 1
-    assert pick([0.70, 0.20]) == 0 and pick([0.0, 0.0]) == 0
+def test_the_checks_become_weights_and_a_clearly_worse_file_is_left_out():
+    assert blend_weights([0.5, 0.5]) == [0.5, 0.5]  # the same check: the same weight
+    a, b = blend_weights([0.50, 0.55])
+    assert 0.2 < a < 0.3 and abs(a + b - 1) < 1e-9  # a softmax at temperature 0.05: e^-1 / (1 + e^-1)
+    assert blend_weights([0.80, 0.52]) == [1.0, 0.0]  # the demo's houses: the objects file would weigh < FLOOR
+    assert blend_weights([0.10, 0.90]) == [0.0, 1.0] and blend_weights([0.0, 0.0]) == [0.5, 0.5]
+    w = blend_weights([0.6, 0.5, 0.2])
+    assert w[2] == 0.0 and all(v >= FLOOR for v in w[:2]) and abs(sum(w) - 1) < 1e-9
 
 
 def test_auto_offers_the_shipped_files_default_first():
@@ -44,9 +49,9 @@ def test_auto_offers_the_shipped_files_default_first():
         assert adapter_candidates(ModelParams(name="vit_b", adapters="auto")) == []
 
 
-def test_a_run_with_auto_says_which_file_it_chose_and_records_it(tmp_path):
-    """The demo's four marked houses choose the buildings file; the note says so with both checks, and the
-    parameters written beside the output name the chosen file, so the run replays without choosing again."""
+def test_a_run_with_auto_says_which_files_it_weighed_and_records_them(tmp_path):
+    """The demo's four marked houses keep the buildings file alone; the note says so with both checks, and the
+    parameters written beside the output name the file used, so the run replays without checking again."""
     import dataclasses
 
     from core.demo import TARGETS, demo_params
@@ -58,15 +63,60 @@ def test_a_run_with_auto_says_which_file_it_chose_and_records_it(tmp_path):
                                  targets=(str(TARGETS["kampala"]),))
     result = run(params)
     (note,) = [n for n in result.notes if n.startswith("Adapters auto:")]
-    assert "embedded_virefsam.pt chosen" in note and "embedded_virefsam_objects.pt" in note
+    assert "embedded_virefsam.pt alone" in note and "embedded_virefsam_objects.pt" in note, note
     written = json.loads((tmp_path / "demo.gpkg.params.json").read_text())
     assert written["model"]["adapters"] == str(default_adapters("embedded"))
+    assert written["model"]["adapter_weights"] == []
     assert sum(len(t.features) for t in result.targets) > 0
 
 
-def test_eval_chooses_per_episode_between_two_files(tiny_folder, tmp_path):
-    """``eval --adapters A.pt,B.pt``: each episode's check on its reference picks a file; the JSON says which
-    for every episode and how often each was chosen."""
+def test_a_blend_is_the_weighted_mean_of_both_files_and_replays_from_its_params(tmp_path, shared_data):
+    """Given two files and weights (as a run's written params give them), the run blends the two files'
+    probabilities without checking again; the blend's probabilities are the weighted mean of each file's."""
+    import dataclasses
+
+    from core.engines import load_engine, make_predictor, run_predictor
+    from core.modeling.blend import BlendedPredictor
+    from core.params import ReferenceSpec, RunParams
+    from core.raster import RasterSource
+    from core.pipeline import run
+    from shapely.geometry import shape
+
+    shipped, objects = default_adapters("embedded"), objects_adapters("embedded")
+    if shipped is None or objects is None:
+        pytest.skip("the two adapters files are not shipped for the embedded model")
+    tile = shared_data / "oam_buildings" / "images" / "area2_OAM-1238452-1046530-21.tif"
+    labels = json.loads((shared_data / "oam_buildings" / "labels_geojson" / f"{tile.stem}.geojson").read_text())
+    house = max((shape(f["geometry"]) for f in labels["features"]), key=lambda g: g.area)
+    ref = ReferenceSpec(raster=str(tile), foreground=(house.wkt,), crs="EPSG:4326")
+    params = RunParams(class_name="building", references=(ref,), targets=(str(tile),),
+                       output=str(tmp_path / "blend.gpkg"), overwrite=True, mode="virefsam",
+                       model=ModelParams(device="cpu", adapters=f"{shipped},{objects}", adapter_weights=(0.7, 0.3)))
+    result = run(params)
+    assert not [n for n in result.notes if n.startswith("Adapters auto:")]  # the weights were given: no check
+    written = json.loads((tmp_path / "blend.gpkg.params.json").read_text())
+    assert written["model"]["adapter_weights"] == [0.7, 0.3]
+
+    engine = load_engine(params.model)
+    blend = run_predictor(engine, params)
+    assert isinstance(blend, BlendedPredictor) and blend.weights == pytest.approx([0.7, 0.3])
+    with RasterSource(str(tile)) as src:
+        rgb, _ = src.read_rgb8()
+    shots = [(rgb, np.zeros(rgb.shape[:2], bool))]
+    shots[0][1][rgb.shape[0] // 3: rgb.shape[0] // 2, rgb.shape[1] // 3: rgb.shape[1] // 2] = True
+    blend.set_references(shots)
+    a, b = make_predictor(engine, params, shipped), make_predictor(engine, params, objects)
+    a.set_references(shots)
+    b.set_references(shots)
+    np.testing.assert_allclose(blend.predict(rgb), 0.7 * a.predict(rgb) + 0.3 * b.predict(rgb), atol=1e-5)
+    one = run_predictor(engine, dataclasses.replace(params, model=dataclasses.replace(
+        params.model, adapter_weights=(1.0, 0.0))))
+    assert not isinstance(one, BlendedPredictor)  # a file of weight 0 costs nothing
+
+
+def test_eval_weighs_two_files_per_episode(tiny_folder, tmp_path):
+    """``eval --adapters A.pt,B.pt``: each episode's check on its reference weighs the files; the JSON gives the
+    weights and checks of every episode and how often each file was used."""
     from core import cli
 
     shipped, objects = default_adapters("embedded"), objects_adapters("embedded")
@@ -78,8 +128,21 @@ def test_eval_chooses_per_episode_between_two_files(tiny_folder, tmp_path):
             "--json", str(report)]
     assert cli.main(argv) == 0
     rep = json.loads(report.read_text())
-    assert [r["path"] for r in rep["adapters"]["choose_from"]] == [str(shipped.resolve()), str(objects.resolve())]
+    assert [r["path"] for r in rep["adapters"]["weighed"]] == [str(shipped.resolve()), str(objects.resolve())]
     res = rep["results"]["1-shot"]["modes"]["virefsam"]
-    assert sum(res["chosen"].values()) == 2
-    assert all(e["chosen"] in (0, 1) and len(e["checks"]) == 2 for e in res["episodes"])
+    assert res["blend"]["temperature"] > 0 and sum(res["used"].values()) >= 2
+    for e in res["episodes"]:
+        assert len(e["checks"]) == 2 and abs(sum(e["weights"]) - 1) < 1e-3
+        assert e["weights"] == pytest.approx(blend_weights(e["checks"]), abs=2e-3)
 
+
+def test_adapter_weights_that_do_not_fit_the_files_end_in_one_sentence():
+    from core.errors import InputError
+    from core.params import ReferenceSpec, RunParams
+
+    ref = ReferenceSpec(raster="a.tif", foreground=("POINT (0 0)",))
+    for adapters, weights in (("a.pt", (0.5, 0.5)), ("a.pt,b.pt", (0.0, 0.0)), ("a.pt,b.pt", (1.2, -0.2))):
+        with pytest.raises(InputError, match="^The adapter weights must be one non-negative number per adapters "
+                                             "file, not all zero.$"):
+            RunParams(class_name="x", references=(ref,), targets=("b.tif",), output="o.gpkg",
+                      model=ModelParams(adapters=adapters, adapter_weights=weights))

@@ -231,16 +231,17 @@ def test_local_cluster_runs_the_k_shot_ensemble_as_in_process(tmp_path, shared_d
 
 
 @pytest.mark.slow
-def test_local_cluster_uses_the_adapters_file_the_reference_chose(tmp_path, shared_data):
-    """adapters "auto": the client chooses the file from the reference before the tiles go out; the workers
-    build their predictor from the chosen file (the run's params name it), so the result is the in-process one.
-    This reference (one large marked building) chooses the second file, not the one "auto" means elsewhere."""
+def test_local_cluster_uses_the_adapters_the_reference_weighed(tmp_path, shared_data):
+    """adapters "auto": the client weighs the files on the reference before the tiles go out; the workers build
+    their predictor from the run's params (the files and weights used), so the result is the in-process one.
+    This reference (one large marked building) keeps the second file alone, not the one "auto" keeps elsewhere;
+    a blend of both files (given weights, as a replay's params give them) goes through the workers too."""
     import dataclasses
     import json
 
     from shapely.geometry import shape
 
-    from core.engines import objects_adapters
+    from core.engines import default_adapters, objects_adapters
     from core.params import ReferenceSpec
 
     if objects_adapters("embedded") is None:
@@ -257,6 +258,13 @@ def test_local_cluster_uses_the_adapters_file_the_reference_chose(tmp_path, shar
     written = json.loads((tmp_path / "cluster.gpkg.params.json").read_text())
     assert written["model"]["adapters"] == str(objects_adapters("embedded"))
     _same_result(tmp_path / "here.gpkg", tmp_path / "cluster.gpkg")
+
+    blend = dataclasses.replace(here, output=str(tmp_path / "blend.gpkg"), model=ModelParams(
+        device="cpu", adapters=f"{default_adapters('embedded')},{objects_adapters('embedded')}",
+        adapter_weights=(0.6, 0.4)))
+    run(blend)
+    run(dataclasses.replace(blend, output=str(tmp_path / "blend_cluster.gpkg"), cluster="local:2"))
+    _same_result(tmp_path / "blend.gpkg", tmp_path / "blend_cluster.gpkg")
 
 
 @pytest.mark.slow

@@ -212,7 +212,7 @@ def test_run_with_an_adapters_file_says_which_file_and_mode(dock, tile, qgis_ifa
 
 def test_run_with_the_shipped_choice_says_what_it_used(dock, tile, qgis_iface, qtbot):
     """"Shipped" with no adapters shipped for the model yet runs training-free and says so; once files are
-    there, the check on the reference chooses one, and the message names it and says why."""
+    there, the check on the reference weighs them, and the message names what it used and says why."""
     from virefsam.core.engines import adapter_candidates
     from virefsam.core.params import ModelParams
     from virefsam.core.pipeline import default_adapters
@@ -232,7 +232,7 @@ def test_run_with_the_shipped_choice_says_what_it_used(dock, tile, qgis_iface, q
         assert models <= {"embedded (training_free)"}
     else:
         files = adapter_candidates(ModelParams(adapters="auto"))
-        assert any(f"Mode: ViRefSAM, adapters {p}." in text for p in files), text
+        assert "Mode: ViRefSAM, adapters " in text and any(str(p) in text for p in files), text
         if len(files) > 1:
-            assert "chosen by the check on the reference" in text
+            assert "by the check on the reference" in text
         assert models <= {"embedded+adapters"}

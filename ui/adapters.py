@@ -102,7 +102,8 @@ def describe_choice(choice: str, model_name: str, path: str = "") -> str:
     except ImportError:
         objects = None
     if objects is not None:
-        return f"ViRefSAM with the shipped {shipped.name} or {objects.name}, whichever finds your marks best."
+        return (f"ViRefSAM with the shipped {shipped.name} and {objects.name}, weighed by how well each finds your "
+                "marks.")
     return f"ViRefSAM with the shipped {shipped.name}."
 
 
@@ -111,8 +112,8 @@ def describe_run(params) -> str:
     adapters = params.model.adapters
     if params.mode != "virefsam" or adapters in (None, "", "none"):
         return "Mode: training-free (no adapters)."
-    if adapters == "auto":  # a finished run's params name the file chosen; before the run, the choice is open
-        return "Mode: ViRefSAM, the shipped adapters the reference's check prefers."
+    if adapters == "auto":  # a finished run's params name the files used; before the run, the weights are open
+        return "Mode: ViRefSAM, the shipped adapters weighed by the check on the reference."
     if adapters == "default":
         try:
             shipped = shipped_file(params.model.name)
@@ -121,4 +122,8 @@ def describe_run(params) -> str:
         if shipped is None:
             return f"Mode: training-free (no adapters are shipped for the model '{params.model.name}' yet)."
         return f"Mode: ViRefSAM, shipped adapters {shipped}."
-    return f"Mode: ViRefSAM, adapters {adapters}."  # after an "auto" run: the file it chose (the note says why)
+    weights = getattr(params.model, "adapter_weights", ())
+    files = [a.strip() for a in str(adapters).split(",") if a.strip()]
+    if len(files) > 1 and len(weights) == len(files):  # after an "auto" run: the blend it used (the note says why)
+        return "Mode: ViRefSAM, adapters " + " and ".join(f"{f} ({w:.0%})" for f, w in zip(files, weights)) + "."
+    return f"Mode: ViRefSAM, adapters {adapters}."  # after an "auto" run: the one file it used (the note says why)

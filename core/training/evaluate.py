@@ -127,29 +127,38 @@ def adapter_choices(name: Optional[str], model: str) -> List[Path]:
     return [] if path is None else [path]
 
 
-class ChoosingPredictor:
+class WeighingPredictor:
     """``--adapters auto`` or ``A.pt,B.pt``: per episode, :func:`core.choice.reference_check` of each file's
-    predictor on the episode's reference crops and :func:`core.choice.pick` choose the one that predicts the
-    query, as the pipeline chooses one per run (the first file unless another checks more than the margin better). ``counts[i]``: the episodes that chose file i; ``scores``: the last episode's checks."""
+    predictor on the episode's reference crops and :func:`core.choice.blend_weights` weigh the files whose
+    probabilities are averaged on the query, as the pipeline weighs them once per run (the predictors share one
+    embedding cache). ``used[i]``: the episodes in which file i had a weight (``alone[i]``: the whole weight);
+    ``scores`` / ``weights``: the last episode's."""
 
     mode = "virefsam"
 
     def __init__(self, predictors, paths) -> None:
         self.predictors, self.paths = list(predictors), list(paths)
-        self.counts = [0] * len(self.predictors)
+        self.used = [0] * len(self.predictors)
+        self.alone = [0] * len(self.predictors)
         self.scores: List[float] = []
-        self.chosen = 0
+        self.weights: List[float] = []
+        self.blend = None
 
     def set_references(self, references, negatives=()) -> None:
-        from ..choice import pick, reference_check
+        from ..choice import blend_weights, reference_check
+        from ..modeling.blend import BlendedPredictor
 
         self.scores = [reference_check(p, references) for p in self.predictors]
-        self.chosen = pick(self.scores)
-        self.counts[self.chosen] += 1
-        self.predictors[self.chosen].set_references(references, negatives)
+        self.weights = blend_weights(self.scores)
+        kept = [i for i, w in enumerate(self.weights) if w > 0]
+        for i in kept:
+            self.used[i] += 1
+            self.alone[i] += len(kept) == 1
+        self.blend = BlendedPredictor([self.predictors[i] for i in kept], [self.weights[i] for i in kept])
+        self.blend.set_references(references, negatives)
 
     def predict(self, image):
-        return self.predictors[self.chosen].predict(image)
+        return self.blend.predict(image)
 
 
 def _trained_kwargs(args) -> dict:
@@ -177,11 +186,12 @@ def _predictors(args, engine):
                                             decoder_context=decoder_context(getattr(args, "decoding", "local"))), "")
         elif mode == "virefsam":
             candidates = adapter_choices(args.adapters, args.model)
-            if len(candidates) > 1:  # --adapters auto / A.pt,B.pt: the reference check picks one per episode
+            if len(candidates) > 1:  # --adapters auto / A.pt,B.pt: the reference check weighs them per episode
+                cache = OrderedDict()  # one plain pass per image for all files
                 preds = [ReferencePredictor(engine, mode="virefsam", adapters=ViRefSAM.from_adapters(
-                    engine.sam, path, seed=args.seed), seed=args.seed, bg=args.bg, **_trained_kwargs(args))
-                    for path in candidates]
-                out[mode] = (ChoosingPredictor(preds, candidates), "")
+                    engine.sam, path, seed=args.seed), seed=args.seed, bg=args.bg, cache=cache,
+                    **_trained_kwargs(args)) for path in candidates]
+                out[mode] = (WeighingPredictor(preds, candidates), "")
                 continue
             if adapters is None:
                 out[mode] = (None, _no_adapters(args))
@@ -281,7 +291,7 @@ def run(args) -> int:
               "ignore_found": getattr(args, "tune_ignore_found", False)},
         adapters=_file_record(adapters_file(args.adapters, args.model), file_sha256)
         if len(adapter_choices(args.adapters, args.model)) < 2 else
-        {"choose_from": [_file_record(p, file_sha256) for p in adapter_choices(args.adapters, args.model)]},
+        {"weighed": [_file_record(p, file_sha256) for p in adapter_choices(args.adapters, args.model)]},
         ablation_adapters=_file_record(adapters_file(args.ablation_adapters, args.model), file_sha256),
         modes={m: (note or "ok") for m, (_, note) in preds.items()},
         results=OrderedDict(),
@@ -321,8 +331,9 @@ def run(args) -> int:
                 seconds[m] += time.time() - t
                 meters[m].update(ep.class_name, prob > args.threshold, data.query_mask, data.query_ignore)
                 per_episode[m].append(_episode_row(ep, zoom, data, prob > args.threshold))
-                if isinstance(pred, ChoosingPredictor):
-                    per_episode[m][-1].update(chosen=pred.chosen, checks=[round(c, 4) for c in pred.scores])
+                if isinstance(pred, WeighingPredictor):
+                    per_episode[m][-1].update(weights=[round(w, 4) for w in pred.weights],
+                                              checks=[round(c, 4) for c in pred.scores])
             if bar is not None:
                 bar.set_postfix({m: f"{meters[m].miou():.1f}" for m, _ in active})
                 bar.update(1)
@@ -340,14 +351,16 @@ def run(args) -> int:
                                        episodes=per_episode[m]))
                               for m, _ in active))
         for m, pred in active:
-            if isinstance(pred, ChoosingPredictor):
-                from ..choice import MARGIN
+            if isinstance(pred, WeighingPredictor):
+                from ..choice import FLOOR, TEMPERATURE
 
-                report["results"][f"{k}-shot"]["modes"][m]["chosen"] = {
-                    str(p): n for p, n in zip(pred.paths, pred.counts)}
-                report["results"][f"{k}-shot"]["modes"][m]["choice_margin"] = MARGIN
-                print(f"{m} chose: " + ", ".join(f"{p} in {n} episodes" for p, n in zip(pred.paths, pred.counts)))
-                pred.counts = [0] * len(pred.counts)
+                res = report["results"][f"{k}-shot"]["modes"][m]
+                res["used"] = {str(p): n for p, n in zip(pred.paths, pred.used)}
+                res["alone"] = {str(p): n for p, n in zip(pred.paths, pred.alone)}
+                res["blend"] = {"temperature": TEMPERATURE, "floor": FLOOR}
+                print(f"{m} weighed: " + ", ".join(f"{p} in {n} episodes ({a} alone)"
+                                                   for p, n, a in zip(pred.paths, pred.used, pred.alone)))
+                pred.used, pred.alone = [0] * len(pred.used), [0] * len(pred.alone)
     report["feature_cache"] = {"hits": engine.hits, "misses": engine.misses}
     for m, (p, note) in preds.items():
         if p is None or note:
