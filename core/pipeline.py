@@ -234,8 +234,9 @@ def run(params: RunParams, progress: Optional[Progress] = None,
         # 1. model --------------------------------------------------------------------------------------------
         say(0.01, "loading the model")
         model = params.model
-        # several classes: one predictor each, sharing one cache of tile embeddings (each tile's plain pass once)
-        shared = OrderedDict() if len(classes) > 1 else None
+        # several classes: one predictor each, sharing one cache of tile embeddings (each tile's plain pass once);
+        # several adapters files: the check on the reference and the run share the reference crops' plain passes
+        shared = OrderedDict() if len(classes) > 1 or len(candidates) > 1 else None
         with stage("model"):
             engine = load_engine(model)
             predictors = [run_predictor(engine, params, cache=shared) for _ in classes]
@@ -263,7 +264,7 @@ def run(params: RunParams, progress: Optional[Progress] = None,
             # adapters "auto" (two shipped files) or a comma list: the reference weighs the files (core.choice)
             say(0.02, "weighing the adapters on the reference")
             with stage("reference"):
-                weights, note = _weigh_adapters(engine, params, shots, candidates)
+                weights, note = _weigh_adapters(engine, params, shots, candidates, shared)
             check_cancel()
             notes.append(note)
             kept = [(str(f), w) for f, w in zip(candidates, weights) if w > 0]
@@ -411,12 +412,12 @@ def run(params: RunParams, progress: Optional[Progress] = None,
                      timings=dict(timings), notes=notes, scale=scale_note)
 
 
-def _weigh_adapters(engine, params: RunParams, shots, candidates):
+def _weigh_adapters(engine, params: RunParams, shots, candidates, cache):
     """The weights of the candidate files by the check on the reference crops (:mod:`core.choice`), and a note
-    for the message bar with every candidate's check and weight."""
+    for the message bar with every candidate's check and weight. ``cache``: the run's embedding cache (the
+    candidates and the run's predictors encode each reference crop once)."""
     from .choice import weigh
 
-    cache = OrderedDict()  # the candidates share the reference crops' plain passes
     weights, scores = weigh(candidates, lambda path: make_predictor(engine, params, path, cache=cache), shots)
     told = ", ".join(f"{p.name} {s:.2f}" for p, s in zip(candidates, scores))
     used = [f"{p.name} {w:.0%}" for p, w in zip(candidates, weights) if w > 0]

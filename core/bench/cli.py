@@ -41,8 +41,9 @@ def add_arguments(p) -> None:
     p.add_argument("--rounds", type=int, default=0, help="interleaved timing rounds (0: 3, quick 1)")
     p.add_argument("--no-vit-b", action="store_true", help="skip the vit_b encoder (30-60 s a pass on 2 cores)")
     p.add_argument("--e2e-variants",
-                   default="default,baseline,default_fp32,twoclass,before8,whole,exact,torch,onnxruntime_tbest,bf16_tbest,virefsam,vcponly",
-                   help="the default run (default: ViRefSAM with the shipped adapters), the pipeline as is in the "
+                   default="auto,baseline,default,default_fp32,twoclass,before8,whole,exact,torch,onnxruntime_tbest,bf16_tbest,virefsam,vcponly",
+                   help="the default run as analysts start it (auto: the shipped adapters weighed by the check on "
+                        "the reference), the first shipped file alone (default), the pipeline as is in the "
                         "training-free mode (baseline: encoder backend auto, ONNX Runtime for the embedded model on the "
                         "CPU), two classes in one run (twoclass: the baseline's run with a second class), with the PyTorch encoder (torch) or the ORT encoder (onnxruntime) chosen through the "
                         "engine's encoder_backend, as before #8 (before8: PyTorch encoder and SAM's MaskDecoder "
@@ -126,7 +127,7 @@ def run(args) -> int:
         if "e2e" in sections:
             log("end to end ...")
             variants = [v.strip() for v in args.e2e_variants.split(",") if v.strip()]
-            if args.quick:  # the headline pair: the default run and the training-free baseline
+            if args.quick:  # the headline pair: the default (auto) run and the training-free baseline
                 variants = variants[:2]
             from .. import pipeline
             from ..modeling import ort_encoder

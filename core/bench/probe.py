@@ -16,7 +16,7 @@ class Probe:
     """Install timers for one ``pipeline.run`` on ``engine``: ``with Probe(engine) as probe: pipeline.run(...)``.
 
     ``seconds[(phase, part)]`` / ``calls[(phase, part)]``: phase ``reference`` (set_references, scribble
-    densifying) or ``tiles`` (predict); parts ``encode`` (SamEngine.encode, the frozen encoder pass),
+    densifying, the adapters check of ``adapters="auto"``) or ``tiles`` (predict); parts ``encode`` (SamEngine.encode, the frozen encoder pass),
     ``encoder_adapted`` (ViRefSAM's DTA encoder pass), ``vcp`` (VCPEncoder.refine/queries/mask_logits),
     ``decoder`` (SAM mask decoder; in the training-free and static-prompt modes the whole
     ``training_free.decode_prompts`` call, prompt encoder included, whose shared-image decoder does not go
@@ -33,6 +33,7 @@ class Probe:
         self.calls: Dict[Tuple[str, str], int] = defaultdict(int)
         self.encodes: List[Tuple[str, str]] = []
         self.phase = "reference"
+        self.checking = False  # inside core.choice.reference_check (adapters auto)
         self.model_tiles = 0
         self.reused_tiles = 0
         self.mode = None
@@ -157,6 +158,8 @@ class Probe:
                 return super().set_references(references, negatives)
 
             def predict_batch(self, images):
+                if probe.checking:  # adapters auto: the check segments the reference crops, no tile
+                    return super().predict_batch(images)
                 probe.phase = "tiles"
                 if probe.max_tiles is not None and probe.model_tiles >= probe.max_tiles:
                     return [probe._reuse(im) for im in images]
@@ -184,6 +187,19 @@ class Probe:
 
         joint_module.predict_classes = predict_classes
         self._undo.append(lambda: setattr(joint_module, "predict_classes", joint_predict))
+        from .. import choice as choice_module
+
+        check = choice_module.reference_check
+
+        def reference_check(predictor, shots):  # adapters auto: timed as reference work, not as tiles
+            probe.phase, probe.checking = "reference", True
+            try:
+                return check(predictor, shots)
+            finally:
+                probe.checking = False
+
+        choice_module.reference_check = reference_check
+        self._undo.append(lambda: setattr(choice_module, "reference_check", check))
         from .. import pipeline as pipeline_module
 
         if "ReferencePredictor" in vars(pipeline_module):  # imported at module level (not the case today)
