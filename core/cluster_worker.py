@@ -78,13 +78,15 @@ def _params(params_json: str):
 
 
 def _predictor(params, state_token: str, reference: dict):
-    from .engines import load_engine, run_predictor
+    from .engines import adapter_candidates, load_engine, run_predictor
 
     model = dataclasses.replace(params.model, threads=worker_threads(params.model.threads))
     key = (model, params.mode, params.seed, params.decoding, params.kshot, params.tune_steps,
            params.zoom_views)
     entry = _PREDICTORS.get(key)
     if entry is None:
+        if params.mode == "virefsam":
+            adapter_candidates(model)  # a missing adapters file fails here, before any engine is built
         engine = load_engine(model)
         STATS["engines_built"] += 1
         entry = [run_predictor(engine, dataclasses.replace(params, model=model)), None]  # a blend: params weigh it
