@@ -1,0 +1,147 @@
+"""How two adapters files' probabilities are best combined from the check on the reference (issue #20, session 13).
+
+``episodes`` saves, for every episode of ``eval --nested 5 --episodes 20`` (1-shot, seed 0, the defaults), both
+files' query probabilities (uint8), their checks on the reference (:func:`core.choice.reference_check`) and the
+truth, one ``.npz`` per episode (about 1 MB each: kept outside the repository). ``rules`` scores combination rules
+on those files (mIoU per folder: summed intersections over unions per class), so that rules are compared on the
+same predictions without running the model again. The rule kept is ``core.choice.blend_weights``.
+
+    python scripts/adapter_blend.py episodes --data ../shared/data/nwpu_vhr10_dev --fold 0 \\
+        --adapters A.pt,B.pt --out ens/fold0
+    python scripts/adapter_blend.py rules ens/fold0 ens/fold1 ens/fold2 [--grid]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def cmd_episodes(args) -> None:
+    import torch
+
+    from core.choice import reference_check
+    from core.cli import build_parser
+    from core.training.episodes import load_episode, sample_episodes
+    from core.training.evaluate import _predictors, _scaled
+    from core.training.train import build_engine, open_data
+
+    torch.set_num_threads(args.threads)
+    engine, preds, ds = None, [], None
+    for f in args.adapters.split(","):
+        argv = ["eval", "--data", args.data] + (["--fold", str(args.fold)] if args.fold is not None else []) + [
+            "--shots", "1", "--nested", "5", "--episodes", str(args.episodes), "--modes", "virefsam",
+            "--adapters", f, "--threads", str(args.threads), "--quiet"] + (["--kind", args.kind] if args.kind else [])
+        a = build_parser().parse_args(argv)
+        if engine is None:
+            ds = open_data(a)
+            engine, _ = build_engine(a)
+        preds.append(_predictors(a, engine)["virefsam"][0])
+    for p in preds[1:]:
+        p._cache = preds[0]._cache  # one plain pass per image for both files
+    classes = ds.novel_classes(args.fold) if args.fold is not None else list(ds.classes)
+    eps = [dataclasses.replace(e, support=e.support[:1])
+           for e in sample_episodes(ds, classes, n=args.episodes, shots=5, seed=0, min_pixels=None)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for k, ep in enumerate(eps):
+        t0 = time.time()
+        data = load_episode(ds, ep)
+        refs, predict_query, zoom = _scaled(data, "auto")
+        ign = data.query_ignore if data.query_ignore is not None else np.zeros_like(data.query_mask)
+        gt = data.query_mask & ~ign
+        rec = {"class": ep.class_name, "query": ep.query, "support": list(ep.support), "zoom": zoom, "check": [],
+               "qiu": []}
+        arrs = {"gt": data.query_mask, "ign": ign}
+        for j, p in enumerate(preds):
+            rec["check"].append(reference_check(p, refs))
+            p.set_references(refs)
+            prob = predict_query(p)
+            arrs[f"q{j}"] = (prob * 255).round().astype(np.uint8)
+            q = (prob > 0.5) & ~ign
+            rec["qiu"].append((int((q & gt).sum()), int((q | gt).sum())))
+        np.savez_compressed(out / f"ep{k:03d}.npz", **arrs)
+        rec["s"] = round(time.time() - t0, 1)
+        with open(out / "episodes.jsonl", "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        print(k, json.dumps(rec), flush=True)
+
+
+def softmax_rule(offset: float, temperature: float, floor: float):
+    """B's weight: sigmoid((check_B - check_A - offset) / temperature), 0 under ``floor``, 1 above 1 - floor.
+    offset 0: :func:`core.choice.blend_weights` for two files."""
+    def rule(pa, pb, ca, cb):
+        w = 1 / (1 + np.exp(-(cb - ca - offset) / temperature))
+        w = 0.0 if w < floor else (1.0 if w > 1 - floor else w)
+        return pa + (pb - pa) * w
+    return rule
+
+
+RULES = {
+    "A": lambda pa, pb, ca, cb: pa,
+    "B": lambda pa, pb, ca, cb: pb,
+    "choice (B if its check > A's + 0.1)": lambda pa, pb, ca, cb: pb if cb > ca + 0.1 else pa,
+    "mean": lambda pa, pb, ca, cb: (pa + pb) / 2,
+    "max": lambda pa, pb, ca, cb: np.maximum(pa, pb),
+    "band 0.1 (choice, mean within 0.1)": lambda pa, pb, ca, cb: pb if cb > ca + 0.1 else (
+        (pa + pb) / 2 if cb > ca - 0.1 else pa),
+    "blend (kept: offset 0, t 0.05, floor 0.1)": softmax_rule(0.0, 0.05, 0.1),
+}
+
+
+def cmd_rules(args) -> None:
+    rules = dict(RULES)
+    if args.grid:
+        for m in (-0.1, -0.05, 0.0, 0.05, 0.1, 0.15):
+            for t in (0.03, 0.05, 0.1, 0.2):
+                for fl in (0.0, 0.1, 0.2):
+                    rules[f"softmax offset {m} t {t} floor {fl}"] = softmax_rule(m, t, fl)
+    res = defaultdict(list)
+    for d in map(Path, args.folders):
+        recs = [json.loads(line) for line in open(d / "episodes.jsonl")]
+        acc = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+        for k, r in enumerate(recs):
+            z = np.load(d / f"ep{k:03d}.npz")
+            gt, ign = z["gt"] & ~z["ign"], z["ign"]
+            pa, pb = z["q0"] / 255.0, z["q1"] / 255.0
+            for name, f in rules.items():
+                q = (f(pa, pb, *r["check"]) > 0.5) & ~ign
+                acc[name][r["class"]][0] += int((q & gt).sum())
+                acc[name][r["class"]][1] += int((q | gt).sum())
+        for name in rules:
+            res[name].append(100 * float(np.mean([i / max(u, 1) for i, u in acc[name].values()])))
+    print("folders: " + ", ".join(args.folders))
+    for name, v in res.items():
+        print(f"{name:45s} " + " ".join(f"{x:5.1f}" for x in v) + f"   mean {np.mean(v):5.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("episodes")
+    e.add_argument("--data", required=True)
+    e.add_argument("--fold", type=int, default=None)
+    e.add_argument("--kind", default=None)
+    e.add_argument("--episodes", type=int, default=20)
+    e.add_argument("--adapters", required=True, help="A.pt,B.pt")
+    e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--out", required=True)
+    r = sub.add_parser("rules")
+    r.add_argument("folders", nargs="+")
+    r.add_argument("--grid", action="store_true", help="also the softmax rules over offsets, temperatures, floors")
+    args = ap.parse_args()
+    {"episodes": cmd_episodes, "rules": cmd_rules}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
