@@ -14,7 +14,6 @@ same predictions without running the model again. The rule kept is ``core.choice
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -25,33 +24,19 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def cmd_episodes(args) -> None:
-    import torch
+    from adapter_choice import episode_predictors
 
     from core.choice import reference_check
-    from core.cli import build_parser
-    from core.training.episodes import load_episode, sample_episodes
-    from core.training.evaluate import _predictors, _scaled
-    from core.training.train import build_engine, open_data
+    from core.training.episodes import load_episode
+    from core.training.evaluate import _scaled
 
-    torch.set_num_threads(args.threads)
-    engine, preds, ds = None, [], None
-    for f in args.adapters.split(","):
-        argv = ["eval", "--data", args.data] + (["--fold", str(args.fold)] if args.fold is not None else []) + [
-            "--shots", "1", "--nested", "5", "--episodes", str(args.episodes), "--modes", "virefsam",
-            "--adapters", f, "--threads", str(args.threads), "--quiet"] + (["--kind", args.kind] if args.kind else [])
-        a = build_parser().parse_args(argv)
-        if engine is None:
-            ds = open_data(a)
-            engine, _ = build_engine(a)
-        preds.append(_predictors(a, engine)["virefsam"][0])
+    ds, preds, eps = episode_predictors(args, args.kind)
     for p in preds[1:]:
         p._cache = preds[0]._cache  # one plain pass per image for both files
-    classes = ds.novel_classes(args.fold) if args.fold is not None else list(ds.classes)
-    eps = [dataclasses.replace(e, support=e.support[:1])
-           for e in sample_episodes(ds, classes, n=args.episodes, shots=5, seed=0, min_pixels=None)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for k, ep in enumerate(eps):
@@ -126,15 +111,12 @@ def cmd_rules(args) -> None:
 
 
 def main() -> None:
+    from adapter_choice import episodes_parser
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("episodes")
-    e.add_argument("--data", required=True)
-    e.add_argument("--fold", type=int, default=None)
+    e = episodes_parser(sub)
     e.add_argument("--kind", default=None)
-    e.add_argument("--episodes", type=int, default=20)
-    e.add_argument("--adapters", required=True, help="A.pt,B.pt")
-    e.add_argument("--threads", type=int, default=1)
     e.add_argument("--out", required=True)
     r = sub.add_parser("rules")
     r.add_argument("folders", nargs="+")

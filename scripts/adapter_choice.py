@@ -59,13 +59,14 @@ def reference_check(pred, shots, predict=None):
     return inter, union
 
 
-def cmd_episodes(args) -> None:
+def episode_predictors(args, kind=None):
+    """(dataset, [one trained predictor per file of ``args.adapters``], the 1-shot episodes of ``eval --nested 5
+    --episodes N``, seed 0) as the eval command builds them (also used by scripts/adapter_blend.py)."""
     import torch
 
     from core.cli import build_parser
-    from core.training.episodes import load_episode, sample_episodes
-    from core.training.evaluate import _predictors, _scaled
-    from core.training.scaled import predict_at_zoom
+    from core.training.episodes import sample_episodes
+    from core.training.evaluate import _predictors
     from core.training.train import build_engine, open_data
 
     torch.set_num_threads(args.threads)
@@ -73,7 +74,7 @@ def cmd_episodes(args) -> None:
     for f in args.adapters.split(","):
         argv = ["eval", "--data", args.data] + (["--fold", str(args.fold)] if args.fold is not None else []) + [
             "--shots", "1", "--nested", "5", "--episodes", str(args.episodes), "--modes", "virefsam",
-            "--adapters", f, "--threads", str(args.threads), "--quiet"]
+            "--adapters", f, "--threads", str(args.threads), "--quiet"] + (["--kind", kind] if kind else [])
         a = build_parser().parse_args(argv)
         if engine is None:
             ds = open_data(a)
@@ -82,6 +83,15 @@ def cmd_episodes(args) -> None:
     classes = ds.novel_classes(args.fold) if args.fold is not None else list(ds.classes)
     eps = [dataclasses.replace(e, support=e.support[:1])
            for e in sample_episodes(ds, classes, n=args.episodes, shots=5, seed=0, min_pixels=None)]
+    return ds, preds, eps
+
+
+def cmd_episodes(args) -> None:
+    from core.training.episodes import load_episode
+    from core.training.evaluate import _scaled
+    from core.training.scaled import predict_at_zoom
+
+    ds, preds, eps = episode_predictors(args)
     rows = []
     for ep in eps:
         data = load_episode(ds, ep)
@@ -162,15 +172,21 @@ def cmd_margins(args) -> None:
         print(f"margin {m}: " + " / ".join(f"{v:.1f}" for v in out))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
+def episodes_parser(sub):
+    """The ``episodes`` subcommand's arguments of :func:`episode_predictors` (also scripts/adapter_blend.py)."""
     e = sub.add_parser("episodes")
     e.add_argument("--data", required=True)
     e.add_argument("--fold", type=int, default=None)
     e.add_argument("--episodes", type=int, default=20)
     e.add_argument("--adapters", required=True, help="A.pt,B.pt")
     e.add_argument("--threads", type=int, default=1)
+    return e
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = episodes_parser(sub)
     e.add_argument("--json", required=True)
     d = sub.add_parser("demo")
     d.add_argument("--adapters", required=True, help="A.pt,B.pt")
