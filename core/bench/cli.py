@@ -41,7 +41,7 @@ def add_arguments(p) -> None:
     p.add_argument("--rounds", type=int, default=0, help="interleaved timing rounds (0: 3, quick 1)")
     p.add_argument("--no-vit-b", action="store_true", help="skip the vit_b encoder (30-60 s a pass on 2 cores)")
     p.add_argument("--e2e-variants",
-                   default="auto,baseline,default,default_fp32,twoclass,before8,whole,exact,torch,onnxruntime_tbest,bf16_tbest,virefsam,vcponly",
+                   default="auto,baseline,default,blend,default_fp32,twoclass,before8,whole,exact,torch,onnxruntime_tbest,bf16_tbest,virefsam,vcponly",
                    help="the default run as analysts start it (auto: the shipped adapters weighed by the check on "
                         "the reference), the first shipped file alone (default), the pipeline as is in the "
                         "training-free mode (baseline: encoder backend auto, ONNX Runtime for the embedded model on the "

@@ -55,6 +55,18 @@ variant("auto", "the default run as an analyst starts it (adapters auto): the ch
         "shipped files, then the tiles run with the files it kept (the bench's one marked house keeps the first "
         "alone: the default row plus the check)",
         params=lambda a, p: dataclasses.replace(_model(p, adapters="auto"), mode="virefsam"))
+def _blend(args, params):
+    from ..engines import adapter_candidates
+
+    files = adapter_candidates(dataclasses.replace(params.model, adapters="auto"))
+    return dataclasses.replace(_model(params, adapters=",".join(map(str, files)),
+                                      adapter_weights=(0.5, 0.5)[:len(files)] if len(files) > 1 else ()),
+                               mode="virefsam")
+
+
+variant("blend", "the default run where the check keeps both shipped files (weights 0.5 / 0.5 given, as a replay "
+        "gives them): the tiles' cost of a blend (the objects file's VCP and decodings beside the first file's run)",
+        params=_blend)
 variant("default_fp32", "the default run with the adapted pass's ONNX graph in fp32, as before its int8 weights "
         "(ModelParams.adapted_precision)",
         params=lambda a, p: dataclasses.replace(_model(p, adapters="default", adapted_precision="fp32"), mode="virefsam"))
