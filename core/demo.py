@@ -191,6 +191,12 @@ def run(args) -> int:
     params = demo_params(out, args.mode, args.device, args.scale, args.spread, getattr(args, "precision", "fp32"),
                          getattr(args, "adapters", "auto"), getattr(args, "adapted_precision", "int8"),
                          getattr(args, "tune_steps", 0), getattr(args, "zoom_views", True))
+    from .pipeline import vector_writing_available
+
+    if not vector_writing_available():  # a bare pip environment (e.g. a CUDA machine): score in memory
+        print("GDAL's Python bindings (osgeo) are missing: the polygons are scored in memory, demo.gpkg is "
+              "not written.")
+        params = dataclasses.replace(params, output=None)
     progress = _Progress(args.quiet)
     t0 = time.perf_counter()
     try:
@@ -215,6 +221,6 @@ def run(args) -> int:
     (out / "demo_scores.json").write_text(json.dumps({"scores": scores, "scale": result.scale, "timings": result.timings,
                                                        "seconds": result.seconds,
                                                        "adapters": result.params.model.adapters}, indent=2))
-    print(f"Wrote {result.output}, {out / 'demo.png'} and {out / 'demo_scores.json'} "
+    print(f"Wrote {result.output + ', ' if result.output else ''}{out / 'demo.png'} and {out / 'demo_scores.json'} "
           f"in {time.perf_counter() - t0:.0f} s.")
     return 0

@@ -127,12 +127,26 @@ def _spread(points: np.ndarray, n: int) -> np.ndarray:
     return points[np.linspace(0, len(points) - 1, n).round().astype(int)]
 
 
+def vector_writing_available() -> bool:
+    """Whether GDAL's Python bindings (osgeo), which write GeoPackage and Shapefile, can be imported. A run
+    without an output file needs neither them nor :mod:`.writers` (the dock's memory layers, a bare CUDA
+    machine's pip environment)."""
+    try:
+        from osgeo import ogr  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _check_output(params: RunParams) -> None:
     """Refuse an existing output file or an unwritable folder before any work is done."""
-    from .writers import layer_names, output_paths
-
     if not params.output:
         return
+    if not vector_writing_available():
+        raise InputError(f"Writing {params.output} needs GDAL's Python bindings (osgeo), which are not installed: "
+                         "install them (Debian: python3-gdal) or run without an output file.")
+    from .writers import layer_names, output_paths
+
     names = layer_names(params.targets, _layer_classes(params))
     for path in output_paths(params.output, names, params.output_format):
         if os.path.exists(path) and not params.overwrite:
@@ -200,7 +214,6 @@ def run(params: RunParams, progress: Optional[Progress] = None,
     from .modeling import joint_dta
     from .tiling import ProbabilityStitcher, TileGrid, resolution_scale
     from .vectorize import to_features, vectorize
-    from .writers import write_results
 
     t_start = time.perf_counter()
     timings: Dict[str, float] = defaultdict(float)
@@ -401,6 +414,8 @@ def run(params: RunParams, progress: Optional[Progress] = None,
     # 5. output -----------------------------------------------------------------------------------------------
     output = None
     if params.output:
+        from .writers import write_results
+
         say(0.95, "writing")
         with stage("write"):
             written = write_results(params.output, results, params.output_format, overwrite=params.overwrite,

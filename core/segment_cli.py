@@ -101,12 +101,21 @@ def add_arguments(p) -> None:
 
 
 def read_geometries(path: str) -> Tuple[Tuple[str, ...], Tuple[str, ...], str]:
-    """Read a vector file: (foreground WKTs, background WKTs, CRS as WKT or '')."""
-    from osgeo import gdal, ogr
+    """Read a vector file: (foreground WKTs, background WKTs, CRS as WKT or '').
 
-    gdal.UseExceptions()
+    With GDAL's Python bindings (QGIS, Debian's python3-gdal) any format OGR reads; without them (a bare pip
+    environment, e.g. a CUDA machine) GeoJSON only, read by :func:`read_geojson`."""
     if not Path(path).is_file():
         raise InputError(f"The reference geometry file {path} does not exist.")
+    try:
+        from osgeo import gdal, ogr
+    except ImportError:
+        if Path(path).suffix.lower() in (".geojson", ".json"):
+            return read_geojson(path)
+        raise InputError(f"{path} cannot be read without GDAL's Python bindings (osgeo): install them "
+                         "(Debian: python3-gdal) or give the geometries as GeoJSON.") from None
+
+    gdal.UseExceptions()
     try:
         ds = ogr.Open(str(path))
     except RuntimeError:
@@ -128,6 +137,34 @@ def read_geometries(path: str) -> Tuple[Tuple[str, ...], Tuple[str, ...], str]:
                 continue
             role = str(feat.GetField("role")).lower() if "role" in names else ""
             (bg if role == "background" else fg).append(geom.ExportToWkt())
+    return tuple(fg), tuple(bg), crs
+
+
+def read_geojson(path: str) -> Tuple[Tuple[str, ...], Tuple[str, ...], str]:
+    """:func:`read_geometries` for a GeoJSON file without GDAL: shapely reads the geometries, pyproj the CRS
+    (the file's ``crs`` member, else GeoJSON's WGS 84 longitude/latitude)."""
+    import json
+
+    import pyproj
+    from shapely.geometry import shape
+
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        feats = doc["features"] if doc.get("type") == "FeatureCollection" else [doc]
+        crs_name = ((doc.get("crs") or {}).get("properties") or {}).get("name") or "OGC:CRS84"
+        crs = pyproj.CRS.from_user_input(crs_name).to_wkt()
+        fg: List[str] = []
+        bg: List[str] = []
+        for feat in feats:
+            if not feat.get("geometry"):
+                continue
+            geom = shape(feat["geometry"])
+            if geom.is_empty:
+                continue
+            role = str((feat.get("properties") or {}).get("role", "")).lower()
+            (bg if role == "background" else fg).append(geom.wkt)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, pyproj.exceptions.CRSError):
+        raise InputError(f"{path} is not a GeoJSON file that can be read without GDAL.") from None
     return tuple(fg), tuple(bg), crs
 
 
