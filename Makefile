@@ -23,6 +23,7 @@ bench: setup
 	$(PY) -m core bench --out $(OUT)/bench
 
 # On a CUDA machine: setup if needed, demo fp32/fp16, e2e, encoder rows, eval smoke -> $(OUT)/gpu-check/ (< 5 min).
+# Offline (no index): python3 scripts/gpu_check.py --wheels DIR --model-file embedded_mobilesam.pt --data DIR
 # Without CUDA it says so ("CUDA is absent on this machine") and exits 0; --require-cuda makes that exit 3.
 gpu-check:
 	$(if $(wildcard $(PY)),$(PY),python3) scripts/gpu_check.py --out $(OUT)/gpu-check

@@ -38,6 +38,8 @@ def add_arguments(p) -> None:
                    help="as for segment: 'default', 'none' or a .pt path (default none: the e2e variants time the "
                         "training-free mode; the virefsam variant times the adapters' passes)")
     p.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads (0: their defaults)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the e2e rows run (default cpu; make gpu-check runs them on cuda)")
     p.add_argument("--rounds", type=int, default=0, help="interleaved timing rounds (0: 3, quick 1)")
     p.add_argument("--no-vit-b", action="store_true", help="skip the vit_b encoder (30-60 s a pass on 2 cores)")
     p.add_argument("--e2e-variants",
@@ -153,9 +155,12 @@ def run(args) -> int:
             if "vcp" in wanted:
                 args.random_adapters_vcp = str(make_random_adapters(args, work / "random_adapters_vcp.pt", dta=False))
             best: Dict[str, dict] = {}
+            writes = pipeline.vector_writing_available()  # without GDAL's bindings: no GeoPackage, no write time
+            report["e2e_writes"] = writes
             for _ in range(max(1, args.e2e_rounds)):  # interleaved rounds: a load change hits every variant
                 for v in variants:
-                    res = run_e2e(args, [target], str(work / f"e2e_{v}.gpkg"), variant=v, log=log)
+                    res = run_e2e(args, [target], str(work / f"e2e_{v}.gpkg") if writes else None, variant=v,
+                                  log=log)
                     if v in best:
                         res["rounds_seconds"] = best[v]["rounds_seconds"] + [res["seconds"]]
                         if res["seconds"] >= best[v]["seconds"]:

@@ -1,12 +1,10 @@
-"""Measurements of the default (adapters) path, as functions returning dicts (wired into ``make bench``).
+"""Measurements of the default (adapters) path, as functions returning dicts (wired into ``make bench`` and
+``make gpu-check``; the end-to-end rows are :mod:`.e2e`'s).
 
-* :func:`e2e_default_vs_training_free` - ``core.pipeline.run`` on one reference and the 4096x4096 orthophoto,
-  the default path (shipped adapters) and the training-free mode interleaved (A, B, A, B, ...), with the split
-  of the time: plain encoder pass (reference / tiles), adapted pass, VCP, decoder, pre/postprocess, read,
-  stitch, vectorise, write.
 * :func:`load_latency` - model load and first-tile latency in a fresh process: engine build, adapters load,
   the adapted graph's export (cold, into a temporary folder) and its session from the cache, the predictor of a
   first and a second run, the first and second tile.
+* :func:`encoder_timing` - one 1024x1024 image-encoder pass per model and precision, on the CPU or CUDA.
 
 Both time real runs: the machine's load average is recorded beside the numbers.
 """
@@ -20,9 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from ..paths import PACKAGE_ROOT, RESOURCES
 from .inputs import reference_spec
@@ -31,149 +28,6 @@ SHARED_DATA = (PACKAGE_ROOT.parent / "shared" / "data").resolve()
 DEFAULT_TARGET = SHARED_DATA / "oam_mosaics" / "zanzibar.tif"
 DEFAULT_REFERENCE = RESOURCES / "demo" / "reference.tif"
 DEFAULT_GEOMETRY = RESOURCES / "demo" / "reference_houses.geojson"
-
-
-class _Clock:
-    """Wall time and call counts per part; ``wrap(obj, name, part)`` times ``obj.name`` until :meth:`undo`."""
-
-    def __init__(self) -> None:
-        self.seconds: Dict[str, float] = defaultdict(float)
-        self.calls: Dict[str, int] = defaultdict(int)
-        self._undo: List[Callable[[], None]] = []
-
-    def wrap(self, obj, name: str, part) -> None:
-        orig = getattr(obj, name)
-        own = name in getattr(obj, "__dict__", {})
-
-        def timed(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return orig(*a, **k)
-            finally:
-                key = part(*a, **k) if callable(part) else part
-                self.seconds[key] += time.perf_counter() - t0
-                self.calls[key] += 1
-
-        setattr(obj, name, timed)
-        self._undo.append(lambda: setattr(obj, name, orig) if own else delattr(obj, name))
-
-    def undo(self) -> None:
-        while self._undo:
-            self._undo.pop()()
-
-
-def _params(mode: str, target: str, reference: str, geometry: str, output: str, threads: int,
-            device: str = "cpu", precision: str = "fp32"):
-    from ..params import ModelParams, RunParams
-
-    return RunParams(class_name="building", references=(reference_spec(reference, geometry),), targets=(target,),
-                     output=output, overwrite=True, mode=mode,
-                     model=ModelParams(adapters="default" if mode == "virefsam" else None, device=device,
-                                       precision=precision, threads=threads))
-
-
-def _timed_run(params, clock: _Clock):
-    """One pipeline.run with the model's parts timed (module attributes patched for this run only)."""
-    from .. import pipeline
-    from ..modeling import predictor as predictor_module
-    from ..modeling import virefsam as virefsam_module
-
-    engine = pipeline.load_engine(params.model)
-    phase = {"now": "reference"}
-    make = pipeline.make_predictor
-
-    def make_predictor(eng, p, adapters, cache=None):
-        pred = make(eng, p, adapters, cache=cache)
-        model = pred.model
-        if model is not None:
-            if model.adapted_runner is not None:
-                clock.wrap(model, "adapted_runner", "adapted pass")
-            else:
-                clock.wrap(model, "encoder", "adapted pass")
-            clock.wrap(model.vcp, "refine", "VCP")
-            clock.wrap(model.vcp, "queries", "VCP")
-        return pred
-
-    pipeline.make_predictor = make_predictor  # looked up by pipeline.run at call time
-    clock._undo.append(lambda: setattr(pipeline, "make_predictor", make))
-    plain_obj, plain_name = (engine._ort, "run_with_stem") if engine._ort is not None else (engine, "encode")
-    clock.wrap(plain_obj, plain_name, lambda *a, **k: f"plain pass ({phase['now']})")
-    clock.wrap(engine, "preprocess", "pre/postprocess")
-    clock.wrap(engine, "postprocess", "pre/postprocess")
-    clock.wrap(virefsam_module, "decode_per_image", "decoder")
-    clock.wrap(predictor_module, "training_free_logits", "decoder")
-    orig_predict = predictor_module.ReferencePredictor.predict_batch
-
-    def predict_batch(self, images):
-        phase["now"] = "tiles"
-        return orig_predict(self, images)
-
-    predictor_module.ReferencePredictor.predict_batch = predict_batch
-    clock._undo.append(lambda: setattr(predictor_module.ReferencePredictor, "predict_batch", orig_predict))
-    try:
-        return pipeline.run(params)
-    finally:
-        clock.undo()
-
-
-def e2e_default_vs_training_free(target: Optional[str] = None, reference: Optional[str] = None,
-                                 geometry: Optional[str] = None, rounds: int = 1, threads: int = 0,
-                                 log: Callable[[str], None] = print, device: str = "cpu",
-                                 precision: str = "fp32") -> dict:
-    """Default path vs training-free, interleaved ``rounds`` times on ``target`` (default: zanzibar.tif).
-
-    Returns ``{"modes": {mode: {...}}, "ratio_mp_s": default / training-free, "load_average": [...]}``; per
-    mode the median total seconds (model load excluded: the engine is built before the first round and the
-    adapted graph exported), megapixels/s, all rounds, and the median split of a run into parts (seconds and
-    share of the total; ``non-encoder share`` = 1 - (plain + adapted passes) / total).
-    """
-    import rasterio
-
-    from .. import pipeline
-
-    target = str(target or DEFAULT_TARGET)
-    reference = str(reference or DEFAULT_REFERENCE)
-    geometry = str(geometry or DEFAULT_GEOMETRY)
-    with rasterio.open(target) as src:
-        mp = src.width * src.height / 1e6
-    load_before = list(os.getloadavg())
-    modes = ("virefsam", "training_free")
-    runs: Dict[str, List[dict]] = {m: [] for m in modes}
-    with tempfile.TemporaryDirectory() as tmp:
-        warm = _params("virefsam", target, reference, geometry, None, threads, device, precision)
-        pipeline.make_predictor(pipeline.load_engine(warm.model), warm, pipeline.resolve_adapters(warm.model))
-        for r in range(rounds):
-            for mode in modes:
-                clock = _Clock()
-                t0 = time.perf_counter()
-                res = _timed_run(_params(mode, target, reference, geometry, str(Path(tmp) / f"{mode}.gpkg"),
-                                         threads, device, precision), clock)
-                total = time.perf_counter() - t0 - res.timings.get("model", 0.0)
-                parts = dict(clock.seconds)
-                for k in ("read", "stitch", "vectorize", "write"):
-                    parts[k] = res.timings.get(k, 0.0)
-                parts["model load"] = res.timings.get("model", 0.0)
-                runs[mode].append({"seconds": total, "parts": parts, "calls": dict(clock.calls),
-                                   "features": sum(len(t.features) for t in res.targets)})
-                log(f"  round {r + 1} {mode}: {total:.1f} s, {mp / total:.3f} MP/s")
-    out = {"target": target, "megapixels": round(mp, 2), "rounds": rounds, "device": device,
-           "precision": precision, "load_average_before": load_before,
-           "load_average_after": list(os.getloadavg()), "modes": {}}
-    for mode, rs in runs.items():
-        total = statistics.median(r["seconds"] for r in rs)
-        keys = sorted({k for r in rs for k in r["parts"]})
-        parts = {k: round(statistics.median(r["parts"].get(k, 0.0) for r in rs), 3) for k in keys}
-        encoder = sum(v for k, v in parts.items() if k.startswith("plain pass") or k == "adapted pass")
-        out["modes"][mode] = {
-            "seconds": round(total, 2), "all_rounds": [round(r["seconds"], 2) for r in rs],
-            "megapixels_per_s": round(mp / total, 3), "parts": parts,
-            "shares": {k: round(v / total, 3) for k, v in parts.items() if k != "model load"},
-            "non_encoder_share": round(1 - encoder / total, 3), "calls": rs[-1]["calls"],
-            "features": rs[-1]["features"],
-        }
-    out["ratio_mp_s"] = round(out["modes"]["virefsam"]["megapixels_per_s"]
-                              / out["modes"]["training_free"]["megapixels_per_s"], 3)
-    return out
 
 
 _LATENCY_SCRIPT = r"""
@@ -290,4 +144,4 @@ def encoder_timing(device: str = "cpu", precisions=("fp32",), models=("embedded"
     return out
 
 
-__all__ = ["e2e_default_vs_training_free", "encoder_timing", "load_latency"]
+__all__ = ["encoder_timing", "load_latency"]

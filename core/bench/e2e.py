@@ -123,7 +123,7 @@ def run_params(args, targets: Sequence[str], output: str):
         targets=tuple(str(t) for t in targets),
         output=output,
         overwrite=True,
-        model=ModelParams(adapters=adapters, device="cpu", threads=args.threads),
+        model=ModelParams(adapters=adapters, device=getattr(args, "device", "cpu"), threads=args.threads),
     )
 
 

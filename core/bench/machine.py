@@ -78,6 +78,7 @@ def machine_info() -> dict:
         "bf16": bool(cpu_supports_bf16()),
         "cpu_flags_bf16": [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags],
         "cuda": bool(torch.cuda.is_available()),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 
