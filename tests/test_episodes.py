@@ -294,3 +294,39 @@ def test_training_stream_with_several_shot_counts(tiny):
         assert list(itertools.islice(make(shots=(2,)), 12)) == list(itertools.islice(make(shots=2), 12))
     with pytest.raises(InputError, match="at least 1 shot"):
         next(E.iter_episodes(tiny, [1], shots=(0, 1)))
+
+
+RACE = r"""
+import sys
+from core.training.datasets import open_dataset
+from core.training.feature_cache import FeatureCache
+import torch
+ds = open_dataset(sys.argv[1])
+fc = FeatureCache(sys.argv[2], "race")
+for i in range(40):  # both processes write the same cache entries over and over, at the same moments
+    ds._counts = None
+    for p in __import__("pathlib").Path(sys.argv[3]).glob("episode_index/*.json"):
+        p.unlink(missing_ok=True)
+    ds.pixel_counts()
+    fc.put("shapes", "k0", torch.zeros(4, 8, 8))
+print("ok")
+"""
+
+
+def test_two_runs_writing_the_same_cache_entries_at_once(tiny_folder, tmp_path):
+    """Two evaluations started together (two folds on two cores) compute the same dataset index and features: each
+    writes under its own temporary name, so neither finds its file moved away by the other (it did, session 14)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    home = tmp_path / "home"
+    env = dict(os.environ, VIREFSAM_HOME=str(home))
+    root = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(tiny_folder), str(tmp_path / "features"), str(home)],
+                              cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-1500:] for _, e in outs]
+    assert not [p for p in home.rglob("*") if ".tmp" in p.name] and not list((tmp_path / "features").rglob("*.tmp*"))

@@ -66,6 +66,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -274,7 +276,7 @@ class SegDataset:
             bc = np.bincount(self.label(i).ravel(), minlength=256)
             counts[i] = bc[ids]
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
+        tmp = cache.with_name(f"{cache.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # two runs may write it at once
         tmp.write_text(json.dumps({"dataset": self.name, "classes": ids, "counts": counts.tolist()}))
         tmp.replace(cache)
         self._counts = counts

@@ -12,7 +12,9 @@ model never mix in. Writes are atomic (temporary name, then rename).
 
 from __future__ import annotations
 
+import os
 import re
+import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -44,7 +46,7 @@ class FeatureCache:
     def put(self, dataset: str, key: str, feats: torch.Tensor) -> None:
         p = self.path(dataset, key)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.stem + ".tmp.npy")
+        tmp = p.with_name(f"{p.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.npy")  # unique: runs share the cache
         np.save(tmp, feats.detach().float().cpu().numpy().astype(np.float16))
         tmp.replace(p)
 
