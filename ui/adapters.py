@@ -1,8 +1,8 @@
 """The choice of adapter weights, shared by the dock and the Processing algorithm.
 
 ``core.params.ModelParams.adapters`` is ``"auto"`` (the files shipped for the model in ``resources/adapters/``:
-``{model}_virefsam.pt`` and, where there is one, ``{model}_virefsam_objects.pt``; a check on the reference picks
-one per run, :mod:`core.choice`), ``None`` (training-free) or the path of a ``.pt`` file written by
+``{model}_virefsam.pt`` and, where there is one, ``{model}_virefsam_objects.pt``; a check on the reference
+weighs them per run, :mod:`core.choice`), ``None`` (training-free) or the path of a ``.pt`` file written by
 ``python -m core train``. The user sees three choices: Shipped / None / File. Where no adapters are shipped for
 the chosen model yet, "Shipped" runs training-free (``core.pipeline.resolve_adapters`` gives None).
 """
@@ -23,9 +23,9 @@ TOOLTIP = (
     "Which trained VCP + DTA adapter weights guide SAM:\n"
     "• Shipped (ViRefSAM): the adapters that come with the plugin for the chosen model "
     "(resources/adapters/<model>_virefsam.pt, for buildings and land cover, and <model>_virefsam_objects.pt, "
-    "for compact objects such as courts, tanks or bridges). Each segments your reference first; the one that "
-    "finds your marked objects best does the run, and the message says which. Where none are shipped for "
-    "that model yet, the run is training-free.\n"
+    "for compact objects such as courts, tanks or bridges). Each segments your reference first; how well each "
+    "finds your marked objects sets its weight in the run (a clearly worse one is left out), and the message "
+    "says which were used. Where none are shipped for that model yet, the run is training-free.\n"
     "• None (training-free): SAM alone, prompted from prototypes of the reference; nothing trained is used.\n"
     "• File…: a .pt file of adapters written by 'python -m core train' (for instance trained on your own "
     "classes); it must have been trained for the chosen model."
