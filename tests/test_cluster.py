@@ -235,7 +235,7 @@ def test_local_cluster_uses_the_adapters_the_reference_weighed(tmp_path, shared_
     """adapters "auto": the client weighs the files on the reference before the tiles go out; the workers build
     their predictor from the run's params (the files and weights used), so the result is the in-process one.
     This reference (one large marked building) keeps the second file alone, not the one "auto" keeps elsewhere;
-    a blend of both files (given weights, as a replay's params give them) goes through the workers too."""
+    a blend of two files (given weights, as a replay's params give them) goes through the workers too."""
     import dataclasses
     import json
 
@@ -253,10 +253,12 @@ def test_local_cluster_uses_the_adapters_the_reference_weighed(tmp_path, shared_
     here = RunParams(class_name="building", references=(ref,), targets=(str(tile),), output=str(tmp_path / "here.gpkg"),
                      overwrite=True, model=ModelParams(device="cpu", adapters="auto"), mode="virefsam")
     result = run(here)
-    assert result.params.model.adapters == str(objects_adapters("embedded"))
+    kept = result.params.model  # what the check kept: the files and their weights, written as the run's params
+    assert kept.adapters != "auto" and str(objects_adapters("embedded")) in kept.adapters  # an objects file counts
     run(dataclasses.replace(here, output=str(tmp_path / "cluster.gpkg"), cluster="local:2"))
     written = json.loads((tmp_path / "cluster.gpkg.params.json").read_text())
-    assert written["model"]["adapters"] == str(objects_adapters("embedded"))
+    assert written["model"]["adapters"] == kept.adapters
+    assert written["model"]["adapter_weights"] == pytest.approx(list(kept.adapter_weights))
     _same_result(tmp_path / "here.gpkg", tmp_path / "cluster.gpkg")
 
     blend = dataclasses.replace(here, output=str(tmp_path / "blend.gpkg"), model=ModelParams(

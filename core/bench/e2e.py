@@ -60,12 +60,13 @@ def _blend(args, params):
 
     files = adapter_candidates(dataclasses.replace(params.model, adapters="auto"))
     return dataclasses.replace(_model(params, adapters=",".join(map(str, files)),
-                                      adapter_weights=(0.5, 0.5)[:len(files)] if len(files) > 1 else ()),
+                                      adapter_weights=tuple(1 / len(files) for _ in files) if len(files) > 1 else ()),
                                mode="virefsam")
 
 
-variant("blend", "the default run where the check keeps both shipped files (weights 0.5 / 0.5 given, as a replay "
-        "gives them): the tiles' cost of a blend (the objects file's VCP and decodings beside the first file's run)",
+variant("blend", "the default run where the check keeps every shipped file (equal weights given, as a replay "
+        "gives them): the tiles' cost of the widest blend (each objects file's VCP and decodings beside the first "
+        "file's run)",
         params=_blend)
 variant("default_fp32", "the default run with the adapted pass's ONNX graph in fp32, as before its int8 weights "
         "(ModelParams.adapted_precision)",
