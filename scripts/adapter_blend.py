@@ -84,30 +84,85 @@ RULES = {
 }
 
 
+def _softmax(checks, temperature: float, floor: float) -> np.ndarray:
+    from core.choice import blend_weights
+
+    return np.asarray(blend_weights(list(checks), temperature, floor))
+
+
+def many_rules(n: int, grid: bool = False) -> dict:
+    """Rules over n >= 3 files (file 0: A, the shipped recipe; files 1..n-1: B's training seeds). Each takes the
+    list of probability maps and the list of checks; a group's check is the mean of its files' checks."""
+    from core.choice import blend_weights
+
+    bs = list(range(1, n))
+
+    def group_blend(t: float, fl: float):
+        def rule(P, C):
+            pb = sum(P[i] for i in bs) / len(bs)
+            w = _softmax([C[0], float(np.mean([C[i] for i in bs]))], t, fl)
+            return w[0] * P[0] + w[1] * pb
+        return rule
+
+    def all_blend(t: float, fl: float):
+        def rule(P, C):
+            w = _softmax(C, t, fl)
+            return sum(wi * pi for wi, pi in zip(w, P))
+        return rule
+
+    rules = {f"file {i} alone": (lambda i: lambda P, C: P[i])(i) for i in range(n)}
+    rules["mean of the B seeds"] = lambda P, C: sum(P[i] for i in bs) / len(bs)
+    rules["mean of all"] = lambda P, C: sum(P) / n
+    for t in (0.05, 0.1, 0.2):
+        rules[f"blend A with the B seeds' mean (t {t}, floor 0.1)"] = group_blend(t, 0.1)
+        rules[f"blend of every file (t {t}, floor 0.1)"] = all_blend(t, 0.1)
+    if grid:
+        def all_blend_bonus(t: float, fl: float, bonus: float):
+            def rule(P, C):
+                w = _softmax([C[0] + bonus] + list(C[1:]), t, fl)
+                return sum(wi * pi for wi, pi in zip(w, P))
+            return rule
+
+        for t in (0.05, 0.1):
+            for fl in (0.1, 0.2):
+                for bonus in (0.0, 0.02, 0.05, 0.1):
+                    rules[f"every file, A +{bonus} (t {t}, floor {fl})"] = all_blend_bonus(t, fl, bonus)
+    rules["shipped rule (core.choice.blend_weights)"] = lambda P, C: sum(
+        wi * pi for wi, pi in zip(blend_weights(list(C)), P))
+    for i in bs:
+        rules[f"blend A, file {i} (t 0.05, floor 0.1)"] = (lambda i: lambda P, C: sum(
+            w * p for w, p in zip(_softmax([C[0], C[i]], 0.05, 0.1), (P[0], P[i]))))(i)
+    return rules
+
+
 def cmd_rules(args) -> None:
     rules = dict(RULES)
-    if args.grid:
+    n_files = len(json.loads(open(Path(args.folders[0]) / "episodes.jsonl").readline())["check"])
+    if args.grid and n_files == 2:
         for m in (-0.1, -0.05, 0.0, 0.05, 0.1, 0.15):
             for t in (0.03, 0.05, 0.1, 0.2):
                 for fl in (0.0, 0.1, 0.2):
                     rules[f"softmax offset {m} t {t} floor {fl}"] = softmax_rule(m, t, fl)
     res = defaultdict(list)
+    multi = many_rules(n_files, args.grid) if n_files > 2 else {}
     for d in map(Path, args.folders):
         recs = [json.loads(line) for line in open(d / "episodes.jsonl")]
         acc = defaultdict(lambda: defaultdict(lambda: [0, 0]))
         for k, r in enumerate(recs):
             z = np.load(d / f"ep{k:03d}.npz")
             gt, ign = z["gt"] & ~z["ign"], z["ign"]
-            pa, pb = z["q0"] / 255.0, z["q1"] / 255.0
-            for name, f in rules.items():
-                q = (f(pa, pb, *r["check"]) > 0.5) & ~ign
+            P = [z[f"q{j}"] / 255.0 for j in range(n_files)]
+            pa, pb = P[0], P[1]
+            for name, f in list(rules.items()) + list(multi.items()):
+                prob = f(P, r["check"]) if name in multi else f(pa, pb, *r["check"][:2])
+                q = (prob > 0.5) & ~ign
                 acc[name][r["class"]][0] += int((q & gt).sum())
                 acc[name][r["class"]][1] += int((q | gt).sum())
-        for name in rules:
+        for name in list(rules) + list(multi):
             res[name].append(100 * float(np.mean([i / max(u, 1) for i, u in acc[name].values()])))
     print("folders: " + ", ".join(args.folders))
     for name, v in res.items():
-        print(f"{name:45s} " + " ".join(f"{x:5.1f}" for x in v) + f"   mean {np.mean(v):5.1f}")
+        print(f"{name:50s} " + " ".join(f"{x:5.1f}" for x in v) + f"   mean {np.mean(v):5.1f}")
 
 
 def main() -> None:
