@@ -127,6 +127,23 @@ def many_rules(n: int, grid: bool = False) -> dict:
             for fl in (0.1, 0.2):
                 for bonus in (0.0, 0.02, 0.05, 0.1):
                     rules[f"every file, A +{bonus} (t {t}, floor {fl})"] = all_blend_bonus(t, fl, bonus)
+    def gated(gate, t_in: float):
+        """A against the objects group as session 13's two-file rule, with ``gate(C)`` as the group's check; the
+        group's weight then split among its files by a softmax of their checks at ``t_in``."""
+        def rule(P, C):
+            wa, wb = blend_weights([C[0], gate(C)])
+            if wb == 0:
+                return P[0]
+            inner = _softmax([C[i] for i in bs], t_in, 0.1)
+            return wa * P[0] + wb * sum(w * P[i] for w, i in zip(inner, bs))
+        return rule
+
+    for t_in in (0.05, 0.1):
+        rules[f"gate by B seed 0's check, seeds by softmax t {t_in}"] = gated(lambda C: C[1], t_in)
+        rules[f"gate by the seeds' lowest check, seeds by softmax t {t_in}"] = gated(
+            lambda C: min(C[i] for i in bs), t_in)
+        rules[f"gate by the seeds' mean check, seeds by softmax t {t_in}"] = gated(
+            lambda C: float(np.mean([C[i] for i in bs])), t_in)
     rules["shipped rule (core.choice.blend_weights)"] = lambda P, C: sum(
         wi * pi for wi, pi in zip(blend_weights(list(C)), P))
     for i in bs:
