@@ -146,3 +146,40 @@ def test_adapter_weights_that_do_not_fit_the_files_end_in_one_sentence():
                                              "file, not all zero.$"):
             RunParams(class_name="x", references=(ref,), targets=("b.tif",), output="o.gpkg",
                       model=ModelParams(adapters=adapters, adapter_weights=weights))
+
+
+def test_one_crop_is_also_checked_on_a_view_it_was_not_given(shared_data):
+    """One reference crop has no other crop to be segmented from: the check is the mean of its IoU on the crop
+    itself and on the crop mirrored and resized to 0.75x (core.choice.altered_view). Several crops: each from the
+    others, as before. Real OAM tile, real predictor with the shipped adapters."""
+    from shapely.geometry import shape
+
+    from core.choice import ALTERED_SCALE, altered_view, reference_check
+    from core.engines import load_engine, make_predictor
+    from core.params import ReferenceSpec, RunParams
+    from core.reference import reference_set
+
+    shipped = default_adapters("embedded")
+    if shipped is None:
+        pytest.skip("no adapters are shipped for the embedded model")
+    tile = shared_data / "oam_buildings" / "images" / "area2_OAM-1238452-1046530-21.tif"
+    labels = json.loads((shared_data / "oam_buildings" / "labels_geojson" / f"{tile.stem}.geojson").read_text())
+    houses = sorted((shape(f["geometry"]) for f in labels["features"]), key=lambda g: -g.area)[:2]
+    params = RunParams(class_name="building", targets=(str(tile),), mode="virefsam",
+                       references=(ReferenceSpec(raster=str(tile), foreground=tuple(h.wkt for h in houses),
+                                                 crs="EPSG:4326"),),
+                       model=ModelParams(device="cpu", adapters=str(shipped)))
+    refs, _ = reference_set(params.references)
+    assert len(refs) == 1  # two houses of one 256-px tile: one crop
+    shot = (refs[0].image, refs[0].mask)
+    view, marks = altered_view(*shot)
+    h, w = shot[1].shape
+    assert view.shape == (int(h * ALTERED_SCALE), int(w * ALTERED_SCALE), 3) and marks.shape == view.shape[:2]
+    assert abs(marks.mean() - shot[1].mean()) < 0.02  # the same marks, mirrored and smaller
+    pred = make_predictor(load_engine(params.model), params, shipped)
+    pred.set_references([shot])
+    own = touching_iou(pred.predict(shot[0]), shot[1].astype(bool))
+    other = touching_iou(pred.predict(view), marks)
+    want = (own[0] / own[1] + other[0] / other[1]) / 2
+    assert reference_check(pred, [shot]) == pytest.approx(want, abs=1e-6)
+    assert 0.3 < want <= 1.0  # the shipped buildings file finds the marked houses in both views
