@@ -15,7 +15,8 @@ the rest renormalised), and the run averages the kept files' probabilities with 
 
 Measured with ``eval --adapters A.pt,B.pt`` (model card): three NWPU folds 1-shot 29.3 mIoU with the altered
 view (28.2 without it, 26.3 when the check picked one file, 21.3 for the default file alone); the OAM building
-collages 55.9 (56.5 for the default file alone), the 256-px OAM tiles 38.5 (36.7 without the view); both demo references keep the default file alone.
+collages 55.9 (56.5 for the default file alone), the 256-px OAM tiles 38.5 (36.7 without the view); both demo
+references keep the default file alone.
 """
 
 from __future__ import annotations
