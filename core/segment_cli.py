@@ -146,6 +146,7 @@ def read_geojson(path: str) -> Tuple[Tuple[str, ...], Tuple[str, ...], str]:
     import json
 
     import pyproj
+    from shapely.errors import ShapelyError
     from shapely.geometry import shape
 
     try:
@@ -163,7 +164,7 @@ def read_geojson(path: str) -> Tuple[Tuple[str, ...], Tuple[str, ...], str]:
                 continue
             role = str((feat.get("properties") or {}).get("role", "")).lower()
             (bg if role == "background" else fg).append(geom.wkt)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, pyproj.exceptions.CRSError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ShapelyError, pyproj.exceptions.CRSError):
         raise InputError(f"{path} is not a GeoJSON file that can be read without GDAL.") from None
     return tuple(fg), tuple(bg), crs
 

@@ -12,10 +12,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from pyproj import CRS
 from shapely import wkt
 
 from core.demo import DEMO
+from core.errors import InputError
 from core.segment_cli import read_geojson, read_geometries
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +62,10 @@ def test_geojson_without_gdal_reads_what_ogr_reads(tmp_path):
     assert [wkt.loads(w).coords[0] for w in fg2] == [wkt.loads(w).coords[0] for w in fg] == [(39.3, -6.2)]
     assert [wkt.loads(w).coords[0] for w in bg2] == [wkt.loads(w).coords[0] for w in bg] == [(39.2, -6.1)]
     assert CRS.from_wkt(crs2).equals(CRS.from_wkt(crs), ignore_axis_order=True)
+    bad = tmp_path / "bad.geojson"  # an unknown geometry type: one sentence, as OGR's refusal
+    bad.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": {"type": "Blob", "coordinates": []}}))
+    with pytest.raises(InputError, match="is not a GeoJSON file that can be read without GDAL"):
+        read_geojson(str(bad))
 
 
 NO_GDAL = textwrap.dedent(r"""
