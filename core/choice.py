@@ -63,8 +63,18 @@ def reference_check(predictor, shots: Sequence[Shot]) -> float:
     """How well ``predictor`` (a ReferencePredictor) finds the marked objects of its own reference crops: several
     crops each segmented from the others, the pixel IoU over all crops. One crop has no other: it is segmented
     from itself, which every file does well, and also, as a view it was not given, mirrored and at 0.75x
-    (:func:`altered_view`); the check is the mean of both IoUs. 0 when nothing is marked. Leaves the predictor
-    with the last crop's references: set them again before use."""
+    (:func:`altered_view`); the check is the mean of both IoUs. 0 when nothing is marked. The check runs the file
+    as loaded: run-time tuning (``tune_steps``) is held off, then restored. Leaves the predictor with the last
+    crop's references: set them again before use."""
+    steps = getattr(predictor, "tune_steps", 0)
+    predictor.tune_steps = 0  # tuned on the crops it is checked on, every file would find them
+    try:
+        return _check(predictor, shots)
+    finally:
+        predictor.tune_steps = steps
+
+
+def _check(predictor, shots: Sequence[Shot]) -> float:
     if len(shots) == 1:
         image, mask = shots[0]
         predictor.set_references(list(shots))

@@ -81,7 +81,7 @@ def _predictor(params, state_token: str, reference: dict):
     from .engines import adapter_candidates, load_engine, run_predictor
 
     model = dataclasses.replace(params.model, threads=worker_threads(params.model.threads))
-    key = (model, params.mode, params.seed, params.decoding, params.kshot, params.tune_steps,
+    key = (model, params.mode, params.seed, params.decoding, params.kshot, params.tune_steps, params.tune_files,
            params.zoom_views)
     entry = _PREDICTORS.get(key)
     if entry is None:

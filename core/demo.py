@@ -18,7 +18,7 @@ from typing import Dict, List
 import numpy as np
 
 from .paths import RESOURCES
-from .params import ModelParams, ReferenceSpec, RunParams
+from .params import DEFAULT_TUNE_STEPS, ModelParams, ReferenceSpec, RunParams
 
 DEMO = RESOURCES / "demo"
 TARGETS = {"zanzibar": DEMO / "target_zanzibar.tif", "kampala": DEMO / "target_kampala.tif"}
@@ -36,8 +36,10 @@ def add_arguments(p) -> None:
     p.add_argument("--adapters", default="auto",
                    help="trained adapters: auto (default), default (the main shipped file), none (training-free) "
                         "or a .pt file, as for segment")
-    p.add_argument("--tune-steps", type=int, default=0,
+    p.add_argument("--tune-steps", type=int, default=DEFAULT_TUNE_STEPS,
                    help="trained mode: tune VCP on the references for this many steps first (as for segment)")
+    p.add_argument("--tune-files", default="vcp_alone", choices=("vcp_alone", "all"),
+                   help="--tune-steps: which adapters files are tuned (as for segment)")
     p.add_argument("--no-zoom-views", dest="zoom_views", action="store_false",
                    help="trained mode: no zoomed views of the one-crop reference (as for segment)")
     p.add_argument("--adapted-precision", default="int8", choices=("int8", "fp32"),
@@ -47,7 +49,8 @@ def add_arguments(p) -> None:
 
 def demo_params(out: Path, mode: str = "virefsam", device: str = "auto", scale: str = "auto",
                 spread: bool = False, precision: str = "fp32", adapters: str = "auto",
-                adapted_precision: str = "int8", tune_steps: int = 0, zoom_views: bool = True) -> RunParams:
+                adapted_precision: str = "int8", tune_steps: int = DEFAULT_TUNE_STEPS, zoom_views: bool = True,
+                tune_files: str = "vcp_alone") -> RunParams:
     from .segment_cli import read_geometries
 
     fg, bg, crs = read_geometries(str(DEMO / "reference_houses.geojson"))
@@ -63,6 +66,7 @@ def demo_params(out: Path, mode: str = "virefsam", device: str = "auto", scale: 
         mode=mode,
         scale=scale,
         tune_steps=tune_steps,
+        tune_files=tune_files,
         zoom_views=zoom_views,
     )
     if spread:
@@ -190,7 +194,8 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     params = demo_params(out, args.mode, args.device, args.scale, args.spread, getattr(args, "precision", "fp32"),
                          getattr(args, "adapters", "auto"), getattr(args, "adapted_precision", "int8"),
-                         getattr(args, "tune_steps", 0), getattr(args, "zoom_views", True))
+                         getattr(args, "tune_steps", DEFAULT_TUNE_STEPS), getattr(args, "zoom_views", True),
+                         getattr(args, "tune_files", "vcp_alone"))
     from .pipeline import vector_writing_available
 
     if not vector_writing_available():  # a bare pip environment (e.g. a CUDA machine): score in memory

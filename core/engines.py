@@ -115,6 +115,7 @@ def make_predictor(engine, params: RunParams, adapters, cache=None):
                                                decoder_context=decoder_context(params.decoding), cache=cache,
                                                kshot=params.kshot, tune_steps=params.tune_steps,
                                                tune_ignore_found=True,  # an analyst's marks are partial
+                                               tune_files=params.tune_files,
                                                zoom_views=params.zoom_views)
 
 

@@ -18,6 +18,9 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DECODINGS = ("local", "exact")
 KSHOTS = ("ensemble", "joint")
+# which adapters files run-time tuning changes: those that add VCP alone (no DTA: the objects file), or every file
+TUNE_FILES = ("vcp_alone", "all")
+DEFAULT_TUNE_STEPS = 24  # run-time tuning steps of a new run (RunParams.tune_steps): the kept objects file
 ENCODER_BACKENDS = ("auto", "torch", "onnxruntime")
 ADAPTED_PRECISIONS = ("int8", "fp32")  # the adapted pass in ONNX Runtime (core.modeling.ort_adapted)
 FORMATS = ("gpkg", "shp")
@@ -125,6 +128,10 @@ class RunParams:
     the prototypes of all K references together only (every parameters file from before the field).
     ``tune_steps`` (trained mode): AdamW steps of the VCP encoder on the references themselves before the targets
     (:mod:`core.modeling.tune`: each reference the support of the others, K <= 2 with their flips); 0 = off.
+    ``tune_files``: which adapters files are tuned: ``vcp_alone`` (the default) those without DTA adapters (the
+    shipped objects file), and only when the check on the reference keeps them; ``all`` every file (every
+    parameters file from before the field). Tuning the DTA file on buildings marked a few of many learns the
+    unmarked houses as background (model card).
     ``zoom_views`` (trained mode, a reference set of one crop): the reference is also seen zoomed out (0.7x) and in
     (1.4x), two more shots of the K-shot ensemble (:func:`core.scale.zoom_view`): +1.2 mIoU on held-out object
     classes (three folds, three adapter files) for about a quarter more time per tile (three more decodings).
@@ -153,7 +160,8 @@ class RunParams:
     decoding: str = "local"
     scale: str = "auto"
     kshot: str = "ensemble"  # K > 1 references, trained mode: "ensemble" (per-shot decodings averaged) or "joint"
-    tune_steps: int = 0  # trained mode: optimiser steps of VCP on the references before the targets (0 = off)
+    tune_steps: int = DEFAULT_TUNE_STEPS  # trained mode: optimiser steps of VCP on the references before the targets (0 = off)
+    tune_files: str = "vcp_alone"  # which files tune_steps tunes: "vcp_alone" (no DTA) or "all"
     zoom_views: bool = True  # trained mode, one reference crop: also zoomed out and in, two more shots (core.scale)
     cluster: str = ""  # "" this process; "local:N" N Dask worker processes here; "tcp://HOST:PORT" a scheduler
     classes: Tuple[ClassSpec, ...] = ()  # several classes in one run (see above); () = class_name + references
@@ -198,6 +206,9 @@ class RunParams:
             raise InputError(f"Unknown decoding '{self.decoding}': choose one of {', '.join(DECODINGS)}.")
         if not isinstance(self.tune_steps, int) or not 0 <= self.tune_steps <= 500:
             raise InputError(f"The tuning steps must be a whole number from 0 to 500, not {self.tune_steps!r}.")
+        if self.tune_files not in TUNE_FILES:
+            raise InputError(f"Unknown choice of files to tune '{self.tune_files}': choose one of "
+                             f"{', '.join(TUNE_FILES)}.")
         if self.kshot not in KSHOTS:
             raise InputError(f"Unknown K-shot method '{self.kshot}': choose one of {', '.join(KSHOTS)}.")
         if not isinstance(self.zoom_views, bool):
@@ -244,6 +255,7 @@ class RunParams:
         d = dict(d)
         d.setdefault("kshot", "joint")  # a parameters file from before the field: the joint decoding it ran
         d.setdefault("tune_steps", 0)  # nor did it tune on the references
+        d.setdefault("tune_files", "all")  # its tuning steps, if any, tuned every file
         d.setdefault("zoom_views", False)  # nor see them zoomed
         model = {"adapted_precision": "fp32", **d.get("model", {})}  # older files ran fp32
         model["adapter_weights"] = tuple(float(w) for w in model.get("adapter_weights", ()))

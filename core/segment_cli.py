@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from .errors import InputError
-from .params import DECODINGS, ENCODER_BACKENDS, KSHOTS, MODES, ClassSpec, ModelParams, ReferenceSpec, RunParams
+from .params import (DECODINGS, DEFAULT_TUNE_STEPS, ENCODER_BACKENDS, KSHOTS, MODES, TUNE_FILES, ClassSpec, ModelParams,
+                     ReferenceSpec, RunParams)
 
 
 def add_arguments(p) -> None:
@@ -69,9 +70,12 @@ def add_arguments(p) -> None:
     p.add_argument("--decoding", default="local", choices=DECODINGS,
                    help="training-free mode: local (each candidate object decoded on a crop around it, default) "
                         "or exact (on the whole tile, as SAM does; about 8x slower decoding on a CPU)")
-    p.add_argument("--tune-steps", type=int, default=0,
+    p.add_argument("--tune-steps", type=int, default=DEFAULT_TUNE_STEPS,
                    help="trained mode: tune the VCP encoder on the references for this many steps before the "
-                        "targets (run-time tuning; 0 = off)")
+                        f"targets (run-time tuning; 0 = off; default {DEFAULT_TUNE_STEPS})")
+    p.add_argument("--tune-files", default=TUNE_FILES[0], choices=TUNE_FILES,
+                   help="--tune-steps: vcp_alone (default: only adapters files without DTA, such as the shipped "
+                        "objects file, when the check keeps them) or all (every file)")
     p.add_argument("--kshot", default="ensemble", choices=KSHOTS,
                    help="several references, trained mode: ensemble (default: each reference also decoded on its "
                         "own, the probabilities averaged with the joint decoding) or joint (all references "
@@ -314,7 +318,8 @@ def params_from_args(args) -> RunParams:
         fill_holes=not args.keep_holes,
         decoding=getattr(args, "decoding", "local"),
         kshot=getattr(args, "kshot", "ensemble"),
-        tune_steps=getattr(args, "tune_steps", 0),
+        tune_steps=getattr(args, "tune_steps", DEFAULT_TUNE_STEPS),
+        tune_files=getattr(args, "tune_files", TUNE_FILES[0]),
         zoom_views=getattr(args, "zoom_views", True),
         scale=str(getattr(args, "scale", "auto")),
         match_resolution=not args.no_resample,

@@ -75,8 +75,8 @@ def main(argv=None) -> int:
             cmd += ["--kshot", a.kshot]
         if a.nested:
             cmd += ["--nested", a.nested]
-        if a.tune_steps:
-            cmd += ["--tune-steps", a.tune_steps, "--tune-ignore-found"]
+        # the fold's one file, tuned only when asked (eval tunes a file without DTA by default, as the plugin)
+        cmd += ["--tune-steps", a.tune_steps, "--tune-files", "all", "--tune-ignore-found"]
         if not a.summary_only:
             run(cmd)
         elif not js.is_file():

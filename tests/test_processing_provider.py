@@ -148,9 +148,11 @@ def test_precision_and_decoding_become_run_params(provider, paths, qgis_project,
     assert run.model.adapted_precision == "int8"  # the default
     params["ADAPTED_PRECISION"] = 1
     assert alg.build_params(params, context).model.adapted_precision == "fp32"
-    assert run.tune_steps == 0
-    params["TUNE_STEPS"] = 16
-    assert alg.build_params(params, context).tune_steps == 16
+    from core.params import DEFAULT_TUNE_STEPS
+
+    assert run.tune_steps == DEFAULT_TUNE_STEPS and run.tune_files == "vcp_alone"
+    params["TUNE_STEPS"], params["TUNE_FILES"] = 16, 1
+    assert (alg.build_params(params, context).tune_steps, alg.build_params(params, context).tune_files) == (16, "all")
     assert run.zoom_views is True  # zoomed views of a one-crop reference: on by default
     params["ZOOM_VIEWS"] = False
     assert alg.build_params(params, context).zoom_views is False

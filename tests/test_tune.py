@@ -90,18 +90,52 @@ def test_tune_steps_run_parameter_and_pipeline_progress(tmp_path):
     from core.params import RunParams
     from core.pipeline import run
 
+    from core.params import DEFAULT_TUNE_STEPS
+
     params = demo_params(tmp_path)
-    assert params.tune_steps == 0
+    assert params.tune_steps == DEFAULT_TUNE_STEPS and params.tune_files == "vcp_alone"
     old = json.loads(params.to_json())
-    del old["tune_steps"]  # a file from before the field: no tuning
+    del old["tune_steps"], old["tune_files"]  # a file from before the fields: no tuning (and "all" if it had)
     assert RunParams.from_json(json.dumps(old)).tune_steps == 0
+    assert RunParams.from_json(json.dumps(old)).tune_files == "all"
     with pytest.raises(InputError, match="tuning steps"):
         params.__class__(**{**params.__dict__, "tune_steps": -1})
+    with pytest.raises(InputError, match="files to tune"):
+        params.__class__(**{**params.__dict__, "tune_files": "dta"})
     import dataclasses
 
-    tuned = dataclasses.replace(params, tune_steps=2, targets=(str(TARGETS["kampala"]),))
+    # the demo's reference keeps the DTA file alone: tuned only when every file is
+    tuned = dataclasses.replace(params, tune_steps=2, tune_files="all", targets=(str(TARGETS["kampala"]),))
     assert RunParams.from_json(tuned.to_json()) == tuned
     said = []
     result = run(tuned, progress=lambda f, m="": said.append(m))
     assert any(m.startswith("tuning on the references of building (2/2)") for m in said)
     assert result.targets[0].n_objects > 0
+
+
+def test_only_a_file_without_dta_is_tuned_by_default_and_never_in_the_check(engine, scene):
+    """``tune_files="vcp_alone"`` (the default): the DTA file keeps its VCP, the objects file (VCP alone) is tuned
+    on the references; the check on the reference (core.choice) runs every file as loaded, then the tuning steps
+    are back. ``"all"``: the DTA file is tuned too."""
+    from core.choice import reference_check
+    from core.engines import objects_adapters
+
+    ref, _ = scene
+    objects = objects_adapters("embedded")
+    if objects is None:
+        pytest.skip("no objects file is shipped for the embedded model")
+    dta = ReferencePredictor(engine, adapters=ADAPTERS, cache=OrderedDict(), tune_steps=2, tune_files="vcp_alone")
+    assert dta.tune_steps == 0
+    dta.set_references([ref])
+    assert dta.model is dta._base_model
+    assert ReferencePredictor(engine, adapters=ADAPTERS, cache=OrderedDict(), tune_steps=2,
+                              tune_files="all").tune_steps == 2
+    cache = OrderedDict()
+    obj = ReferencePredictor(engine, adapters=objects, cache=cache, tune_steps=2, tune_files="vcp_alone")
+    untuned = ReferencePredictor(engine, adapters=objects, cache=cache)
+    assert obj.tune_steps == 2
+    check = reference_check(obj, [ref])
+    assert obj.tune_steps == 2 and obj.model is obj._base_model  # checked as loaded
+    assert check == pytest.approx(reference_check(untuned, [ref]), abs=1e-6)
+    obj.set_references([ref])
+    assert obj.model is not obj._base_model  # then tuned for the run

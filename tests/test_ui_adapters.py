@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from core.params import DEFAULT_TUNE_STEPS
+
 pytest.importorskip("qgis.gui")
 
 from qgis.core import Qgis, QgsGeometry, QgsProject, QgsRasterLayer, QgsSettings, QgsVectorLayer  # noqa: E402
@@ -113,10 +115,14 @@ def test_precision_and_decoding_controls(dock):
     assert [kshot.itemData(i) for i in range(kshot.count())] == ["ensemble", "joint"]
     assert "averaged" in kshot.toolTip()
     tune = dock.findChild(QSpinBox, "tune_steps")
-    assert tune is dock.tune_spin and tune.value() == 0 and tune.isEnabled() and "flips" in tune.toolTip()
+    assert tune is dock.tune_spin and tune.value() == DEFAULT_TUNE_STEPS and tune.isEnabled()
+    assert "flips" in tune.toolTip()
+    files = dock.findChild(QComboBox, "tune_files")
+    assert files is dock.tune_files_combo and files.currentData() == "vcp_alone" and files.isEnabled()
+    assert [files.itemData(i) for i in range(files.count())] == ["vcp_alone", "all"]
     choose(dock, "none")
     assert not kshot.isEnabled()  # training-free: nothing to ensemble
-    assert not tune.isEnabled()  # nor to tune
+    assert not tune.isEnabled() and not files.isEnabled()  # nor to tune
 
 
 def test_adapters_choice_is_kept_in_qgis_settings(dock, qgis_iface):

@@ -320,9 +320,13 @@ def test_build_params_copies_plain_values(dock, kampala, qgis_iface, qgis_projec
     assert not dock.kshot_combo.isEnabled()  # this run is training-free
     dock.kshot_combo.setCurrentIndex(dock.kshot_combo.findData("joint"))
     assert dock.build_params().kshot == "joint"
-    assert p.tune_steps == 0 and dock.tune_spin.specialValueText() == "off"  # run-time tuning: off by default
-    dock.tune_spin.setValue(24)
-    assert dock.build_params().tune_steps == 24
+    from core.params import DEFAULT_TUNE_STEPS
+
+    assert p.tune_steps == DEFAULT_TUNE_STEPS and dock.tune_spin.specialValueText() == "off"
+    assert p.tune_files == "vcp_alone"  # run-time tuning: the objects file, when the check keeps it
+    dock.tune_spin.setValue(7)
+    dock.tune_files_combo.setCurrentIndex(dock.tune_files_combo.findData("all"))
+    assert (dock.build_params().tune_steps, dock.build_params().tune_files) == (7, "all")
     assert p.zoom_views and not dock.zoom_views_check.isEnabled()  # on by default, trained runs only
     dock.zoom_views_check.setChecked(False)
     assert dock.build_params().zoom_views is False
@@ -351,6 +355,7 @@ def test_settings_persist_between_docks(dock, qgis_iface, qgis_app):
     dock.decoding_combo.setCurrentIndex(dock.decoding_combo.findData("exact"))
     dock.kshot_combo.setCurrentIndex(dock.kshot_combo.findData("joint"))
     dock.tune_spin.setValue(12)
+    dock.tune_files_combo.setCurrentIndex(dock.tune_files_combo.findData("all"))
     dock.tile_spin.setValue(768)
     dock.overlap_spin.setValue(96)
     dock.threshold_spin.setValue(0.35)
@@ -374,7 +379,7 @@ def test_settings_persist_between_docks(dock, qgis_iface, qgis_app):
         assert again.device_combo.currentData() == "cpu"
         assert again.precision_combo.currentData() == "bf16" and again.decoding_combo.currentData() == "exact"
         assert again.kshot_combo.currentData() == "joint"
-        assert again.tune_spin.value() == 12
+        assert again.tune_spin.value() == 12 and again.tune_files_combo.currentData() == "all"
         assert (again.tile_spin.value(), again.overlap_spin.value()) == (768, 96)
         assert abs(again.threshold_spin.value() - 0.35) < 1e-9
         assert again.min_area_spin.value() == 40.0 and again.simplify_spin.value() == 2.5

@@ -42,6 +42,7 @@ from qgis.PyQt.QtGui import QIcon
 from . import adapters as adapter_choice
 from . import run_options
 from .deps import describe_import_error, guard_engine_imports, install_message, missing_dependencies
+from ..core.params import DEFAULT_TUNE_STEPS
 from .references import crs_string, raster_path, web_layer_reason
 
 ICON = os.path.join(os.path.dirname(os.path.dirname(__file__)), "resources", "icon.svg")
@@ -66,6 +67,8 @@ DECODING_VALUES = tuple(v for _, v in run_options.DECODINGS)  # local, exact
 DECODING_LABELS = tuple(label for label, _ in run_options.DECODINGS)
 KSHOT_VALUES = tuple(v for _, v in run_options.KSHOTS)  # ensemble, joint
 KSHOT_LABELS = tuple(label for label, _ in run_options.KSHOTS)
+TUNE_FILES_VALUES = tuple(v for _, v in run_options.TUNE_FILES)  # vcp_alone, all
+TUNE_FILES_LABELS = tuple(label for label, _ in run_options.TUNE_FILES)
 ADAPTED_PRECISION_VALUES = tuple(v for _, v in run_options.ADAPTED_PRECISIONS)  # int8, fp32
 ADAPTED_PRECISION_LABELS = tuple(label for label, _ in run_options.ADAPTED_PRECISIONS)
 
@@ -87,6 +90,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
     KSHOT = "KSHOT"
     ADAPTED_PRECISION = "ADAPTED_PRECISION"
     TUNE_STEPS = "TUNE_STEPS"
+    TUNE_FILES = "TUNE_FILES"
     ZOOM_VIEWS = "ZOOM_VIEWS"
     CLUSTER = "CLUSTER"
     SCALE = "SCALE"
@@ -240,9 +244,13 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
         adapted_precision.setHelp(run_options.ADAPTED_PRECISION_HELP)
         tune_steps = QgsProcessingParameterNumber(
             self.TUNE_STEPS, "Tune on the references (steps, trained mode)", QgsProcessingParameterNumber.Integer,
-            0, minValue=0, maxValue=500,
+            DEFAULT_TUNE_STEPS, minValue=0, maxValue=500,
         )
         tune_steps.setHelp(run_options.TUNE_TOOLTIP)
+        tune_files = QgsProcessingParameterEnum(
+            self.TUNE_FILES, "Files to tune (trained mode)", options=list(TUNE_FILES_LABELS), defaultValue=0
+        )
+        tune_files.setHelp(run_options.TUNE_FILES_TOOLTIP)
         zoom_views = QgsProcessingParameterBoolean(self.ZOOM_VIEWS, "Zoomed views of the references (trained mode)",
                                                    defaultValue=True)
         zoom_views.setHelp(run_options.ZOOM_VIEWS_TOOLTIP)
@@ -262,6 +270,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             kshot,
             adapted_precision,
             tune_steps,
+            tune_files,
             zoom_views,
             QgsProcessingParameterNumber(
                 self.TILE_SIZE, "Tile size (pixels)", QgsProcessingParameterNumber.Integer, 1024, minValue=64
@@ -426,6 +435,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
                 decoding=DECODING_VALUES[self.parameterAsEnum(parameters, self.DECODING, context)],
                 kshot=KSHOT_VALUES[self.parameterAsEnum(parameters, self.KSHOT, context)],
                 tune_steps=self.parameterAsInt(parameters, self.TUNE_STEPS, context),
+                tune_files=TUNE_FILES_VALUES[self.parameterAsEnum(parameters, self.TUNE_FILES, context)],
                 zoom_views=self.parameterAsBool(parameters, self.ZOOM_VIEWS, context),
                 tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context),
                 overlap=self.parameterAsInt(parameters, self.OVERLAP, context),

@@ -39,6 +39,18 @@ KSHOT_HELP = (
     "the probabilities averaged with the joint decoding. Joint: all references decoded together only."
 )
 
+TUNE_FILES = (
+    ("Objects file, when kept (default)", "vcp_alone"),
+    ("Every file", "all"),
+)
+TUNE_FILES_TOOLTIP = (
+    "Which adapters files the tuning on the references changes:\n"
+    "• Objects file, when kept: only files without DTA adapters (the shipped objects file), and only when the "
+    "check on your reference gives them a weight; buildings and land cover, which keep the main file, are not "
+    "tuned.\n"
+    "• Every file: the main (DTA) file too; it pays only when your references mark every object in their crops."
+)
+
 TUNE_TOOLTIP = (
     "Trained mode: before the targets, tune the VCP encoder on your references for this many steps (each reference "
     "the example for the others; one reference with its flips), shown as its own progress step (about 0.5-1 s a "

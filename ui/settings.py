@@ -6,6 +6,8 @@ from typing import Any
 
 from qgis.core import QgsSettings
 
+from ..core.params import DEFAULT_TUNE_STEPS
+
 PREFIX = "virefsam/"
 
 # key -> (default, type)
@@ -21,7 +23,8 @@ DEFAULTS = {
     "decoding": ("local", str),  # local | exact
     "kshot": ("ensemble", str),  # ensemble | joint (ui/run_options.py)
     "zoom_views": (True, bool),  # trained mode: zoomed views of each reference (RunParams.zoom_views)
-    "tune_steps": (0, int),  # run-time tuning of VCP on the references (RunParams.tune_steps), 0 = off
+    "tune_steps": (DEFAULT_TUNE_STEPS, int),  # run-time tuning of VCP on the references (RunParams.tune_steps), 0 = off
+    "tune_files": ("vcp_alone", str),  # vcp_alone | all (RunParams.tune_files)
     "tile_size": (1024, int),
     "overlap": (128, int),
     "threshold": (0.5, float),

@@ -159,6 +159,7 @@ class ReferencePredictor:
         tune_steps: int = 0,
         tune_lr: float = 1e-4,
         tune_ignore_found: bool = False,
+        tune_files: str = "all",
         zoom_views: bool = True,
     ) -> None:
         if mode not in MODES:
@@ -215,6 +216,9 @@ class ReferencePredictor:
                 self.model.adapted_runner = engine.adapted_encoder(self.model.encoder, n_table=1 + model.n_bg)
             self.n_bg = model.n_bg
         self._base_model = self.model  # the model as loaded; ``model`` may be a copy tuned on the references
+        # ``tune_files`` "vcp_alone": only a file without DTA adapters is tuned (core.params.RunParams.tune_files)
+        if tune_files == "vcp_alone" and (self.model is None or self.model.use_dta):
+            self.tune_steps = 0
         self._protos: Optional[Prototypes] = None
         self.n_negatives = 0  # negative prototypes in use (set_references)
         self._neg_rows = 0  # the last _neg_rows background rows of the prototypes are negatives

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..errors import InputError
+from ..params import DEFAULT_TUNE_STEPS, TUNE_FILES
 
 MODES = ("virefsam", "training_free", "static_prompt", "vcp_no_dta")
 
@@ -90,12 +91,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="trained modes: no zoomed views of a one-crop reference (as the plugin, the default adds a "
                         "0.7x and a 1.4x view as two more shots: RunParams.zoom_views; evaluation files before it "
                         "had none)")
-    p.add_argument("--tune-steps", type=int, default=0,
+    p.add_argument("--tune-steps", type=int, default=DEFAULT_TUNE_STEPS,
                    help="trained modes: tune VCP on the references for this many steps before the query "
-                        "(run-time tuning, core.modeling.tune; default 0 = off)")
+                        f"(run-time tuning, core.modeling.tune; 0 = off; default {DEFAULT_TUNE_STEPS}, as the plugin)")
     p.add_argument("--tune-lr", type=float, default=1e-4, help="learning rate of --tune-steps")
-    p.add_argument("--tune-ignore-found", action="store_true",
-                   help="--tune-steps: leave what the untuned model finds beyond the reference mask out of the loss")
+    p.add_argument("--tune-ignore-found", action=argparse.BooleanOptionalAction, default=True,
+                   help="--tune-steps: leave what the untuned model finds beyond the reference mask out of the loss "
+                        "(default, as the plugin; evaluation files before session 15 had it off unless given)")
+    p.add_argument("--tune-files", choices=TUNE_FILES, default=TUNE_FILES[0],
+                   help="--tune-steps: which adapters files are tuned: vcp_alone (default, as the plugin: files "
+                        "without DTA, such as the objects file, when the check keeps them) or all")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -165,6 +170,7 @@ def _trained_kwargs(args) -> dict:
     return {"kshot": getattr(args, "kshot", None) or "ensemble", "tune_steps": getattr(args, "tune_steps", 0),
             "tune_lr": getattr(args, "tune_lr", 1e-4),
             "tune_ignore_found": getattr(args, "tune_ignore_found", False),
+            "tune_files": getattr(args, "tune_files", "all"),
             "zoom_views": getattr(args, "zoom_views", True)}
 
 
@@ -287,7 +293,7 @@ def run(args) -> int:
         bg=getattr(args, "bg", "per_shot"), kshot=_trained_kwargs(args)["kshot"],
         zoom_views=_trained_kwargs(args)["zoom_views"],
         tune={"steps": getattr(args, "tune_steps", 0), "lr": getattr(args, "tune_lr", 1e-4),
-              "ignore_found": getattr(args, "tune_ignore_found", False)},
+              "ignore_found": getattr(args, "tune_ignore_found", False), "files": getattr(args, "tune_files", "all")},
         adapters=_file_record(adapters_file(args.adapters, args.model), file_sha256)
         if len(adapter_choices(args.adapters, args.model)) < 2 else
         {"weighed": [_file_record(p, file_sha256) for p in adapter_choices(args.adapters, args.model)]},

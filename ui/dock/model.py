@@ -109,6 +109,8 @@ class ModelSection:
         self.tune_spin.setSuffix(" steps")
         self.tune_spin.setToolTip(run_options.TUNE_TOOLTIP)
         of.addRow("Tune on the references", self.tune_spin)
+        self.tune_files_combo = _choice_combo("tune_files", run_options.TUNE_FILES, run_options.TUNE_FILES_TOOLTIP)
+        of.addRow("Files to tune", self.tune_files_combo)
         self.scale_status = QLabel()  # the scale the last run worked at (RunResult.scale)
         self.scale_status.setObjectName("scale_status")
         self.scale_status.setWordWrap(True)
@@ -117,7 +119,7 @@ class ModelSection:
 
         self.run_on = run_on.add_to_form(of)
         for combo in (self.model_combo, self.mode_combo, self.adapters_combo, self.device_combo,
-                      self.precision_combo, self.decoding_combo, self.kshot_combo):
+                      self.precision_combo, self.decoding_combo, self.kshot_combo, self.tune_files_combo):
             combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(12)
         return [model_box, opt_box]
@@ -128,7 +130,7 @@ class ModelSection:
         self.adapters_combo.currentIndexChanged.connect(self._adapters_changed)
         self.adapters_file_widget.fileChanged.connect(self._update_adapters_widgets)
         for w in (self.model_combo, self.mode_combo, self.adapters_combo, self.device_combo, self.precision_combo,
-                  self.decoding_combo, self.kshot_combo):
+                  self.decoding_combo, self.kshot_combo, self.tune_files_combo):
             w.currentIndexChanged.connect(self.save_settings)
         for w in (self.tile_spin, self.overlap_spin, self.threshold_spin, self.min_area_spin, self.simplify_spin,
                   self.tune_spin):
@@ -149,6 +151,7 @@ class ModelSection:
         _set_combo_data(self.decoding_combo, settings.get("decoding"))
         _set_combo_data(self.kshot_combo, settings.get("kshot"))
         self.tune_spin.setValue(settings.get("tune_steps"))
+        _set_combo_data(self.tune_files_combo, settings.get("tune_files"))
         self.zoom_views_check.setChecked(settings.get("zoom_views"))
         self.tile_spin.setValue(settings.get("tile_size"))
         self.overlap_spin.setValue(settings.get("overlap"))
@@ -169,6 +172,7 @@ class ModelSection:
         settings.set("decoding", self.decoding_combo.currentData())
         settings.set("kshot", self.kshot_combo.currentData())
         settings.set("tune_steps", self.tune_spin.value())
+        settings.set("tune_files", self.tune_files_combo.currentData())
         settings.set("zoom_views", self.zoom_views_check.isChecked())
         settings.set("tile_size", self.tile_spin.value())
         settings.set("overlap", self.overlap_spin.value())
@@ -227,5 +231,6 @@ class ModelSection:
         self.kshot_combo.setEnabled(not training_free)  # how several references combine: the trained mode only
         self.zoom_views_check.setEnabled(not training_free)
         self.tune_spin.setEnabled(not training_free)  # run-time tuning of VCP: the trained mode only
+        self.tune_files_combo.setEnabled(not training_free)
         self.adapters_status.setText(adapter_choice.describe_choice(
             choice, self.model_combo.currentData(), self.adapters_file_widget.filePath()))

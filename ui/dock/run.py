@@ -197,6 +197,7 @@ class RunSection:
             decoding=self.decoding_combo.currentData(),
             kshot=self.kshot_combo.currentData(),
             tune_steps=self.tune_spin.value(),
+            tune_files=self.tune_files_combo.currentData(),
             zoom_views=self.zoom_views_check.isChecked(),
             tile_size=self.tile_spin.value(),
             overlap=self.overlap_spin.value(),
