@@ -12,6 +12,8 @@ an analyst marks a few of many. The scores become weights
 (:func:`blend_weights`: a softmax at temperature :data:`TEMPERATURE`; a file under :data:`FLOOR` is left out and
 the rest renormalised), and the run averages the kept files' probabilities with them
 (:class:`core.modeling.blend.BlendedPredictor`). A file left out costs nothing per tile: most runs use one file.
+The check runs every file as loaded; afterwards a kept file without DTA (the objects file) is tuned on the
+references by default (``RunParams.tune_files``, session 15).
 
 Measured with ``eval --adapters A.pt,B.pt`` (model card): three NWPU folds 1-shot 29.3 mIoU with the altered
 view (28.2 without it, 26.3 when the check picked one file, 21.3 for the default file alone); the OAM building
