@@ -12,7 +12,9 @@ import argparse
 import importlib
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from typing import List, Optional
 
@@ -67,6 +69,20 @@ def _interrupted(args, argv: Optional[List[str]], started: float) -> str:
     return "interrupted; nothing was written."
 
 
+def _listen_for_ctrl_c() -> None:
+    """Make SIGINT raise KeyboardInterrupt whatever this process inherited.
+
+    Python turns SIGINT into KeyboardInterrupt only when the process starts with SIGINT at its default; a command
+    started by a parent that ignores it (a shell's background job, some test runners and job launchers) would
+    otherwise go on after ``kill -INT`` and never save its checkpoint or remove its partial files. A blocked
+    SIGINT (inherited signal mask) is unblocked for the same reason."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -78,6 +94,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: the command '{args.command}' is not available in this version.", file=sys.stderr)
         return 2
     started = time.time()
+    _listen_for_ctrl_c()
     try:
         return int(mod.run(args) or 0)
     except CancelledError as exc:

@@ -57,7 +57,9 @@ def test_train_resume_and_eval(tiny_folder, tmp_path, monkeypatch):
 
 def test_ctrl_c_during_training_says_the_checkpoint_was_saved_and_how_to_resume(tiny_folder, tmp_path):
     """A real `python -m core train` interrupted with SIGINT (Ctrl-C) after its first step: exit 130, the
-    checkpoint is there, and stderr says so with the command that continues it (the same one with --resume)."""
+    checkpoint is there, and stderr says so with the command that continues it (the same one with --resume).
+    It is started with SIGINT ignored, as a shell starts a background job (and as this test's process may have
+    it after earlier tests): the command must listen all the same."""
     import os
     import shlex
     import signal
@@ -72,7 +74,8 @@ def test_ctrl_c_during_training_says_the_checkpoint_was_saved_and_how_to_resume(
             str(tmp_path / "features"), "--quiet", "--episodes", "200", "--batch", "1", "--lr", "1e-4",
             "--warmup", "1", "--out", str(out), "--n-queries", "8", "--save-every", "1000", "--threads", "1"]
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1")  # faulthandler: stacks on SIGABRT
-    proc = subprocess.Popen([sys.executable, "-m", "core", *args], cwd=root, stdout=subprocess.PIPE,
+    command = " ".join(shlex.quote(w) for w in [sys.executable, "-m", "core", *args])
+    proc = subprocess.Popen(["sh", "-c", f"trap '' INT; exec {command}"], cwd=root, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     log = out / "train_log.jsonl"
     t0 = time.time()
@@ -84,11 +87,13 @@ def test_ctrl_c_during_training_says_the_checkpoint_was_saved_and_how_to_resume(
     try:
         stdout, stderr = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:  # show where it hangs: faulthandler prints every thread's stack on SIGABRT
+        status = Path(f"/proc/{proc.pid}/status")
+        masks = [ln for ln in status.read_text().splitlines() if ln.startswith("Sig")] if status.exists() else []
         proc.send_signal(signal.SIGABRT)
         stdout, stderr = proc.communicate(timeout=60)
         steps = len(log.read_text().splitlines()) if log.exists() else 0
         pytest.fail(f"no exit 120 s after SIGINT (sent {waited:.0f} s after the start; {steps} steps logged "
-                    f"when it was killed); the stacks:\n{stderr[-6000:]}")
+                    f"when it was killed; signal masks {masks}); the stacks:\n{stderr[-6000:]}")
     assert proc.returncode == 130, stderr
     ckpt = out / "checkpoint.pt"
     assert ckpt.is_file()  # --save-every 1000: written by the interrupt, not by the schedule
