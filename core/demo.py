@@ -18,7 +18,7 @@ from typing import Dict, List
 import numpy as np
 
 from .paths import RESOURCES
-from .params import DEFAULT_TUNE_STEPS, ModelParams, ReferenceSpec, RunParams
+from .params import DEFAULT_TUNE_STEPS, TUNE_FILES, ModelParams, ReferenceSpec, RunParams
 
 DEMO = RESOURCES / "demo"
 TARGETS = {"zanzibar": DEMO / "target_zanzibar.tif", "kampala": DEMO / "target_kampala.tif"}
@@ -38,7 +38,7 @@ def add_arguments(p) -> None:
                         "or a .pt file, as for segment")
     p.add_argument("--tune-steps", type=int, default=DEFAULT_TUNE_STEPS,
                    help="trained mode: tune VCP on the references for this many steps first (as for segment)")
-    p.add_argument("--tune-files", default="vcp_alone", choices=("vcp_alone", "all"),
+    p.add_argument("--tune-files", default=TUNE_FILES[0], choices=TUNE_FILES,
                    help="--tune-steps: which adapters files are tuned (as for segment)")
     p.add_argument("--no-zoom-views", dest="zoom_views", action="store_false",
                    help="trained mode: no zoomed views of the one-crop reference (as for segment)")

@@ -52,6 +52,7 @@ def test_train_resume_and_eval(tiny_folder, tmp_path, monkeypatch):
         assert 0.0 <= m["miou"] <= 100.0 and 0.0 <= m["fbiou"] <= 100.0
         assert m["classes"]["square"]["episodes"] == 2
     assert "test-time" in rep["modes"]["vcp_no_dta"]
+    assert "not tuned" in rep["modes"]["vcp_no_dta"]  # as the trained file with DTA (eval's default tuning)
     assert rep["feature_cache"]["hits"] > 0  # every image encoded once for all modes
 
 

@@ -139,3 +139,27 @@ def test_only_a_file_without_dta_is_tuned_by_default_and_never_in_the_check(engi
     assert check == pytest.approx(reference_check(untuned, [ref]), abs=1e-6)
     obj.set_references([ref])
     assert obj.model is not obj._base_model  # then tuned for the run
+
+
+def test_the_eval_ablation_row_is_tuned_exactly_when_the_adapters_file_is(engine):
+    """``eval``'s ``vcp_no_dta`` row stands for the ``--adapters`` file without DTA: with the default
+    ``--tune-files vcp_alone`` the DTA file is not tuned, so neither is its ablation; with ``all`` both are;
+    an ``--adapters`` file without DTA (the objects file) is tuned, and its ablation with it."""
+    import argparse
+
+    from core.engines import objects_adapters
+    from core.training.evaluate import _predictors
+
+    def steps(adapters, files):
+        args = argparse.Namespace(adapters=str(adapters), ablation_adapters=None, model="embedded", seed=0,
+                                  bg="per_shot", modes="virefsam,vcp_no_dta", kshot="ensemble", tune_steps=5,
+                                  tune_lr=1e-4, tune_ignore_found=True, tune_files=files, zoom_views=True)
+        preds = _predictors(args, engine)
+        return preds["virefsam"][0].tune_steps, preds["vcp_no_dta"][0].tune_steps, preds["vcp_no_dta"][1]
+
+    main, ablation, note = steps(ADAPTERS, "vcp_alone")
+    assert (main, ablation) == (0, 0) and note.endswith("not tuned, as --adapters is not")
+    assert steps(ADAPTERS, "all")[:2] == (5, 5)
+    objects = objects_adapters("embedded")
+    if objects is not None:
+        assert steps(objects, "vcp_alone")[:2] == (5, 5)

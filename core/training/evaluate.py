@@ -9,7 +9,8 @@ each mode:
 * ``static_prompt``  the reference masks' own points/boxes replayed on the target (baseline)
 * ``vcp_no_dta``     the ablation "VCP without DTA": adapters trained with ``train --no-dta``
                      (``--ablation-adapters``), or else, labelled as such, the ``--adapters`` with every DTA
-                     branch switched off at test time
+                     branch switched off at test time; tuned on the references (``--tune-steps``) exactly when
+                     the ``--adapters`` file is, so that the two rows differ by DTA alone
 
 A pixel is foreground where the predicted probability exceeds 0.5. Per novel class, intersections and unions
 are summed over its episodes; mIoU is the mean over classes and FB-IoU the mean of foreground and background
@@ -205,18 +206,26 @@ def _predictors(args, engine):
             out[mode] = (ReferencePredictor(engine, mode="virefsam", adapters=model, seed=args.seed, bg=args.bg,
                                             **_trained_kwargs(args)), "")
         else:  # vcp_no_dta
+            compared = ViRefSAM.from_adapters(engine.sam, adapters, seed=args.seed) if adapters is not None else None
             if ablation is not None:
                 model = ViRefSAM.from_adapters(engine.sam, ablation, seed=args.seed)
                 note = f"adapters trained with --no-dta: {ablation}"
-            elif adapters is not None:
-                model = ViRefSAM.from_adapters(engine.sam, adapters, seed=args.seed)
+            elif compared is not None:
+                model = compared
                 note = "test-time ablation: the DTA branches of --adapters switched off"
             else:
                 out[mode] = (None, "skipped: no --adapters / --ablation-adapters")
                 continue
+            kwargs = _trained_kwargs(args)
+            # the ablation stands for the --adapters file without its DTA: it is tuned when that file is, so the
+            # two rows differ by DTA alone (under "vcp_alone" a file with DTA is not tuned)
+            if kwargs["tune_files"] == "vcp_alone" and compared is not None and compared.use_dta:
+                kwargs["tune_steps"] = 0
+            if kwargs["tune_steps"] != getattr(args, "tune_steps", 0):
+                note += "; not tuned, as --adapters is not"
             disable_dta(model)
             out[mode] = (ReferencePredictor(engine, mode="virefsam", adapters=model, seed=args.seed, bg=args.bg,
-                                            **_trained_kwargs(args)), note)
+                                            **kwargs), note)
     return out
 
 
