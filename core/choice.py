@@ -23,6 +23,7 @@ references keep the default file alone.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Sequence, Tuple
 
@@ -35,18 +36,39 @@ Shot = Tuple[np.ndarray, np.ndarray]  # (H x W x 3 uint8 image, H x W bool mask)
 TEMPERATURE = 0.05
 FLOOR = 0.1
 ALTERED_SCALE = 0.75  # the one-crop check's other view: mirrored and resized by this (session 14)
+# tune_files "auto": the marks count as complete (every object of the class in the crops marked) when the kept
+# files find at most this much foreground beyond them, per marked pixel (session 17)
+COMPLETE_OUTSIDE = 1.0
 
 
 def touching_iou(prob: np.ndarray, marks: np.ndarray, threshold: float = 0.5) -> Tuple[int, int]:
     """(intersection, union) of the marks and the predicted 8-connected objects that touch a marked pixel.
     prob: H x W probabilities; marks: H x W bool."""
+    return touching_counts(prob, marks, threshold)[:2]
+
+
+def touching_counts(prob: np.ndarray, marks: np.ndarray, threshold: float = 0.5) -> Tuple[int, int, int, int]:
+    """(intersection, union, outside, marked): :func:`touching_iou`'s two counts, the predicted pixels in objects
+    that touch no mark (what the file finds beyond the marks: other objects of the class when the analyst marked a
+    few of many, or its false positives) and the marked pixels."""
     from scipy import ndimage
 
     found = prob > threshold
     labels, _ = ndimage.label(found, structure=np.ones((3, 3), dtype=bool))
     touching = np.unique(labels[marks & found])
     kept = np.isin(labels, touching[touching > 0])
-    return int((kept & marks).sum()), int((kept | marks).sum())
+    return (int((kept & marks).sum()), int((kept | marks).sum()), int((found & ~kept).sum()),
+            int(marks.sum()))
+
+
+@dataclass(frozen=True)
+class Check:
+    """One file's check on the reference crops: ``iou`` of the marked objects (:func:`reference_check`) and
+    ``outside``, the foreground it finds in objects touching no mark per marked pixel (0: nothing beyond the
+    marks; 3: three times the marked area)."""
+
+    iou: float
+    outside: float
 
 
 def altered_view(image: np.ndarray, mask: np.ndarray, scale: float = ALTERED_SCALE) -> Shot:
@@ -68,6 +90,12 @@ def reference_check(predictor, shots: Sequence[Shot]) -> float:
     (:func:`altered_view`); the check is the mean of both IoUs. 0 when nothing is marked. The check runs the file
     as loaded: run-time tuning (``tune_steps``) is held off, then restored. Leaves the predictor with the last
     crop's references: set them again before use."""
+    return check_reference(predictor, shots).iou
+
+
+def check_reference(predictor, shots: Sequence[Shot]) -> Check:
+    """:func:`reference_check` with what the file finds beyond the marks (:class:`Check`), from the same
+    predictions."""
     steps = getattr(predictor, "tune_steps", 0)
     predictor.tune_steps = 0  # tuned on the crops it is checked on, every file would find them
     try:
@@ -76,20 +104,25 @@ def reference_check(predictor, shots: Sequence[Shot]) -> float:
         predictor.tune_steps = steps
 
 
-def _check(predictor, shots: Sequence[Shot]) -> float:
+def _check(predictor, shots: Sequence[Shot]) -> Check:
     if len(shots) == 1:
         image, mask = shots[0]
         predictor.set_references(list(shots))
         mask = mask.astype(bool)
-        seen = _iou(*touching_iou(predictor.predict(image), mask))
+        seen = touching_counts(predictor.predict(image), mask)
         view, view_mask = altered_view(image, mask)
-        return (seen + _iou(*touching_iou(predictor.predict(view), view_mask))) / 2
-    inter = union = 0
+        other = touching_counts(predictor.predict(view), view_mask)
+        return Check(iou=(_iou(*seen[:2]) + _iou(*other[:2])) / 2,
+                     outside=(_ratio(seen[2], seen[3]) + _ratio(other[2], other[3])) / 2)
+    total = np.zeros(4, dtype=np.int64)
     for i, (image, mask) in enumerate(shots):
         predictor.set_references([s for j, s in enumerate(shots) if j != i])
-        a, b = touching_iou(predictor.predict(image), mask.astype(bool))
-        inter, union = inter + a, union + b
-    return _iou(inter, union)
+        total += touching_counts(predictor.predict(image), mask.astype(bool))
+    return Check(iou=_iou(int(total[0]), int(total[1])), outside=_ratio(int(total[2]), int(total[3])))
+
+
+def _ratio(outside: int, marked: int) -> float:
+    return outside / marked if marked else 0.0
 
 
 def _iou(inter: int, union: int) -> float:
@@ -111,9 +144,32 @@ def weigh(candidates: Sequence, make: Callable[[object], object], shot_sets: Seq
     """(weights by :func:`blend_weights`, scores by :func:`reference_check`, the mean over ``shot_sets``, one per
     class) of every candidate. ``make(candidate)`` gives a ReferencePredictor with those adapters (the pipeline:
     candidates are file paths; eval: indices of predictors it keeps)."""
-    scores = []
+    weights, checks = weigh_checks(candidates, make, shot_sets)
+    return weights, [c.iou for c in checks]
+
+
+def weigh_checks(candidates: Sequence, make: Callable[[object], object], shot_sets: Sequence[Sequence[Shot]]
+                 ) -> Tuple[List[float], List[Check]]:
+    """:func:`weigh` with each candidate's whole :class:`Check` (both numbers the mean over ``shot_sets``)."""
+    checks = []
     for path in candidates:
         pred = make(path)
-        scores.append(float(np.mean([reference_check(pred, shots) for shots in shot_sets if shots] or [0.0])))
+        found = [check_reference(pred, shots) for shots in shot_sets if shots] or [Check(0.0, 0.0)]
+        checks.append(Check(iou=float(np.mean([c.iou for c in found])),
+                            outside=float(np.mean([c.outside for c in found]))))
         del pred
-    return blend_weights(scores), scores
+    return blend_weights([c.iou for c in checks]), checks
+
+
+def beyond_marks(weights: Sequence[float], checks: Sequence[Check]) -> float:
+    """The kept files' foreground beyond the marks per marked pixel (:attr:`Check.outside`), weighted as blended."""
+    total = sum(w for w in weights if w > 0)
+    return float(sum(w * c.outside for w, c in zip(weights, checks) if w > 0) / total) if total else 0.0
+
+
+def marks_complete(weights: Sequence[float], checks: Sequence[Check], limit: float = COMPLETE_OUTSIDE) -> bool:
+    """Whether the reference marks look complete, every object of the class in its crops marked: the files the
+    blend keeps find at most ``limit`` times the marked area beyond the marks (an analyst who marked 4 houses of
+    30 gets about 6x). ``tune_files`` "auto" then tunes the DTA file on the references too: with partial marks,
+    tuning learns the unmarked objects as background (model card)."""
+    return beyond_marks(weights, checks) <= limit

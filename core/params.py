@@ -18,8 +18,9 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DECODINGS = ("local", "exact")
 KSHOTS = ("ensemble", "joint")
-# which adapters files run-time tuning changes: those that add VCP alone (no DTA: the objects file), or every file
-TUNE_FILES = ("vcp_alone", "all")
+# which adapters files run-time tuning changes: those that add VCP alone (no DTA: the objects file), every file, or
+# every file when the check on the reference finds the marks complete, else those without DTA (core.choice)
+TUNE_FILES = ("vcp_alone", "all", "auto")
 DEFAULT_TUNE_STEPS = 24  # run-time tuning steps of a new run (RunParams.tune_steps): the kept objects file
 ENCODER_BACKENDS = ("auto", "torch", "onnxruntime")
 ADAPTED_PRECISIONS = ("int8", "fp32")  # the adapted pass in ONNX Runtime (core.modeling.ort_adapted)
@@ -130,7 +131,9 @@ class RunParams:
     (:mod:`core.modeling.tune`: each reference the support of the others, K <= 2 with their flips); 0 = off.
     ``tune_files``: which adapters files are tuned: ``vcp_alone`` (the default) those without DTA adapters (the
     shipped objects file), and only when the check on the reference keeps them; ``all`` every file (every
-    parameters file from before the field). Tuning the DTA file on buildings marked a few of many learns the
+    parameters file from before the field); ``auto`` every file when the marks look complete (the check on the
+    reference finds little beyond them, :func:`core.choice.marks_complete`), else as ``vcp_alone``: the run writes
+    the resolved value into its parameters. Tuning the DTA file on buildings marked a few of many learns the
     unmarked houses as background (model card).
     ``zoom_views`` (trained mode, a reference set of one crop): the reference is also seen zoomed out (0.7x) and in
     (1.4x), two more shots of the K-shot ensemble (:func:`core.scale.zoom_view`): +1.2 mIoU on held-out object
@@ -161,7 +164,7 @@ class RunParams:
     scale: str = "auto"
     kshot: str = "ensemble"  # K > 1 references, trained mode: "ensemble" (per-shot decodings averaged) or "joint"
     tune_steps: int = DEFAULT_TUNE_STEPS  # trained mode: optimiser steps of VCP on the references before the targets (0 = off)
-    tune_files: str = "vcp_alone"  # which files tune_steps tunes: "vcp_alone" (no DTA) or "all"
+    tune_files: str = "vcp_alone"  # which files tune_steps tunes: "vcp_alone" (no DTA), "all" or "auto"
     zoom_views: bool = True  # trained mode, one reference crop: also zoomed out and in, two more shots (core.scale)
     cluster: str = ""  # "" this process; "local:N" N Dask worker processes here; "tcp://HOST:PORT" a scheduler
     classes: Tuple[ClassSpec, ...] = ()  # several classes in one run (see above); () = class_name + references

@@ -44,7 +44,7 @@ import tempfile
 import time
 from collections import OrderedDict, defaultdict
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -273,21 +273,31 @@ def run(params: RunParams, progress: Optional[Progress] = None,
         scale_note = f"The {scale.describe()}; {n_crops} reference crop{'s' if n_crops != 1 else ''}."
         shots = [[(r.image, r.mask) for r in rs.refs] for rs in ref_sets]
         negatives = [[(r.image, r.background) for r in rs.negatives] for rs in ref_sets]  # "not this class"
-        if len(candidates) > 1 and len(params.model.adapter_weights) != len(candidates):
+        weigh_files = len(candidates) > 1 and len(params.model.adapter_weights) != len(candidates)
+        # tune_files "auto": the check on the reference decides whether the DTA file is tuned too (core.choice)
+        resolve_tuning = params.tune_files == "auto" and params.tune_steps > 0 and mode == "virefsam"
+        if weigh_files or resolve_tuning:
             # adapters "auto" (two shipped files) or a comma list: the reference weighs the files (core.choice)
-            say(0.02, "weighing the adapters on the reference")
+            say(0.02, "weighing the adapters on the reference" if weigh_files else "checking the reference")
+            files = candidates if weigh_files else candidates[:1]
             with stage("reference"):
-                weights, note = _weigh_adapters(engine, params, shots, candidates, shared)
+                weights, checks, note = _weigh_adapters(engine, params, shots, files, shared)
             check_cancel()
-            notes.append(note)
-            kept = [(str(f), w) for f, w in zip(candidates, weights) if w > 0]
-            # the written params name the files and weights used: a replay or a Dask worker does not check again
-            params = dataclasses.replace(params, model=dataclasses.replace(
-                params.model, adapters=",".join(f for f, _ in kept),
-                adapter_weights=tuple(round(w, 4) for _, w in kept) if len(kept) > 1 else ()))
+            if weigh_files:
+                notes.append(note)
+            kept = [(str(f), w) for f, w in zip(files, weights) if w > 0]
+            changed = {}
+            if weigh_files:  # the written params name the files and weights used: a replay or a Dask worker
+                changed["model"] = dataclasses.replace(  # does not check again
+                    params.model, adapters=",".join(f for f, _ in kept),
+                    adapter_weights=tuple(round(w, 4) for _, w in kept) if len(kept) > 1 else ())
+            if resolve_tuning:
+                changed["tune_files"], tuning_note = tuning_choice(weights, checks)
+                notes.append(tuning_note)
+            params = dataclasses.replace(params, **changed)
             model = params.model
-            if len(kept) > 1 or Path(kept[0][0]) != candidates[0]:  # not the first file alone, as built above
-                predictors = [run_predictor(engine, params, cache=shared) for _ in classes]
+            if len(kept) > 1 or Path(kept[0][0]) != candidates[0] or changed.get("tune_files") == "all":
+                predictors = [run_predictor(engine, params, cache=shared) for _ in classes]  # not as built above
             if hasattr(executor, "params"):  # a cluster's workers build their predictor from the run's params
                 executor.params = params
 
@@ -428,16 +438,29 @@ def run(params: RunParams, progress: Optional[Progress] = None,
 
 
 def _weigh_adapters(engine, params: RunParams, shots, candidates, cache):
-    """The weights of the candidate files by the check on the reference crops (:mod:`core.choice`), and a note
-    for the message bar with every candidate's check and weight. ``cache``: the run's embedding cache (the
-    candidates and the run's predictors encode each reference crop once)."""
-    from .choice import weigh
+    """(weights, :class:`core.choice.Check` of each, note): the candidate files weighed by the check on the
+    reference crops (:mod:`core.choice`), and a note for the message bar with every candidate's check and weight.
+    ``cache``: the run's embedding cache (the candidates and the run's predictors encode each reference crop once)."""
+    from .choice import weigh_checks
 
-    weights, scores = weigh(candidates, lambda path: make_predictor(engine, params, path, cache=cache), shots)
-    told = ", ".join(f"{p.name} {s:.2f}" for p, s in zip(candidates, scores))
+    weights, checks = weigh_checks(candidates, lambda path: make_predictor(engine, params, path, cache=cache), shots)
+    told = ", ".join(f"{p.name} {c.iou:.2f}" for p, c in zip(candidates, checks))
     used = [f"{p.name} {w:.0%}" for p, w in zip(candidates, weights) if w > 0]
     what = used[0].rsplit(" ", 1)[0] + " alone" if len(used) == 1 else "a blend of " + " and ".join(used)
-    return weights, f"Adapters auto: {what}, by the check on the reference ({told})."
+    return weights, checks, f"Adapters auto: {what}, by the check on the reference ({told})."
+
+
+def tuning_choice(weights, checks) -> Tuple[str, str]:
+    """``tune_files`` "auto" resolved by the check (:func:`core.choice.marks_complete`): ("all" or "vcp_alone",
+    a note for the message bar)."""
+    from .choice import beyond_marks, marks_complete
+
+    beyond = beyond_marks(weights, checks)
+    if marks_complete(weights, checks):
+        return "all", (f"Tuning every adapters file on the references: the marks look complete (the adapters find "
+                       f"{beyond:.2f}x the marked area beyond them).")
+    return "vcp_alone", (f"Tuning only a file without DTA on the references: the marks look like a few of many (the "
+                         f"adapters find {beyond:.1f}x the marked area beyond them).")
 
 
 def _layer_classes(params: RunParams) -> Optional[List[str]]:

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from core.choice import FLOOR, blend_weights, touching_iou
+from core.choice import FLOOR, Check, beyond_marks, blend_weights, marks_complete, touching_counts, touching_iou
 from core.engines import adapter_candidates, default_adapters, objects_adapters, resolve_adapters
 from core.params import ModelParams
 
@@ -25,6 +25,18 @@ def test_touching_iou_leaves_out_objects_away_from_the_marks():
     prob[15:20, 5:15] = 0.8  # the found object spills 50 px over the marks: that counts
     assert touching_iou(prob, marks) == (80, 100 + 50)
     assert touching_iou(np.zeros((40, 40)), marks) == (0, 100)
+    # what is found beyond the marks: the unmarked object, 100 px, against 100 marked px
+    assert touching_counts(prob, marks) == (80, 150, 100, 100)
+
+
+def test_marks_look_complete_when_the_kept_files_find_little_beyond_them():
+    """tune_files "auto": the weighted share of foreground beyond the marks decides; a file left out of the blend
+    does not count (the demo's four houses: the buildings file finds about 6x the marked area beyond them)."""
+    demo = [Check(iou=0.79, outside=6.09), Check(iou=0.50, outside=0.24)]
+    assert beyond_marks([1.0, 0.0], demo) == pytest.approx(6.09) and not marks_complete([1.0, 0.0], demo)
+    complete = [Check(iou=0.8, outside=0.2), Check(iou=0.8, outside=1.4)]
+    assert beyond_marks([0.5, 0.5], complete) == pytest.approx(0.8) and marks_complete([0.5, 0.5], complete)
+    assert not marks_complete([0.2, 0.8], complete)
 
 
 def test_the_checks_become_weights_and_a_clearly_worse_file_is_left_out():
@@ -60,13 +72,17 @@ def test_a_run_with_auto_says_which_files_it_weighed_and_records_them(tmp_path):
     if objects_adapters("embedded") is None:
         pytest.skip("no second adapters file is shipped")
     params = dataclasses.replace(demo_params(tmp_path, device="cpu", adapters="auto"),
-                                 targets=(str(TARGETS["kampala"]),))
+                                 targets=(str(TARGETS["kampala"]),), tune_files="auto")
     result = run(params)
     (note,) = [n for n in result.notes if n.startswith("Adapters auto:")]
     assert "embedded_virefsam.pt alone" in note and "embedded_virefsam_objects.pt" in note, note
+    # four houses of many marked: the DTA file is not tuned (tune_files "auto" resolved to "vcp_alone")
+    (tuning,) = [n for n in result.notes if n.startswith("Tuning only a file without DTA")]
+    assert "a few of many" in tuning, tuning
     written = json.loads((tmp_path / "demo.gpkg.params.json").read_text())
     assert written["model"]["adapters"] == str(default_adapters("embedded"))
     assert written["model"]["adapter_weights"] == []
+    assert written["tune_files"] == "vcp_alone"
     assert sum(len(t.features) for t in result.targets) > 0
 
 
@@ -134,6 +150,8 @@ def test_eval_weighs_two_files_per_episode(tiny_folder, tmp_path):
     for e in res["episodes"]:
         assert len(e["checks"]) == 2 and abs(sum(e["weights"]) - 1) < 1e-3
         assert e["weights"] == pytest.approx(blend_weights(e["checks"]), abs=2e-3)
+        assert len(e["outside"]) == 2 and min(e["outside"]) >= 0 and 0 <= e["inter"] <= e["union"]
+        assert "tuned_all" not in e  # --tune-files vcp_alone: nothing to decide
 
 
 def test_adapter_weights_that_do_not_fit_the_files_end_in_one_sentence():
@@ -183,3 +201,34 @@ def test_one_crop_is_also_checked_on_a_view_it_was_not_given(shared_data):
     want = (own[0] / own[1] + other[0] / other[1]) / 2
     assert reference_check(pred, [shot]) == pytest.approx(want, abs=1e-6)
     assert 0.3 < want <= 1.0  # the shipped buildings file finds the marked houses in both views
+
+
+def test_a_reference_marking_every_house_of_its_crop_tunes_the_dta_file_too(tmp_path, shared_data):
+    """tune_files "auto" with one file: the check runs for the decision alone. Every labelled house of a real
+    OAM tile marked: little is found beyond the marks, so the DTA file is tuned (its own progress step) and the
+    written parameters say "all", so that a replay tunes again without checking."""
+    from shapely.geometry import shape
+
+    from core.params import ReferenceSpec, RunParams
+    from core.pipeline import run
+
+    shipped = default_adapters("embedded")
+    if shipped is None:
+        pytest.skip("no adapters are shipped for the embedded model")
+    tile = shared_data / "oam_buildings" / "images" / "area2_OAM-1238452-1046530-21.tif"
+    labels = json.loads((shared_data / "oam_buildings" / "labels_geojson" / f"{tile.stem}.geojson").read_text())
+    houses = tuple(shape(f["geometry"]).wkt for f in labels["features"])
+    params = RunParams(class_name="building", targets=(str(tile),), output=str(tmp_path / "all.gpkg"),
+                       references=(ReferenceSpec(raster=str(tile), foreground=houses, crs="EPSG:4326"),),
+                       mode="virefsam", tune_steps=2, tune_files="auto",
+                       model=ModelParams(device="cpu", adapters=str(shipped)))
+    said = []
+    result = run(params, progress=lambda f, m="": said.append(m))
+    assert not [n for n in result.notes if n.startswith("Adapters auto:")]  # one file: nothing to weigh
+    (tuning,) = [n for n in result.notes if n.startswith("Tuning every adapters file")]
+    assert "look complete" in tuning, tuning
+    assert "checking the reference" in said
+    assert any(m.startswith("tuning on the references of building (2/2)") for m in said)
+    written = json.loads((tmp_path / "all.gpkg.params.json").read_text())
+    assert written["tune_files"] == "all" and written["model"]["adapters"] == str(shipped)
+    assert sum(len(t.features) for t in result.targets) > 0

@@ -42,13 +42,17 @@ KSHOT_HELP = (
 TUNE_FILES = (
     ("Objects file, when kept (default)", "vcp_alone"),
     ("Every file", "all"),
+    ("Every file when the marks look complete", "auto"),
 )
 TUNE_FILES_TOOLTIP = (
     "Which adapters files the tuning on the references changes:\n"
     "• Objects file, when kept: only files without DTA adapters (the shipped objects file), and only when the "
     "check on your reference gives them a weight; buildings and land cover, which keep the main file, are not "
     "tuned.\n"
-    "• Every file: the main (DTA) file too; it pays only when your references mark every object in their crops."
+    "• Every file: the main (DTA) file too; it pays only when your references mark every object in their crops.\n"
+    "• Every file when the marks look complete: the check on your reference decides; when the adapters find little "
+    "of the class beyond your marks (every object in the crops marked), the main file is tuned too, else only the "
+    "objects file. The message bar says which."
 )
 
 TUNE_TOOLTIP = (

@@ -216,13 +216,21 @@ class ReferencePredictor:
                 self.model.adapted_runner = engine.adapted_encoder(self.model.encoder, n_table=1 + model.n_bg)
             self.n_bg = model.n_bg
         self._base_model = self.model  # the model as loaded; ``model`` may be a copy tuned on the references
-        # ``tune_files`` "vcp_alone": only a file without DTA adapters is tuned (core.params.RunParams.tune_files)
-        if tune_files == "vcp_alone" and (self.model is None or self.model.use_dta):
+        # ``tune_files`` "vcp_alone": only a file without DTA adapters is tuned (core.params.RunParams.tune_files);
+        # "auto" as "vcp_alone" until the check on the reference allows the DTA file (:meth:`tune_dta_file`)
+        self.requested_tune_steps = self.tune_steps
+        if tune_files in ("vcp_alone", "auto") and (self.model is None or self.model.use_dta):
             self.tune_steps = 0
         self._protos: Optional[Prototypes] = None
         self.n_negatives = 0  # negative prototypes in use (set_references)
         self._neg_rows = 0  # the last _neg_rows background rows of the prototypes are negatives
         self._static: Optional[Tuple[np.ndarray, np.ndarray]] = None
+
+    def tune_dta_file(self, on: bool) -> None:
+        """``tune_files`` "auto" decided per reference set (eval): a file with DTA adapters is tuned (``on``) or
+        not; a file without DTA keeps its tuning either way."""
+        if self.model is not None and self.model.use_dta:
+            self.tune_steps = self.requested_tune_steps if on else 0
 
     # -- helpers ----------------------------------------------------------------------------------------------
     def _device(self) -> torch.device:

@@ -101,7 +101,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default, as the plugin; evaluation files before session 15 had it off unless given)")
     p.add_argument("--tune-files", choices=TUNE_FILES, default=TUNE_FILES[0],
                    help="--tune-steps: which adapters files are tuned: vcp_alone (default, as the plugin: files "
-                        "without DTA, such as the objects file, when the check keeps them) or all")
+                        "without DTA, such as the objects file, when the check keeps them), all, or auto (all when "
+                        "the check finds the reference's marks complete, core.choice.marks_complete)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -142,19 +143,30 @@ class WeighingPredictor:
 
     mode = "virefsam"
 
-    def __init__(self, predictors, paths) -> None:
+    def __init__(self, predictors, paths, tune_files: str = "vcp_alone") -> None:
         self.predictors, self.paths = list(predictors), list(paths)
+        self.tune_files = tune_files
+        self.tuned_all: Optional[bool] = None  # "auto": whether the last episode tuned the DTA file too
         self.used = [0] * len(self.predictors)
         self.alone = [0] * len(self.predictors)
         self.scores: List[float] = []
+        self.outside: List[float] = []  # the last episode's checks' foreground beyond the marks (core.choice.Check)
         self.weights: List[float] = []
         self.blend = None
 
     def set_references(self, references, negatives=()) -> None:
-        from ..choice import weigh
+        from ..choice import weigh_checks
         from ..modeling.blend import BlendedPredictor
 
-        self.weights, self.scores = weigh(range(len(self.predictors)), self.predictors.__getitem__, [references])
+        self.weights, checks = weigh_checks(range(len(self.predictors)), self.predictors.__getitem__, [references])
+        self.scores, self.outside = [c.iou for c in checks], [c.outside for c in checks]
+        self.tuned_all = None
+        if self.tune_files == "auto":  # as the pipeline: the check decides whether the DTA file is tuned too
+            from ..choice import marks_complete
+
+            self.tuned_all = marks_complete(self.weights, checks)
+            for p in self.predictors:
+                p.tune_dta_file(self.tuned_all)
         kept = [i for i, w in enumerate(self.weights) if w > 0]
         for i in kept:
             self.used[i] += 1
@@ -192,12 +204,14 @@ def _predictors(args, engine):
                                             decoder_context=decoder_context(getattr(args, "decoding", "local"))), "")
         elif mode == "virefsam":
             candidates = adapter_choices(args.adapters, args.model)
-            if len(candidates) > 1:  # --adapters auto / A.pt,B.pt: the reference check weighs them per episode
+            # --adapters auto / A.pt,B.pt: the reference check weighs them per episode; --tune-files auto: it
+            # also decides, as in the pipeline, whether a DTA file is tuned
+            if len(candidates) > 1 or (candidates and getattr(args, "tune_files", "all") == "auto"):
                 cache = OrderedDict()  # one plain pass per image for all files
                 preds = [ReferencePredictor(engine, mode="virefsam", adapters=ViRefSAM.from_adapters(
                     engine.sam, path, seed=args.seed), seed=args.seed, bg=args.bg, cache=cache,
                     **_trained_kwargs(args)) for path in candidates]
-                out[mode] = (WeighingPredictor(preds, candidates), "")
+                out[mode] = (WeighingPredictor(preds, candidates, getattr(args, "tune_files", "all")), "")
                 continue
             if adapters is None:
                 out[mode] = (None, _no_adapters(args))
@@ -219,7 +233,7 @@ def _predictors(args, engine):
             kwargs = _trained_kwargs(args)
             # the ablation stands for the --adapters file without its DTA: it is tuned when that file is, so the
             # two rows differ by DTA alone (under "vcp_alone" a file with DTA is not tuned)
-            if kwargs["tune_files"] == "vcp_alone" and compared is not None and compared.use_dta:
+            if kwargs["tune_files"] in ("vcp_alone", "auto") and compared is not None and compared.use_dta:
                 kwargs["tune_steps"] = 0
             if kwargs["tune_steps"] != getattr(args, "tune_steps", 0):
                 note += "; not tuned, as --adapters is not"
@@ -253,7 +267,7 @@ def _episode_row(ep, zoom: float, data, pred_mask) -> dict:
     q = object_sizes(data.query_mask)
     r = np.concatenate([object_sizes(m) for m in data.support_masks])
     return {"class": ep.class_name, "query": ep.query, "support": list(ep.support),
-            "iou": round(inter / union, 4) if union else None, "zoom": round(zoom, 4),
+            "iou": round(inter / union, 4) if union else None, "inter": inter, "union": union, "zoom": round(zoom, 4),
             "query_px": round(float(np.median(q)) * zoom, 1) if q.size else None,
             "ref_px": round(float(np.median(r)) * zoom, 1) if r.size else None}
 
@@ -347,7 +361,10 @@ def run(args) -> int:
                 per_episode[m].append(_episode_row(ep, zoom, data, prob > args.threshold))
                 if isinstance(pred, WeighingPredictor):
                     per_episode[m][-1].update(weights=[round(w, 4) for w in pred.weights],
-                                              checks=[round(c, 4) for c in pred.scores])
+                                              checks=[round(c, 4) for c in pred.scores],
+                                              outside=[round(c, 4) for c in pred.outside])
+                    if pred.tuned_all is not None:
+                        per_episode[m][-1]["tuned_all"] = pred.tuned_all
             if bar is not None:
                 bar.set_postfix({m: f"{meters[m].miou():.1f}" for m, _ in active})
                 bar.update(1)
