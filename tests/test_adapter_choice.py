@@ -232,3 +232,22 @@ def test_a_reference_marking_every_house_of_its_crop_tunes_the_dta_file_too(tmp_
     written = json.loads((tmp_path / "all.gpkg.params.json").read_text())
     assert written["tune_files"] == "all" and written["model"]["adapters"] == str(shipped)
     assert sum(len(t.features) for t in result.targets) > 0
+
+
+def test_the_tuning_rule_replay_gives_back_both_runs_at_its_extremes():
+    """scripts/tuning_rule.py on the committed fold-0 runs (session 17): a limit below every episode's share is
+    the ``vcp_alone`` run, an infinite one the ``all`` run, each as the eval command scored it."""
+    import importlib.util
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("tuning_rule", here / "scripts" / "tuning_rule.py")
+    rule = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rule)
+    runs = here / "resources" / "adapters" / "folds" / "tune_rule"
+    alone, every = (runs / "fold0.vcp_alone.1shot.eval.json", runs / "fold0.all.1shot.eval.json")
+    a, b = rule.episodes(str(alone), "1-shot"), rule.episodes(str(every), "1-shot")
+    for path, limit in ((alone, -1.0), (every, float("inf"))):
+        miou, _, tuned = rule.replay(a, b, limit)
+        scored = json.loads(path.read_text())["results"]["1-shot"]["modes"]["virefsam"]["miou"]
+        assert miou == pytest.approx(scored, abs=0.01) and tuned == (0 if limit < 0 else len(a))
