@@ -119,7 +119,7 @@ def test_precision_and_decoding_controls(dock):
     assert "flips" in tune.toolTip()
     files = dock.findChild(QComboBox, "tune_files")
     assert files is dock.tune_files_combo and files.currentData() == "vcp_alone" and files.isEnabled()
-    assert [files.itemData(i) for i in range(files.count())] == ["vcp_alone", "all"]
+    assert [files.itemData(i) for i in range(files.count())] == ["vcp_alone", "all", "auto"]
     choose(dock, "none")
     assert not kshot.isEnabled()  # training-free: nothing to ensemble
     assert not tune.isEnabled() and not files.isEnabled()  # nor to tune
