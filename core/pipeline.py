@@ -249,7 +249,8 @@ def run(params: RunParams, progress: Optional[Progress] = None,
         model = params.model
         # several classes: one predictor each, sharing one cache of tile embeddings (each tile's plain pass once);
         # several adapters files: the check on the reference and the run share the reference crops' plain passes
-        shared = OrderedDict() if len(classes) > 1 or len(candidates) > 1 else None
+        # (tune_files "auto": the check's predictor and the run's share them too)
+        shared = OrderedDict() if len(classes) > 1 or len(candidates) > 1 or params.tune_files == "auto" else None
         with stage("model"):
             engine = load_engine(model)
             predictors = [run_predictor(engine, params, cache=shared) for _ in classes]

@@ -152,6 +152,12 @@ def test_eval_weighs_two_files_per_episode(tiny_folder, tmp_path):
         assert e["weights"] == pytest.approx(blend_weights(e["checks"]), abs=2e-3)
         assert len(e["outside"]) == 2 and min(e["outside"]) >= 0 and 0 <= e["inter"] <= e["union"]
         assert "tuned_all" not in e  # --tune-files vcp_alone: nothing to decide
+    # --tune-files auto with one file: the check runs per episode for the decision alone, which each row records
+    assert cli.main(argv[:-4] + ["--adapters", str(shipped), "--tune-files", "auto", "--tune-steps", "1",
+                                 "--json", str(report)]) == 0
+    rows = json.loads(report.read_text())["results"]["1-shot"]["modes"]["virefsam"]["episodes"]
+    assert all(isinstance(e["tuned_all"], bool) and e["weights"] == [1.0] for e in rows)
+    assert all(e["tuned_all"] == (e["outside"][0] <= 1.0) for e in rows)
 
 
 def test_adapter_weights_that_do_not_fit_the_files_end_in_one_sentence():
