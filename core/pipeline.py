@@ -375,7 +375,7 @@ def run(params: RunParams, progress: Optional[Progress] = None,
         notes.extend(executor.notes)
         for src, grid in zip(sources, grids):
             t0 = time.perf_counter()
-            result = TargetResult(raster=src.path, crs_wkt=src.crs_wkt)
+            result = TargetResult(raster=src.path, crs_wkt=src.crs_wkt, tiles=len(grid))
             stitchers = []
             try:
                 for _ in classes:

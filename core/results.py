@@ -35,6 +35,7 @@ class TargetResult:
     features: List[Feature] = field(default_factory=list)
     seconds: float = 0.0
     skipped: Optional[str] = None  # why the raster was skipped (all nodata, ...), None when it was processed
+    tiles: int = 0  # tiles of its grid at the working scale (core.tiling.TileGrid), all-nodata ones included
 
     @property
     def n_objects(self) -> int:

@@ -188,7 +188,9 @@ def run_e2e(args, targets: Sequence[str], output: str, variant: str = "baseline"
     tm = dict(result.timings)
     sizes = [_pixels(t) for t in targets]
     pixels = sum(w * h for w, h in sizes)
-    tiles = sum(len(TileGrid(w, h, params.tile_size, params.overlap)) for w, h in sizes)  # scale 1 here
+    # at the working scale the run chose (scale auto may zoom the targets in: more tiles than at scale 1)
+    tiles = sum(t.tiles for t in result.targets) or sum(
+        len(TileGrid(w, h, params.tile_size, params.overlap)) for w, h in sizes)
     # the engine is cached per process: model load reported apart; the probe's own bookkeeping is not the pipeline's
     total = result.seconds - tm.get("model", 0.0) - sum(probe.overhead.values())
     enc_tiles = probe.get("tiles", "encode")

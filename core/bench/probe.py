@@ -189,17 +189,17 @@ class Probe:
         self._undo.append(lambda: setattr(joint_module, "predict_classes", joint_predict))
         from .. import choice as choice_module
 
-        check = choice_module.reference_check
+        check = choice_module.check_reference  # what reference_check and the pipeline's weighing call
 
-        def reference_check(predictor, shots):  # adapters auto: timed as reference work, not as tiles
+        def check_reference(predictor, shots):  # adapters auto: timed as reference work, not as tiles
             probe.phase, probe.checking = "reference", True
             try:
                 return check(predictor, shots)
             finally:
                 probe.checking = False
 
-        choice_module.reference_check = reference_check
-        self._undo.append(lambda: setattr(choice_module, "reference_check", check))
+        choice_module.check_reference = check_reference
+        self._undo.append(lambda: setattr(choice_module, "check_reference", check))
         from .. import pipeline as pipeline_module
 
         if "ReferencePredictor" in vars(pipeline_module):  # imported at module level (not the case today)
