@@ -64,6 +64,7 @@ class ModelParams:
                 encoder pass runs where the plain one does (ONNX Runtime: its own exported graph).
     adapted_precision: ``int8`` (default) or ``fp32``: the adapted pass's graph in ONNX Runtime with int8 weights
                 (dynamic quantisation: about 1.5x faster on a CPU, masks at IoU >= 0.99 with fp32) or as exported.
+                ``int8`` runs fp32 on an x86 CPU without VNNI (:func:`core.device.cpu_int8_is_exact`).
                 Only where the adapted pass runs in ONNX Runtime; a params file written before this field loads
                 as ``fp32``, which is what it ran.
     """

@@ -203,3 +203,18 @@ def test_pipeline_with_ort_gives_the_same_polygons(tmp_path):
     assert n_t >= 3  # houses in Kampala: the comparison means something
     assert abs(n_t - n_o) <= 2, out
     assert abs(area_t - area_o) <= 0.01 * area_t, out
+
+
+def test_int8_adapted_pass_only_where_int8_products_are_exact(embedded_sam, monkeypatch):
+    """int8 is asked by default; an x86 CPU without VNNI (its int8 products saturate) runs the fp32 graph. The
+    CPU cannot be swapped in a test: the rule's answer is set both ways and the engine's choice read."""
+    from core.modeling import engine as engine_module
+    from core.modeling.engine import SamEngine
+
+    assert isinstance(engine_module.cpu_int8_is_exact(), bool)
+    for exact, want in ((True, "int8"), (False, "fp32")):
+        monkeypatch.setattr(engine_module, "cpu_int8_is_exact", lambda e=exact: e)
+        eng = SamEngine(embedded_sam, device="cpu", precision="fp32", encoder_backend="auto")
+        assert eng.requested_adapted_precision == "int8" and eng.adapted_precision == want
+        eng = SamEngine(embedded_sam, device="cpu", precision="fp32", encoder_backend="auto", adapted_precision="fp32")
+        assert eng.adapted_precision == "fp32"

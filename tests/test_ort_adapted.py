@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.device import cpu_int8_is_exact
 from core.modeling import ort_adapted
 from core.modeling.dta import DTAContext
 from core.modeling.engine import SamEngine
@@ -51,9 +52,12 @@ def ort_engine(embedded_sam):
 
 @pytest.fixture(scope="module")
 def int8_engine(embedded_sam):
-    """The default: the adapted pass's graph with int8 weights."""
+    """The default: the adapted pass's graph with int8 weights where the CPU's int8 products are exact (VNNI),
+    else fp32; forced to int8 here so that the int8 graph's own tests run on every CPU."""
     eng = SamEngine(embedded_sam, device="cpu", precision="fp32", encoder_backend="auto")
-    assert eng.encoder_backend == "onnxruntime" and eng.adapted_precision == "int8"
+    assert eng.encoder_backend == "onnxruntime" and eng.requested_adapted_precision == "int8"
+    assert eng.adapted_precision == ("int8" if cpu_int8_is_exact() else "fp32")
+    eng.adapted_precision = "int8"
     return eng
 
 
@@ -158,8 +162,11 @@ def test_corrupt_cached_export_is_rebuilt(home, ort_engine, episode):
 def test_int8_graph_keeps_the_masks_of_pytorch_fp32_on_real_tiles(home, int8_engine, engine, episode):
     """The default adapted pass (int8 weights) against the PyTorch fp32 path: the same masks (IoU >= 0.99 over
     the real tiles together, >= 0.98 on each: measured 0.997 and 0.988 here, 0.995-0.999 on four more tiles;
-    boundary pixels near 0.5 flip), the embeddings within a few percent."""
+    boundary pixels near 0.5 flip), the embeddings within a few percent. On an x86 CPU without VNNI, where
+    int8 products saturate and the default runs fp32 instead, the int8 graph is held to less (a CI machine:
+    0.973 on one tile)."""
     ref, tiles = episode
+    exact = cpu_int8_is_exact()
     fast = ReferencePredictor(int8_engine, mode="virefsam", adapters=ADAPTERS, cache=OrderedDict())
     slow = ReferencePredictor(engine, mode="virefsam", adapters=ADAPTERS, cache=OrderedDict())
     runner = fast.model.adapted_runner
@@ -179,9 +186,9 @@ def test_int8_graph_keeps_the_masks_of_pytorch_fp32_on_real_tiles(home, int8_eng
     for pf, ps in zip(probs_fast, probs_slow):
         mf, ms = pf > 0.5, ps > 0.5
         assert ms.mean() > 0.01
-        assert _iou(mf, ms) >= 0.98, _iou(mf, ms)
+        assert _iou(mf, ms) >= (0.98 if exact else 0.95), _iou(mf, ms)
         inter, union = inter + (mf & ms).sum(), union + (mf | ms).sum()
-    assert inter / union >= 0.99, inter / union
+    assert inter / union >= (0.99 if exact else 0.96), inter / union
 
 
 def test_corrupt_cached_int8_graph_is_rebuilt(home, int8_engine, episode):

@@ -79,7 +79,8 @@ ADAPTED_PRECISIONS = (
 ADAPTED_PRECISION_HELP = (
     "Trained mode on the CPU only, where the adapted (DTA) encoder pass runs in ONNX Runtime. int8 (default): its "
     "weights quantised to int8, about 1.6x faster for that pass, masks agreeing with fp32 (IoU >= 0.99 on real "
-    "tiles). fp32: the pass as exported (the behaviour of parameters files from before)."
+    "tiles); on a CPU without VNNI instructions, where int8 products lose precision, fp32 runs instead. fp32: the "
+    "pass as exported (the behaviour of parameters files from before)."
 )
 
 PRECISIONS = (

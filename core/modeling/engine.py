@@ -31,7 +31,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..device import resolve_device, resolve_precision, set_threads
+from ..device import cpu_int8_is_exact, resolve_device, resolve_precision, set_threads
 from ..errors import InputError, ModelError
 
 Size = Tuple[int, int]
@@ -113,7 +113,9 @@ class SamEngine:
                 onnxruntime installed) or ``auto`` (ONNX Runtime where it can run, else PyTorch).
                 :attr:`encoder_backend` says which one runs; ``core.params.ModelParams`` defaults to ``auto``.
     adapted_precision: ``int8`` (default) or ``fp32``: the weights of ViRefSAM's adapted pass where it runs in
-                ONNX Runtime (:mod:`.ort_adapted`); PyTorch runs it in ``precision`` as before.
+                ONNX Runtime (:mod:`.ort_adapted`); PyTorch runs it in ``precision`` as before. ``int8`` on an
+                x86 CPU without VNNI runs fp32 (:func:`core.device.cpu_int8_is_exact`); :attr:`adapted_precision`
+                says which one runs.
     """
 
     def __init__(self, sam, device: str = "auto", precision: str = "fp32", threads: int = 0,
@@ -137,7 +139,10 @@ class SamEngine:
         self._ort = self._ort_encoder(encoder_backend, threads)
         self.encoder_backend = "torch" if self._ort is None else "onnxruntime"
         self.threads = threads
-        self.adapted_precision = adapted_precision
+        # int8 where its matrix products are exact; elsewhere the fp32 graph keeps the masks of PyTorch fp32
+        self.requested_adapted_precision = adapted_precision
+        self.adapted_precision = ("fp32" if adapted_precision == "int8" and not cpu_int8_is_exact()
+                                  else adapted_precision)
         self._adapted: dict = {}  # graph key -> OrtAdaptedEncoder (one ORT session per adapters file)
         self.adapted_note = ""  # why the adapted pass stays in PyTorch although the plain one runs in ORT
         # ViRefSAM models built from adapter files for this engine's SAM, kept for the next run (a second run in
