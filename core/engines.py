@@ -105,13 +105,15 @@ def load_engine(model: ModelParams):
         return engine
 
 
-def make_predictor(engine, params: RunParams, adapters, cache=None):
+def make_predictor(engine, params: RunParams, adapters, cache=None, cache_size: Optional[int] = None):
     """The run's ReferencePredictor (its class looked up at call time, so that the bench can time it); ``cache``:
-    one OrderedDict shared by the predictors of a several-class run (each tile's plain pass once)."""
+    one OrderedDict shared by the predictors of a several-class run (each tile's plain pass once); ``cache_size``:
+    how many entries of it this predictor keeps (None: the predictor's default)."""
     from .modeling import predictor as predictor_module
     from .modeling.training_free import decoder_context
 
-    return predictor_module.ReferencePredictor(engine, mode=params.mode, adapters=adapters, seed=params.seed,
+    kw = {} if cache_size is None else {"cache_size": cache_size}
+    return predictor_module.ReferencePredictor(engine, mode=params.mode, adapters=adapters, seed=params.seed, **kw,
                                                decoder_context=decoder_context(params.decoding), cache=cache,
                                                kshot=params.kshot, tune_steps=params.tune_steps,
                                                tune_ignore_found=True,  # an analyst's marks are partial

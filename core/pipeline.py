@@ -53,6 +53,7 @@ from .engines import (adapter_candidates, check_precision, default_adapters, loa
                       resolve_adapters, run_predictor)
 from .params import RunParams
 from .results import Feature, RunResult, TargetResult
+from .scale import ZOOM_VIEWS
 
 Progress = Callable[[float, str], None]
 IsCancelled = Callable[[], bool]
@@ -274,6 +275,11 @@ def run(params: RunParams, progress: Optional[Progress] = None,
         scale_note = f"The {scale.describe()}; {n_crops} reference crop{'s' if n_crops != 1 else ''}."
         shots = [[(r.image, r.mask) for r in rs.refs] for rs in ref_sets]
         negatives = [[(r.image, r.background) for r in rs.negatives] for rs in ref_sets]  # "not this class"
+        # the shared cache keeps every reference input until the run's predictors are set (a one-crop check also
+        # segments a view of the crop; the run sees its zoomed views): each is encoded once, not again after
+        # eviction by the others
+        hold = sum(len(s) + len(ZOOM_VIEWS) + 1 for s in shots) if shared is not None else None
+        held = _hold_cache(predictors, hold)
         weigh_files = len(candidates) > 1 and len(params.model.adapter_weights) != len(candidates)
         # tune_files "auto": the check on the reference decides whether the DTA file is tuned too (core.choice)
         resolve_tuning = params.tune_files == "auto" and params.tune_steps > 0 and mode == "virefsam"
@@ -282,7 +288,7 @@ def run(params: RunParams, progress: Optional[Progress] = None,
             say(0.02, "weighing the adapters on the reference" if weigh_files else "checking the reference")
             files = candidates if weigh_files else candidates[:1]
             with stage("reference"):
-                weights, checks, note = _weigh_adapters(engine, params, shots, files, shared)
+                weights, checks, note = _weigh_adapters(engine, params, shots, files, shared, hold)
             check_cancel()
             if weigh_files:
                 notes.append(note)
@@ -299,6 +305,7 @@ def run(params: RunParams, progress: Optional[Progress] = None,
             model = params.model
             if len(kept) > 1 or Path(kept[0][0]) != candidates[0] or changed.get("tune_files") == "all":
                 predictors = [run_predictor(engine, params, cache=shared) for _ in classes]  # not as built above
+                held = _hold_cache(predictors, hold)
             if hasattr(executor, "params"):  # a cluster's workers build their predictor from the run's params
                 executor.params = params
 
@@ -340,6 +347,8 @@ def run(params: RunParams, progress: Optional[Progress] = None,
 
         with stage("reference"):
             cuda_safe(set_references, again=False)
+        for part, size in held:  # the tiles: each predictor's own cache size again
+            part.cache_size = size
         for c, pred, negs in zip(classes, predictors, negatives):
             if negs:
                 n_neg = getattr(pred, "n_negatives", 0)
@@ -438,13 +447,27 @@ def run(params: RunParams, progress: Optional[Progress] = None,
                      timings=dict(timings), notes=notes, scale=scale_note)
 
 
-def _weigh_adapters(engine, params: RunParams, shots, candidates, cache):
+def _hold_cache(predictors, size: Optional[int]) -> List[Tuple[object, int]]:
+    """Let each predictor (a blend's parts too) keep at least ``size`` entries of the shared cache; returns
+    (predictor, its own size) to restore. ``size`` None: nothing changed."""
+    parts = [q for p in predictors for q in getattr(p, "predictors", [p]) if hasattr(q, "cache_size")]
+    if size is None:
+        return []
+    held = [(q, q.cache_size) for q in parts]
+    for q, own in held:
+        q.cache_size = max(own, size) if own > 0 else own
+    return held
+
+
+def _weigh_adapters(engine, params: RunParams, shots, candidates, cache, hold: Optional[int] = None):
     """(weights, :class:`core.choice.Check` of each, note): the candidate files weighed by the check on the
     reference crops (:mod:`core.choice`), and a note for the message bar with every candidate's check and weight.
-    ``cache``: the run's embedding cache (the candidates and the run's predictors encode each reference crop once)."""
+    ``cache``: the run's embedding cache (the candidates and the run's predictors encode each reference crop once);
+    ``hold``: how many of its entries each candidate keeps."""
     from .choice import weigh_checks
 
-    weights, checks = weigh_checks(candidates, lambda path: make_predictor(engine, params, path, cache=cache), shots)
+    weights, checks = weigh_checks(
+        candidates, lambda path: make_predictor(engine, params, path, cache=cache, cache_size=hold), shots)
     told = ", ".join(f"{p.name} {c.iou:.2f}" for p, c in zip(candidates, checks))
     used = [f"{p.name} {w:.0%}" for p, w in zip(candidates, weights) if w > 0]
     what = used[0].rsplit(" ", 1)[0] + " alone" if len(used) == 1 else "a blend of " + " and ".join(used)

@@ -158,6 +158,9 @@ def test_quick_bench_values_are_sane(quick_report):
     assert [e["variant"] for e in r["e2e"]] == ["auto", "baseline"]  # the default run first, beside training-free
     default = rows["auto"]
     assert default["tiles"] >= 1 and len(default["adapters"]) == 1  # the check's note: what it kept
+    # the check and the run share one cache: each reference input (crop, zoomed views, the check's view) is
+    # encoded once (7 plain passes before, 4 now)
+    assert default["reference_encoded_once"], default["encoder_calls"]
     # tiles at the working scale the run chose (scale auto may zoom in): every one went through the model
     assert default["model_tiles"] + default["reused_tiles"] == default["tiles"]
     if "embedded_virefsam.pt" in default["adapters"][0].split(",")[0]:  # the first file runs: its adapted pass
