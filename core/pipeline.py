@@ -450,10 +450,9 @@ def run(params: RunParams, progress: Optional[Progress] = None,
 def _hold_cache(predictors, size: Optional[int]) -> List[Tuple[object, int]]:
     """Let each predictor (a blend's parts too) keep at least ``size`` entries of the shared cache; returns
     (predictor, its own size) to restore. ``size`` None: nothing changed."""
-    parts = [q for p in predictors for q in getattr(p, "predictors", [p]) if hasattr(q, "cache_size")]
     if size is None:
         return []
-    held = [(q, q.cache_size) for q in parts]
+    held = [(q, q.cache_size) for p in predictors for q in getattr(p, "predictors", [p]) if hasattr(q, "cache_size")]
     for q, own in held:
         q.cache_size = max(own, size) if own > 0 else own
     return held

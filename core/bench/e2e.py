@@ -150,7 +150,6 @@ def run_e2e(args, targets: Sequence[str], output: str, variant: str = "baseline"
     """One ``pipeline.run`` with the probe installed; the split of its time (see the module docstring)."""
     from .. import pipeline
     from ..modeling import training_free
-    from ..tiling import TileGrid
 
     import torch
 
@@ -189,8 +188,7 @@ def run_e2e(args, targets: Sequence[str], output: str, variant: str = "baseline"
     sizes = [_pixels(t) for t in targets]
     pixels = sum(w * h for w, h in sizes)
     # at the working scale the run chose (scale auto may zoom the targets in: more tiles than at scale 1)
-    tiles = sum(t.tiles for t in result.targets) or sum(
-        len(TileGrid(w, h, params.tile_size, params.overlap)) for w, h in sizes)
+    tiles = sum(t.tiles for t in result.targets)
     # the engine is cached per process: model load reported apart; the probe's own bookkeeping is not the pipeline's
     total = result.seconds - tm.get("model", 0.0) - sum(probe.overhead.values())
     enc_tiles = probe.get("tiles", "encode")
