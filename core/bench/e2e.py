@@ -236,6 +236,8 @@ def run_e2e(args, targets: Sequence[str], output: str, variant: str = "baseline"
                           "adapted": probe.n("tiles", "encoder_adapted")},
         "reference_encoded_once": bool(ref_digests) and all(
             sum(1 for _, d in probe.encodes if d == r) == 1 for r in ref_digests),
+        # the ORT adapted pass of each tile reuses the plain pass's stem (False: it ran the stem again)
+        "adapted_stem_shared": not probe.adapted_stem[("tiles", False)],
         "decoder_calls": probe.n("tiles", "decoder"),
         "features": sum(len(t.features) for t in result.targets),
         "adapters": [n for n in result.notes if n.startswith("Adapters auto:")],  # what the check kept (auto)

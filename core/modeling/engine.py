@@ -271,8 +271,9 @@ class SamEngine:
     def encode_with_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """:meth:`encode` plus the stem's tokens (``Bx16384x128``, the work the adapted pass shares with the plain
         one, handed to :meth:`adapted_encoder`'s runner) when ONNX Runtime runs the pass; else ``(emb, None)``."""
+        own = self.__dict__.get("encode")  # an instance-level wrapper (a patch) is respected; a timer is not one
         if self._ort is not None and not (x.requires_grad and torch.is_grad_enabled()) \
-                and "encode" not in self.__dict__:  # an instance-level wrapper (bench timer, patch) is respected
+                and (own is None or getattr(own, "timing_only", False)):
             return self._ort.run_with_stem(x)
         return self.encode(x), None
 
