@@ -176,6 +176,8 @@ class Probe:
                     probe.hook(self.model.encoder, "encoder_adapted")  # the adapted pass in PyTorch
                     if getattr(self.model, "adapted_runner", None) is not None:  # ... or in ONNX Runtime
                         probe.wrap(self.model, "adapted_runner", "encoder_adapted", before=probe._record_stem)
+                    if getattr(self.model, "decoder_runner", None) is not None:  # the decoder in ONNX Runtime
+                        probe.wrap(self.model, "decoder_runner", "decoder")
                     for name in ("refine", "queries", "mask_logits"):
                         if hasattr(self.model.vcp, name):
                             probe.wrap(self.model.vcp, name, "vcp")

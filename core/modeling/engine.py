@@ -16,7 +16,8 @@ PyTorch or, for the embedded model on the CPU in fp32, in ONNX Runtime (:mod:`.o
 encoder graph, the same embedding within ~1e-6, about 2-3x faster on CPUs). ViRefSAM's adapted encoder pass
 (DTA adapters inside the blocks) never goes through ``encode``: :meth:`SamEngine.adapted_encoder` gives the
 ONNX Runtime runner of that pass (:mod:`.ort_adapted`, the adapters' own exported graph) where the plain pass runs
-in ORT, else None (PyTorch: CUDA, bf16/fp16, other models, ``encoder_backend='torch'``, training).
+in ORT, else None (PyTorch: CUDA, bf16/fp16, other models, ``encoder_backend='torch'``, training);
+:meth:`SamEngine.mask_decoder_runner` likewise for ViRefSAM's mask-decoder call (:mod:`.ort_decoder`).
 """
 
 from __future__ import annotations
@@ -145,6 +146,8 @@ class SamEngine:
                                   else adapted_precision)
         self._adapted: dict = {}  # graph key -> OrtAdaptedEncoder (one ORT session per adapters file)
         self.adapted_note = ""  # why the adapted pass stays in PyTorch although the plain one runs in ORT
+        self._decoder = None  # ort_decoder.OrtMaskDecoder of ViRefSAM's decoding (mask_decoder_runner)
+        self.decoder_note = ""  # why the mask decoder stays in PyTorch although the plain pass runs in ORT
         # ViRefSAM models built from adapter files for this engine's SAM, kept for the next run (a second run in
         # the dock loads nothing): (path, mtime_ns, size, seed) -> ViRefSAM; ReferencePredictor fills it
         self.adapter_models: dict = {}
@@ -173,6 +176,23 @@ class SamEngine:
                 return None
             self._adapted[key] = runner
         return runner
+
+    def mask_decoder_runner(self):
+        """The ONNX Runtime runner of SAM's mask decoder as ViRefSAM calls it (:mod:`.ort_decoder`), or None where
+        it runs in PyTorch: wherever the plain pass does. Exported on first use, cached on disk and here."""
+        if self._ort is None:
+            return None
+        if self._decoder is None:
+            from . import ort_decoder
+
+            if not ort_decoder.runnable(self.sam):
+                return None
+            try:
+                self._decoder = ort_decoder.OrtMaskDecoder(self.sam, threads=max(0, int(self.threads or 0)))
+            except Exception as exc:  # noqa: BLE001 - export impossible here: PyTorch decodes, as before
+                self.decoder_note = f"mask decoder in PyTorch: export failed ({type(exc).__name__}: {exc})"
+                return None
+        return self._decoder
 
     def _ort_encoder(self, backend: str, threads: int):
         """The ONNX Runtime encoder for ``backend`` (None: PyTorch). ``auto`` falls back to PyTorch silently;

@@ -106,7 +106,9 @@ class _Stem(nn.Module):
         return self.encoder.stem(x)
 
 
-def _atomic_export(module: nn.Module, args, path: Path, names, outputs, dynamic=None) -> None:
+def atomic_export(module: nn.Module, args, path: Path, names, outputs, dynamic=None) -> None:
+    """Trace ``module`` on ``args`` to the ONNX graph ``path`` (opset :data:`OPSET`), written under a temporary
+    name and renamed into place."""
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".part", dir=str(path.parent))
     os.close(fd)
     try:
@@ -168,15 +170,16 @@ def export(encoder: AdaptedEncoder, path: Path, n_table: int = 6) -> Path:
         encoder.eval()
         with torch.no_grad():
             tokens = encoder.stem(x)
-        _atomic_export(_Stem(encoder), (x,), stem_path(path), ["x"], ["tokens"])
-        _atomic_export(_FromStem(encoder), (tokens, table, assign), path, ["tokens", "table", "assign"], ["emb"],
+        atomic_export(_Stem(encoder), (x,), stem_path(path), ["x"], ["tokens"])
+        atomic_export(_FromStem(encoder), (tokens, table, assign), path, ["tokens", "table", "assign"], ["emb"],
                        {"table": {1: "P"}})
     finally:
         encoder.train(was_training)
     return path
 
 
-def _session(path: Path, threads: int, spinning: bool):
+def cpu_session(path: Path, threads: int, spinning: bool):
+    """An ONNX Runtime CPU session of ``path`` with the encoder graphs' options (:func:`.ort_encoder.session_options`)."""
     import onnxruntime as ort
 
     from .ort_encoder import session_options
@@ -239,8 +242,8 @@ class OrtAdaptedEncoder:
             self.exported = True
 
     def _open(self, spinning: bool) -> None:
-        self.session = _session(self.run_path, self.threads, spinning)
-        self.stem_session = _session(stem_path(self.path), self.threads, spinning)
+        self.session = cpu_session(self.run_path, self.threads, spinning)
+        self.stem_session = cpu_session(stem_path(self.path), self.threads, spinning)
 
     def stem(self, x: torch.Tensor) -> np.ndarray:
         """``x`` 1 x 3 x 1024 x 1024 -> the stem's tokens 1 x 16384 x 128 (numpy float32)."""
@@ -277,4 +280,4 @@ def runnable(encoder: AdaptedEncoder) -> bool:
     return encoder.kind == "tinyvit" and p.device.type == "cpu" and p.dtype == torch.float32
 
 
-__all__ = ["OrtAdaptedEncoder", "export", "quantize", "int8_path", "PRECISIONS", "stem_path", "graph_key", "graph_path", "adapted_dir", "runnable"]
+__all__ = ["OrtAdaptedEncoder", "atomic_export", "cpu_session", "export", "quantize", "int8_path", "PRECISIONS", "stem_path", "graph_key", "graph_path", "adapted_dir", "runnable"]

@@ -214,6 +214,8 @@ class ReferencePredictor:
             self.model.encoder_autocast = getattr(engine, "autocast", None)  # bf16/fp16 for the encoder pass only
             if self.model.use_dta and hasattr(engine, "adapted_encoder") and not reused:
                 self.model.adapted_runner = engine.adapted_encoder(self.model.encoder, n_table=1 + model.n_bg)
+            if hasattr(engine, "mask_decoder_runner") and not reused:
+                self.model.decoder_runner = engine.mask_decoder_runner()
             self.n_bg = model.n_bg
         self._base_model = self.model  # the model as loaded; ``model`` may be a copy tuned on the references
         # ``tune_files`` "vcp_alone": only a file without DTA adapters is tuned (core.params.RunParams.tune_files);

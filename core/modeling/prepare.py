@@ -2,8 +2,8 @@
 
 1. the converted weights (:func:`.setup_model.ensure_embedded`: download, check, convert; ``--model-file`` for
    offline machines);
-2. the shipped adapters' encoder graph for ONNX Runtime (:func:`ensure_adapted_graph`), so that the first run
-   does not export it.
+2. the shipped adapters' encoder graph and SAM's mask-decoder graph for ONNX Runtime (:func:`ensure_adapted_graph`),
+   so that the first run does not export them.
 
 A command on top of the model floors (it builds the model through :mod:`.registry`), so that setup_model
 itself stays below the registry.
@@ -29,8 +29,8 @@ def run(args) -> int:
 
 
 def ensure_adapted_graph(log: Log = None) -> None:
-    """Export the shipped adapters' encoder graph for ONNX Runtime (and its int8 copy, the default) now rather
-    than on the first run (it is cached beside the weights; :mod:`.ort_adapted`). Skipped quietly where ONNX Runtime cannot run it; silent
+    """Export the shipped adapters' encoder graph for ONNX Runtime (and its int8 copy, the default) and SAM's
+    mask-decoder graph (:mod:`.ort_decoder`) now rather than on the first run (cached beside the weights; :mod:`.ort_adapted`). Skipped quietly where ONNX Runtime cannot run it; silent
     and fast when done (``adapted/shipped.json`` records the adapters' and weights' sha256 and the graph)."""
     import json
 
@@ -46,13 +46,17 @@ def ensure_adapted_graph(log: Log = None) -> None:
     from . import ort_adapted
 
     stamp = ort_adapted.adapted_dir() / "shipped.json"
+    from . import ort_decoder
+
     want = {"adapters_sha256": _sha256(adapters), "weights_sha256": _sha256(weights_path()),
-            "export_version": ort_adapted.EXPORT_VERSION, "quant_version": ort_adapted.QUANT_VERSION}
+            "export_version": ort_adapted.EXPORT_VERSION, "quant_version": ort_adapted.QUANT_VERSION,
+            "decoder_export_version": ort_decoder.EXPORT_VERSION}
     try:
         done = json.loads(stamp.read_text())
         graph = ort_adapted.adapted_dir() / done["graph"]
+        decoder = ort_decoder.decoder_dir() / done["decoder_graph"]
         if {k: done.get(k) for k in want} == want and all(
-                p.is_file() for p in (graph, ort_adapted.stem_path(graph), ort_adapted.int8_path(graph))):
+                p.is_file() for p in (graph, ort_adapted.stem_path(graph), ort_adapted.int8_path(graph), decoder)):
             return
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -62,7 +66,8 @@ def ensure_adapted_graph(log: Log = None) -> None:
     model = ViRefSAM.from_adapters(build_sam("embedded"), adapters)
     if not ort_adapted.runnable(model.encoder):
         return
-    _say(log, "exporting the adapters' encoder graph for ONNX Runtime (once, about a minute)")
+    _say(log, "exporting the adapters' encoder graph and the mask decoder for ONNX Runtime (once, about a minute)")
     runner = ort_adapted.OrtAdaptedEncoder(model.encoder, threads=1, n_table=1 + model.n_bg)
-    stamp.write_text(json.dumps(dict(want, graph=runner.path.name)))
-    _say(log, f"adapted encoder graph: {runner.path}")
+    decoder = ort_decoder.OrtMaskDecoder(model.sam, threads=1)
+    stamp.write_text(json.dumps(dict(want, graph=runner.path.name, decoder_graph=decoder.path.name)))
+    _say(log, f"adapted encoder graph: {runner.path}; mask decoder graph: {decoder.path}")

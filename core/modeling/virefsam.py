@@ -135,6 +135,7 @@ class ViRefSAM(nn.Module):
         # optional callable (x, DTAContext) -> embedding running the adapted pass outside PyTorch (ONNX Runtime,
         # SamEngine.adapted_encoder); used for inference only, never when gradients are needed
         self.adapted_runner = None
+        self.decoder_runner = None  # ort_decoder.OrtMaskDecoder set by the predictor (inference only), or None
 
     # -- training plumbing ------------------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -313,7 +314,11 @@ class ViRefSAM(nn.Module):
         mask_input = self.vcp.mask_logits(margin, size=4 * GRID)
         dense = penc._embed_masks(mask_input)
         sparse = torch.cat([pts, box, queries.to(emb.dtype)], dim=1)
-        low, iou = decode_per_image(self.sam, emb, sparse, dense)
+        runner = self.decoder_runner
+        if runner is not None and not torch.is_grad_enabled():  # ONNX Runtime (inference on the CPU in fp32)
+            low, iou = runner(emb, sparse, dense)
+        else:
+            low, iou = decode_per_image(self.sam, emb, sparse, dense)
         return {
             "low_res_logits": low,
             "iou": iou,
