@@ -51,13 +51,11 @@ def touching_counts(prob: np.ndarray, marks: np.ndarray, threshold: float = 0.5)
     """(intersection, union, outside, marked): :func:`touching_iou`'s two counts, the predicted pixels in objects
     that touch no mark (what the file finds beyond the marks: other objects of the class when the analyst marked a
     few of many, or its false positives) and the marked pixels."""
-    from scipy import ndimage
+    from .modeling.predictor import unmarked_found
 
-    found = prob > threshold
-    labels, _ = ndimage.label(found, structure=np.ones((3, 3), dtype=bool))
-    touching = np.unique(labels[marks & found])
-    kept = np.isin(labels, touching[touching > 0])
-    return (int((kept & marks).sum()), int((kept | marks).sum()), int((found & ~kept).sum()),
+    outside = unmarked_found(prob, marks, threshold)
+    kept = (prob > threshold) & ~outside
+    return (int((kept & marks).sum()), int((kept | marks).sum()), int(outside.sum()),
             int(marks.sum()))
 
 
@@ -88,7 +86,7 @@ def reference_check(predictor, shots: Sequence[Shot]) -> float:
     crops each segmented from the others, the pixel IoU over all crops. One crop has no other: it is segmented
     from itself, which every file does well, and also, as a view it was not given, mirrored and at 0.75x
     (:func:`altered_view`); the check is the mean of both IoUs. 0 when nothing is marked. The check runs the file
-    as loaded: run-time tuning (``tune_steps``) is held off, then restored. Leaves the predictor with the last
+    as loaded: run-time tuning (``tune_steps``) and ``exclude_found`` are held off, then restored. Leaves the predictor with the last
     crop's references: set them again before use."""
     return check_reference(predictor, shots).iou
 
@@ -97,11 +95,13 @@ def check_reference(predictor, shots: Sequence[Shot]) -> Check:
     """:func:`reference_check` with what the file finds beyond the marks (:class:`Check`), from the same
     predictions."""
     steps = getattr(predictor, "tune_steps", 0)
+    exclude = getattr(predictor, "exclude_found", False)
     predictor.tune_steps = 0  # tuned on the crops it is checked on, every file would find them
+    predictor.exclude_found = False  # the file as loaded; it also measures what exclude_found would use
     try:
         return _check(predictor, shots)
     finally:
-        predictor.tune_steps = steps
+        predictor.tune_steps, predictor.exclude_found = steps, exclude
 
 
 def _check(predictor, shots: Sequence[Shot]) -> Check:

@@ -42,6 +42,9 @@ def add_arguments(p) -> None:
                    help="--tune-steps: which adapters files are tuned (as for segment)")
     p.add_argument("--no-zoom-views", dest="zoom_views", action="store_false",
                    help="trained mode: no zoomed views of the one-crop reference (as for segment)")
+    p.add_argument("--no-exclude-found", dest="exclude_found", action="store_false",
+                   help="trained mode: keep unmarked objects found in the reference crop in the background (as for "
+                        "segment)")
     p.add_argument("--adapted-precision", default="int8", choices=("int8", "fp32"),
                    help="weights of the adapted (DTA) pass where it runs in ONNX Runtime: int8 (default, about 1.5x faster on a CPU, masks at IoU >= 0.99 with fp32) or fp32")
     p.add_argument("--quiet", action="store_true")
@@ -50,7 +53,7 @@ def add_arguments(p) -> None:
 def demo_params(out: Path, mode: str = "virefsam", device: str = "auto", scale: str = "auto",
                 spread: bool = False, precision: str = "fp32", adapters: str = "auto",
                 adapted_precision: str = "int8", tune_steps: int = DEFAULT_TUNE_STEPS, zoom_views: bool = True,
-                tune_files: str = "vcp_alone") -> RunParams:
+                tune_files: str = "vcp_alone", exclude_found: bool = True) -> RunParams:
     from .segment_cli import read_geometries
 
     fg, bg, crs = read_geometries(str(DEMO / "reference_houses.geojson"))
@@ -68,6 +71,7 @@ def demo_params(out: Path, mode: str = "virefsam", device: str = "auto", scale: 
         tune_steps=tune_steps,
         tune_files=tune_files,
         zoom_views=zoom_views,
+        exclude_found=exclude_found,
     )
     if spread:
         params = dataclasses.replace(params, references=(spread_reference(),))
@@ -195,7 +199,7 @@ def run(args) -> int:
     params = demo_params(out, args.mode, args.device, args.scale, args.spread, getattr(args, "precision", "fp32"),
                          getattr(args, "adapters", "auto"), getattr(args, "adapted_precision", "int8"),
                          getattr(args, "tune_steps", DEFAULT_TUNE_STEPS), getattr(args, "zoom_views", True),
-                         getattr(args, "tune_files", "vcp_alone"))
+                         getattr(args, "tune_files", "vcp_alone"), getattr(args, "exclude_found", True))
     from .pipeline import vector_writing_available
 
     if not vector_writing_available():  # a bare pip environment (e.g. a CUDA machine): score in memory
@@ -213,7 +217,7 @@ def run(args) -> int:
           f"model {result.targets[0].features[0].attributes['model'] if result.targets[0].features else params.model.name}")
     print(f"  {result.scale}")
     for note in result.notes:
-        if note.startswith("Adapters auto:"):  # which shipped files the reference weighed, and both checks
+        if note.startswith(("Adapters auto:", "The marks of")):  # the files the reference weighed; partial marks
             print(f"  {note}")
     for (name, raster), t in zip(TARGETS.items(), result.targets):
         with rasterio.open(raster) as ds:

@@ -118,7 +118,8 @@ def make_predictor(engine, params: RunParams, adapters, cache=None, cache_size: 
                                                kshot=params.kshot, tune_steps=params.tune_steps,
                                                tune_ignore_found=True,  # an analyst's marks are partial
                                                tune_files=params.tune_files,
-                                               zoom_views=params.zoom_views)
+                                               zoom_views=params.zoom_views,
+                                               exclude_found=params.exclude_found)
 
 
 def run_predictor(engine, params: RunParams, cache=None):

@@ -140,6 +140,11 @@ class RunParams:
     (1.4x), two more shots of the K-shot ensemble (:func:`core.scale.zoom_view`): +1.2 mIoU on held-out object
     classes (three folds, three adapter files) for about a quarter more time per tile (three more decodings).
     False in every parameters file from before the field.
+    ``exclude_found`` (trained mode): the model first segments the reference crops from their own marks; where it
+    finds more than the marked area again in objects touching no mark (an analyst marked a few of many), those
+    objects are left out of the background prototypes (an unmarked house is not background):
+    :meth:`core.modeling.predictor.ReferencePredictor.set_references`. False in every parameters file from
+    before the field.
     ``cluster``: where the tile loop runs: ``""`` in this process (default), ``local:N`` on N Dask worker processes
     of this computer, ``tcp://HOST:PORT`` on the workers of an existing Dask scheduler (:mod:`core.cluster`).
     """
@@ -167,6 +172,7 @@ class RunParams:
     tune_steps: int = DEFAULT_TUNE_STEPS  # trained mode: optimiser steps of VCP on the references before the targets (0 = off)
     tune_files: str = "vcp_alone"  # which files tune_steps tunes: "vcp_alone" (no DTA), "all" or "auto"
     zoom_views: bool = True  # trained mode, one reference crop: also zoomed out and in, two more shots (core.scale)
+    exclude_found: bool = True  # trained mode: unmarked objects found in the reference crops are not background
     cluster: str = ""  # "" this process; "local:N" N Dask worker processes here; "tcp://HOST:PORT" a scheduler
     classes: Tuple[ClassSpec, ...] = ()  # several classes in one run (see above); () = class_name + references
     allow_overlap: bool = False  # several classes: keep overlapping polygons instead of the more probable class
@@ -217,6 +223,9 @@ class RunParams:
             raise InputError(f"Unknown K-shot method '{self.kshot}': choose one of {', '.join(KSHOTS)}.")
         if not isinstance(self.zoom_views, bool):
             raise InputError(f"Zoomed views of the references must be true or false, not {self.zoom_views!r}.")
+        if not isinstance(self.exclude_found, bool):
+            raise InputError("Leaving unmarked objects out of the background must be true or false, not "
+                             f"{self.exclude_found!r}.")
         from .scale import parse_scale
 
         try:
@@ -261,6 +270,7 @@ class RunParams:
         d.setdefault("tune_steps", 0)  # nor did it tune on the references
         d.setdefault("tune_files", "all")  # its tuning steps, if any, tuned every file
         d.setdefault("zoom_views", False)  # nor see them zoomed
+        d.setdefault("exclude_found", False)  # nor leave found unmarked objects out of the background
         model = {"adapted_precision": "fp32", **d.get("model", {})}  # older files ran fp32
         model["adapter_weights"] = tuple(float(w) for w in model.get("adapter_weights", ()))
         d["model"] = ModelParams(**model)

@@ -349,7 +349,14 @@ def run(params: RunParams, progress: Optional[Progress] = None,
             cuda_safe(set_references, again=False)
         for part, size in held:  # the tiles: each predictor's own cache size again
             part.cache_size = size
+        from .modeling.predictor import PARTIAL_MARKS
+
         for c, pred, negs in zip(classes, predictors, negatives):
+            found = [p.found_beyond for p in getattr(pred, "predictors", [pred])
+                     if getattr(p, "found_beyond", None) is not None]
+            if found and max(found) > PARTIAL_MARKS:
+                notes.append(f"The marks of '{c.name}' look partial: in the reference crops the model finds "
+                             f"{max(found):.1f}x the marked area in unmarked objects, left out of the background.")
             if negs:
                 n_neg = getattr(pred, "n_negatives", 0)
                 notes.append(f"{n_neg} negative example{'s' if n_neg != 1 else ''} (marked 'not {c.name}') "

@@ -84,6 +84,10 @@ def add_arguments(p) -> None:
                    help="trained mode, one reference crop: do not also match it zoomed out and in (0.7x and 1.4x, "
                         "two more shots of the K-shot ensemble; on by default: +1.2 mIoU on held-out object "
                         "classes, about a quarter more time per tile)")
+    p.add_argument("--no-exclude-found", dest="exclude_found", action="store_false",
+                   help="trained mode: keep the objects the model finds in the reference crops beyond the marks in the "
+                        "background prototypes (by default they are left out of it when they exceed the marked area: "
+                        "an analyst marks a few of many objects, and an unmarked one is not background)")
     p.add_argument("--bands", help="1-based bands to use as RGB, e.g. 4,3,2 (default: the first three)")
     p.add_argument("--scale", default="auto",
                    help="working resolution as a zoom of the reference raster's native one: auto (default: from "
@@ -321,6 +325,7 @@ def params_from_args(args) -> RunParams:
         tune_steps=getattr(args, "tune_steps", DEFAULT_TUNE_STEPS),
         tune_files=getattr(args, "tune_files", TUNE_FILES[0]),
         zoom_views=getattr(args, "zoom_views", True),
+        exclude_found=getattr(args, "exclude_found", True),
         scale=str(getattr(args, "scale", "auto")),
         match_resolution=not args.no_resample,
         seed=args.seed,

@@ -156,6 +156,9 @@ def test_precision_and_decoding_become_run_params(provider, paths, qgis_project,
     assert run.zoom_views is True  # zoomed views of a one-crop reference: on by default
     params["ZOOM_VIEWS"] = False
     assert alg.build_params(params, context).zoom_views is False
+    assert run.exclude_found is True  # found unmarked objects of the references: not background, by default
+    params["EXCLUDE_FOUND"] = False
+    assert alg.build_params(params, context).exclude_found is False
 
 
 def test_a_precision_the_device_cannot_run_is_one_sentence(provider, paths, qgis_processing):

@@ -330,6 +330,9 @@ def test_build_params_copies_plain_values(dock, kampala, qgis_iface, qgis_projec
     assert p.zoom_views and not dock.zoom_views_check.isEnabled()  # on by default, trained runs only
     dock.zoom_views_check.setChecked(False)
     assert dock.build_params().zoom_views is False
+    assert p.exclude_found and not dock.exclude_found_check.isEnabled()  # on by default, trained runs only
+    dock.exclude_found_check.setChecked(False)
+    assert dock.build_params().exclude_found is False
     # a checkpoint model needs its file; a file output gets its format from the suffix
     dock.model_combo.setCurrentIndex(dock.model_combo.findData("vit_b"))
     with pytest.raises(InputError, match="checkpoint"):

@@ -92,6 +92,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
     TUNE_STEPS = "TUNE_STEPS"
     TUNE_FILES = "TUNE_FILES"
     ZOOM_VIEWS = "ZOOM_VIEWS"
+    EXCLUDE_FOUND = "EXCLUDE_FOUND"
     CLUSTER = "CLUSTER"
     SCALE = "SCALE"
     TILE_SIZE = "TILE_SIZE"
@@ -254,6 +255,10 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
         zoom_views = QgsProcessingParameterBoolean(self.ZOOM_VIEWS, "Zoomed views of the references (trained mode)",
                                                    defaultValue=True)
         zoom_views.setHelp(run_options.ZOOM_VIEWS_TOOLTIP)
+        exclude_found = QgsProcessingParameterBoolean(
+            self.EXCLUDE_FOUND, "Unmarked objects found in the references are not background (trained mode)",
+            defaultValue=True)
+        exclude_found.setHelp(run_options.EXCLUDE_FOUND_TOOLTIP)
         cluster = QgsProcessingParameterString(self.CLUSTER, "Dask scheduler", defaultValue="", optional=True)
         cluster.setHelp("Empty: the tiles are segmented here. An address (tcp://HOST:8786): on the workers of that "
                         "Dask scheduler (dask scheduler; dask worker tcp://HOST:8786 in the plugin's environment), "
@@ -272,6 +277,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             tune_steps,
             tune_files,
             zoom_views,
+            exclude_found,
             QgsProcessingParameterNumber(
                 self.TILE_SIZE, "Tile size (pixels)", QgsProcessingParameterNumber.Integer, 1024, minValue=64
             ),
@@ -437,6 +443,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
                 tune_steps=self.parameterAsInt(parameters, self.TUNE_STEPS, context),
                 tune_files=TUNE_FILES_VALUES[self.parameterAsEnum(parameters, self.TUNE_FILES, context)],
                 zoom_views=self.parameterAsBool(parameters, self.ZOOM_VIEWS, context),
+                exclude_found=self.parameterAsBool(parameters, self.EXCLUDE_FOUND, context),
                 tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context),
                 overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
                 threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),

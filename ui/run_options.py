@@ -64,6 +64,12 @@ TUNE_TOOLTIP = (
     "file) pays only when your references mark every object in their crops. 0 = off."
 )
 
+EXCLUDE_FOUND_TOOLTIP = (
+    "Trained mode: the model first segments the reference crops from their own marks. When it finds more than the "
+    "marked area again in objects no mark touches (you marked a few of many), those objects are left out of the "
+    "background prototypes: an unmarked house is not background. The run's messages say when this happened. "
+    "On by default; marks that cover every object of the class in their crops are not affected."
+)
 ZOOM_VIEWS_TOOLTIP = (
     "Trained mode, one reference crop: it is also matched zoomed out (0.7x) and zoomed in (1.4x), as two more "
     "references, so that objects of the class a little smaller or larger than the marked ones are found too. "

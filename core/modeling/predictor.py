@@ -101,6 +101,24 @@ def mask_fraction_grid(
     return F.adaptive_avg_pool2d(m, grid)[0, 0].clamp(0.0, 1.0)
 
 
+# an analyst marks a few of many objects: where the model finds more than this many times the marked area in
+# objects touching no mark of its own reference crops, the marks count as partial (as core.choice.COMPLETE_OUTSIDE)
+PARTIAL_MARKS = 1.0
+# a reference cell at least this much covered by such an object is no background cell (session 19)
+FOUND_CELL = 0.25
+
+
+def unmarked_found(prob: np.ndarray, marks: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """H x W bool: the predicted 8-connected objects (``prob > threshold``) that touch no marked pixel: what a
+    model finds in a reference crop beyond the analyst's marks (other objects of the class, or its errors)."""
+    from scipy import ndimage
+
+    found = np.asarray(prob) > threshold
+    labels, _ = ndimage.label(found, structure=np.ones((3, 3), dtype=bool))
+    touching = np.unique(labels[np.asarray(marks, dtype=bool) & found])
+    return found & ~np.isin(labels, touching[touching > 0])
+
+
 def _adapters_model(engine, path: Union[str, Path], seed: int):
     """``ViRefSAM.from_adapters(engine.sam, path)``, reused from ``engine.adapter_models`` while the file is
     unchanged (same path, modification time and size): a second run on the same engine reads nothing again."""
@@ -161,6 +179,7 @@ class ReferencePredictor:
         tune_ignore_found: bool = False,
         tune_files: str = "all",
         zoom_views: bool = True,
+        exclude_found: bool = False,
     ) -> None:
         if mode not in MODES:
             raise InputError(f"Unknown mode '{mode}': choose one of {', '.join(MODES)}.")
@@ -191,6 +210,10 @@ class ReferencePredictor:
         self.tune_ignore_found = tune_ignore_found  # partial marks: see tune.tune_vcp
         # trained mode, one reference: also zoomed out and in (core.scale.zoom_view), two more shots
         self.zoom_views = bool(zoom_views)
+        # trained mode: objects the model finds in its reference crops beyond partial marks are left out of the
+        # background prototypes (set_references); ``found_beyond``: that area per marked pixel, None when not run
+        self.exclude_found = bool(exclude_found)
+        self.found_beyond: Optional[float] = None
         self._shots = None
         # tile digest -> plain embedding; pass one OrderedDict to several predictors (other classes, other modes
         # on the same engine) to share the frozen-encoder passes
@@ -310,23 +333,50 @@ class ReferencePredictor:
             images.append(image)
             masks.append(mask)
         originals = (images, masks)  # run-time tuning learns from the references as marked
+        self.found_beyond = None
+        self.model = self._base_model
+        if self.mode == "static_prompt":
+            pts, bxs = zip(*(static_prompts_from_mask(m, self.max_prompts) for m in masks))
+            self._static = (np.concatenate(pts)[: self.max_prompts], np.concatenate(bxs)[: self.max_prompts])
+            self._protos = self._shots = None
+            return
+        self._build(images, masks, None, negatives)
+        if self.exclude_found and self.mode == "virefsam":
+            found = [unmarked_found(self.predict(im), m) for im, m in zip(images, masks)]
+            self.found_beyond = float(sum(int(f.sum()) for f in found) / max(1, sum(int(m.sum()) for m in masks)))
+            if self.found_beyond > PARTIAL_MARKS:
+                self._build(images, masks, found, negatives)
+        if self.tune_steps > 0 and self.mode == "virefsam":
+            self.model = self._tuned(*originals)
+
+    def _build(self, images: List[np.ndarray], masks: List[np.ndarray], found: Optional[List[np.ndarray]],
+               negatives) -> None:
+        """The prototypes of :meth:`set_references` (joint, and each shot's for the K-shot ensemble). ``found``:
+        per reference, the objects the model finds beyond the marks (:func:`unmarked_found`): cells covered at
+        least :data:`FOUND_CELL` by them and not marked are no background cells (an unmarked house is not
+        background). The trained mode's zoomed views of one reference are added here, ``found`` with them."""
         if self.zoom_views and self.mode == "virefsam" and len(images) == 1:
-            views = [v for z in ZOOM_VIEWS if (v := zoom_view(images[0], masks[0], z)) is not None]
-            images, masks = images + [v[0] for v in views], masks + [v[1] for v in views]
+            for z in ZOOM_VIEWS:
+                both = images[0] if found is None else np.dstack([images[0], found[0].astype(np.uint8)])
+                v = zoom_view(both, masks[0], z)
+                if v is not None:
+                    images, masks = images + [np.ascontiguousarray(v[0][..., :3])], masks + [v[1]]
+                    if found is not None:
+                        found = found + [v[0][..., 3] > 0]
         with torch.inference_mode():
             self._shots = None
-            if self.mode == "static_prompt":
-                pts, bxs = zip(*(static_prompts_from_mask(m, self.max_prompts) for m in masks))
-                self._static = (np.concatenate(pts)[: self.max_prompts], np.concatenate(bxs)[: self.max_prompts])
-                self._protos = None
-                return
             targets = [self._encode([im])[0] for im in images]  # one at a time: K x 12 MB inputs at most
             feats = torch.cat([t.plain for t in targets])
             grid = feats.shape[-1]
-            frac = torch.stack(
-                [mask_fraction_grid(m, t.input_size, int(t.x.shape[-1]), grid) for m, t in zip(masks, targets)]
-            ).to(feats.device, feats.dtype)
+
+            def fractions(ms):
+                return torch.stack([mask_fraction_grid(m, t.input_size, int(t.x.shape[-1]), grid)
+                                    for m, t in zip(ms, targets)]).to(feats.device, feats.dtype)
+
+            frac = fractions(masks)
             valid = torch.cat([t.valid for t in targets])
+            if found is not None:
+                valid = valid & ~((fractions(found) >= FOUND_CELL) & (frac <= 0))
             self._protos = build_prototypes(feats, frac, valid, self.n_bg, self.seed, per_shot=self.bg_per_shot)
             self.n_negatives = self._neg_rows = 0
             if negatives:
@@ -339,10 +389,6 @@ class ReferencePredictor:
                                                 self.seed) for k in range(len(images))]
                 if negatives and self._neg_rows:
                     self._shots = [with_negatives(p, neg, neg_valid) for p in self._shots]
-
-        self.model = self._base_model
-        if self.tune_steps > 0 and self.mode == "virefsam":
-            self.model = self._tuned(*originals)
 
     def _tuned(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> ViRefSAM:
         """A copy of the model with VCP tuned on the references (:func:`.tune.tune_vcp`); K <= 2 references are

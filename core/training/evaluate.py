@@ -92,6 +92,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="trained modes: no zoomed views of a one-crop reference (as the plugin, the default adds a "
                         "0.7x and a 1.4x view as two more shots: RunParams.zoom_views; evaluation files before it "
                         "had none)")
+    p.add_argument("--no-exclude-found", dest="exclude_found", action="store_false",
+                   help="trained modes: keep what the model finds beyond the reference's marks in the background "
+                        "prototypes (as the plugin, the default leaves it out when it exceeds the marked area: "
+                        "RunParams.exclude_found; evaluation files before it kept it)")
     p.add_argument("--tune-steps", type=int, default=DEFAULT_TUNE_STEPS,
                    help="trained modes: tune VCP on the references for this many steps before the query "
                         f"(run-time tuning, core.modeling.tune; 0 = off; default {DEFAULT_TUNE_STEPS}, as the plugin)")
@@ -184,7 +188,8 @@ def _trained_kwargs(args) -> dict:
             "tune_lr": getattr(args, "tune_lr", 1e-4),
             "tune_ignore_found": getattr(args, "tune_ignore_found", False),
             "tune_files": getattr(args, "tune_files", "all"),
-            "zoom_views": getattr(args, "zoom_views", True)}
+            "zoom_views": getattr(args, "zoom_views", True),
+            "exclude_found": getattr(args, "exclude_found", True)}
 
 
 def _predictors(args, engine):
@@ -314,7 +319,7 @@ def run(args) -> int:
         model=backbone, device=str(engine.device), precision=args.precision,
         decoding=getattr(args, "decoding", "local"), scale=str(getattr(args, "scale", "auto")),
         bg=getattr(args, "bg", "per_shot"), kshot=_trained_kwargs(args)["kshot"],
-        zoom_views=_trained_kwargs(args)["zoom_views"],
+        zoom_views=_trained_kwargs(args)["zoom_views"], exclude_found=_trained_kwargs(args)["exclude_found"],
         tune={"steps": getattr(args, "tune_steps", 0), "lr": getattr(args, "tune_lr", 1e-4),
               "ignore_found": getattr(args, "tune_ignore_found", False), "files": getattr(args, "tune_files", "all")},
         adapters=_file_record(adapters_file(args.adapters, args.model), file_sha256)

@@ -199,6 +199,7 @@ class RunSection:
             tune_steps=self.tune_spin.value(),
             tune_files=self.tune_files_combo.currentData(),
             zoom_views=self.zoom_views_check.isChecked(),
+            exclude_found=self.exclude_found_check.isChecked(),
             tile_size=self.tile_spin.value(),
             overlap=self.overlap_spin.value(),
             threshold=self.threshold_spin.value(),
