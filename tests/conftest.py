@@ -189,6 +189,27 @@ def zanzibar_tile(shared_data):
 
 
 @pytest.fixture(scope="session")
+def kampala_episode(shared_data):
+    """(reference image, mask) of a 1024x1024 Kampala window with its OSM buildings, and two 1024x1024 Zanzibar
+    target tiles, from oam_mosaics (the ONNX Runtime tests of the adapted pass and the decoder)."""
+    import numpy as np
+    import rasterio
+    from rasterio.windows import Window
+
+    mos = shared_data / "oam_mosaics"
+
+    def read(name, window, bands):
+        with rasterio.open(mos / name) as src:
+            return src.read(bands, window=Window(*window))
+
+    ref = np.ascontiguousarray(read("kampala.tif", (512, 512, 1024, 1024), [1, 2, 3]).transpose(1, 2, 0))
+    ref_mask = read("kampala_buildings.tif", (512, 512, 1024, 1024), 1) > 0
+    tiles = [np.ascontiguousarray(read("zanzibar.tif", (x, y, 1024, 1024), [1, 2, 3]).transpose(1, 2, 0))
+             for x, y in ((1024, 1024), (2048, 2560))]
+    return (ref, ref_mask), tiles
+
+
+@pytest.fixture(scope="session")
 def zanzibar_embedding(engine, zanzibar_tile):
     """(x 1x3x1024x1024, input_size (h, w), embedding 1x256x64x64) of the zanzibar tile, encoded once."""
     x, input_size = engine.preprocess(zanzibar_tile[0])

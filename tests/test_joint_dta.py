@@ -32,6 +32,9 @@ def houses():
 
 
 def _params(classes, **kw):
+    # the adapted passes of the tiles are counted: exclude_found's segmentation of each reference crop (one more
+    # adapted pass per class, before the tiles) is off here
+    kw.setdefault("exclude_found", False)
     return RunParams("+".join(c.name for c in classes), () if len(classes) > 1 else classes[0].references,
                      (TARGET,), model=ModelParams(device="cpu", adapters="default"), mode="virefsam",  # DTA's pass
                      classes=tuple(classes) if len(classes) > 1 else (), **kw)

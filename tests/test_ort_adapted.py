@@ -23,25 +23,6 @@ from core.modeling.virefsam import ViRefSAM
 ADAPTERS = Path(__file__).resolve().parent.parent / "resources" / "adapters" / "embedded_virefsam.pt"
 
 
-def _read(path, window, bands):
-    import rasterio
-    from rasterio.windows import Window
-
-    with rasterio.open(path) as src:
-        return src.read(bands, window=Window(*window))
-
-
-@pytest.fixture(scope="module")
-def episode(shared_data):
-    """(reference image, mask) from Kampala and two 1024x1024 Zanzibar target tiles."""
-    mos = shared_data / "oam_mosaics"
-    ref = _read(mos / "kampala.tif", (512, 512, 1024, 1024), [1, 2, 3]).transpose(1, 2, 0)
-    ref_mask = _read(mos / "kampala_buildings.tif", (512, 512, 1024, 1024), 1) > 0
-    tiles = [np.ascontiguousarray(_read(mos / "zanzibar.tif", (x, y, 1024, 1024), [1, 2, 3]).transpose(1, 2, 0))
-             for x, y in ((1024, 1024), (2048, 2560))]
-    return (np.ascontiguousarray(ref), ref_mask), tiles
-
-
 @pytest.fixture(scope="module")
 def ort_engine(embedded_sam):
     """The adapted pass in ONNX Runtime as exported (fp32): compared with PyTorch tensor by tensor."""
@@ -90,8 +71,8 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
-def test_exported_graph_equals_pytorch_on_real_tiles(home, ort_engine, int8_engine, engine, episode):
-    ref, tiles = episode
+def test_exported_graph_equals_pytorch_on_real_tiles(home, ort_engine, int8_engine, engine, kampala_episode):
+    ref, tiles = kampala_episode
     fast = ReferencePredictor(ort_engine, mode="virefsam", adapters=ADAPTERS, cache=OrderedDict())
     slow = ReferencePredictor(engine, mode="virefsam", adapters=ADAPTERS, cache=OrderedDict())
     assert isinstance(fast.model.adapted_runner, ort_adapted.OrtAdaptedEncoder)
@@ -140,7 +121,7 @@ def test_changed_adapters_get_their_own_export(home, ort_engine, tmp_path):
     assert ReferencePredictor(ort_engine, mode="virefsam", adapters=mine).model is not pred.model
 
 
-def test_corrupt_cached_export_is_rebuilt(home, ort_engine, episode):
+def test_corrupt_cached_export_is_rebuilt(home, ort_engine, kampala_episode):
     model = ViRefSAM.from_adapters(ort_engine.sam, ADAPTERS).eval()
     first = ort_adapted.OrtAdaptedEncoder(model.encoder, threads=1, precision="fp32")  # exported earlier, or now
     path = first.path
@@ -150,7 +131,7 @@ def test_corrupt_cached_export_is_rebuilt(home, ort_engine, episode):
     again = ort_adapted.OrtAdaptedEncoder(model.encoder, threads=1, precision="fp32")
     assert again.rebuilt and again.exported and again.path == path
     assert not list(path.parent.glob("*.part"))  # no temporary file left behind
-    x, _ = ort_engine.preprocess(episode[1][0])
+    x, _ = ort_engine.preprocess(kampala_episode[1][0])
     table = torch.randn(1, 1 + model.n_bg, 256) * 0.1
     assign = torch.randint(0, 2 + model.n_bg, (1, 64, 64))
     ctx = DTAContext(table, assign)
@@ -159,13 +140,13 @@ def test_corrupt_cached_export_is_rebuilt(home, ort_engine, episode):
     assert float((again(x, ctx) - want).abs().max()) < 1e-4  # stem computed by the runner's own stem graph
 
 
-def test_int8_graph_keeps_the_masks_of_pytorch_fp32_on_real_tiles(home, int8_engine, engine, episode):
+def test_int8_graph_keeps_the_masks_of_pytorch_fp32_on_real_tiles(home, int8_engine, engine, kampala_episode):
     """The default adapted pass (int8 weights) against the PyTorch fp32 path: the same masks (IoU >= 0.99 over
     the real tiles together, >= 0.97 on each: measured 0.997 and 0.988 here, 0.995-0.999 on four more tiles;
     boundary pixels near 0.5 flip), the embeddings within a few percent. On an x86 CPU without VNNI, where
     int8 products saturate and the default runs fp32 instead, the int8 graph is held to less (a CI machine:
     0.973 on one tile)."""
-    ref, tiles = episode
+    ref, tiles = kampala_episode
     exact = cpu_int8_is_exact()
     cpu = f"int8 exact here: {exact}; {torch.backends.cpu.get_cpu_capability()}"  # said when a bound fails
     fast = ReferencePredictor(int8_engine, mode="virefsam", adapters=ADAPTERS, cache=OrderedDict())
@@ -192,7 +173,7 @@ def test_int8_graph_keeps_the_masks_of_pytorch_fp32_on_real_tiles(home, int8_eng
     assert inter / union >= (0.99 if exact else 0.96), (inter / union, cpu)
 
 
-def test_corrupt_cached_int8_graph_is_rebuilt(home, int8_engine, episode):
+def test_corrupt_cached_int8_graph_is_rebuilt(home, int8_engine, kampala_episode):
     model = ViRefSAM.from_adapters(int8_engine.sam, ADAPTERS).eval()
     first = ort_adapted.OrtAdaptedEncoder(model.encoder, threads=1)  # int8 by default
     path = first.run_path
@@ -202,7 +183,7 @@ def test_corrupt_cached_int8_graph_is_rebuilt(home, int8_engine, episode):
     again = ort_adapted.OrtAdaptedEncoder(model.encoder, threads=1)
     assert again.rebuilt and again.run_path == path and path.is_file()
     assert not list(path.parent.glob("*.part*"))
-    x, _ = int8_engine.preprocess(episode[1][0])
+    x, _ = int8_engine.preprocess(kampala_episode[1][0])
     ctx = DTAContext(torch.randn(1, 1 + model.n_bg, 256) * 0.1, torch.randint(0, 2 + model.n_bg, (1, 64, 64)))
     with torch.inference_mode():
         want = model.encoder(x, ctx)

@@ -18,24 +18,6 @@ from core.modeling.predictor import ReferencePredictor
 ADAPTERS = Path(__file__).resolve().parent.parent / "resources" / "adapters" / "embedded_virefsam.pt"
 
 
-def _read(path, window, bands):
-    import rasterio
-    from rasterio.windows import Window
-
-    with rasterio.open(path) as src:
-        return src.read(bands, window=Window(*window))
-
-
-@pytest.fixture(scope="module")
-def episode(shared_data):
-    mos = shared_data / "oam_mosaics"
-    ref = _read(mos / "kampala.tif", (512, 512, 1024, 1024), [1, 2, 3]).transpose(1, 2, 0)
-    ref_mask = _read(mos / "kampala_buildings.tif", (512, 512, 1024, 1024), 1) > 0
-    tiles = [np.ascontiguousarray(_read(mos / "zanzibar.tif", (x, y, 1024, 1024), [1, 2, 3]).transpose(1, 2, 0))
-             for x, y in ((1024, 1024), (2048, 2560))]
-    return (np.ascontiguousarray(ref), ref_mask), tiles
-
-
 @pytest.fixture(scope="module")
 def ort_engine(embedded_sam):
     """The engine as the pipeline builds it on a CPU: the plain pass (and so the decoder) in ONNX Runtime."""
@@ -53,7 +35,7 @@ def home(ort_engine, tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_predictor_decodes_in_ort_with_the_same_masks(ort_engine, engine, episode):
+def test_predictor_decodes_in_ort_with_the_same_masks(ort_engine, engine, kampala_episode):
     """The default predictor (ORT plain pass) decodes through the ORT graph: on real tiles, with the real shipped
     adapters and the K-shot ensemble's four decodings (joint, reference, two zoomed views), its probabilities
     equal those of SAM's PyTorch decoder within 1e-4 and the masks are the same."""
@@ -61,7 +43,7 @@ def test_predictor_decodes_in_ort_with_the_same_masks(ort_engine, engine, episod
     pred = ReferencePredictor(ort_engine, mode="virefsam", adapters=ADAPTERS)
     runner = pred.model.decoder_runner
     assert isinstance(runner, ort_decoder.OrtMaskDecoder)
-    ref, tiles = episode
+    ref, tiles = kampala_episode
     pred.set_references([ref])
     calls = []
     real = runner.__call__
@@ -85,14 +67,14 @@ def test_predictor_decodes_in_ort_with_the_same_masks(ort_engine, engine, episod
     assert all(s[1] == 2 + 2 + 64 for s in calls)  # point pair, box corners, N_q = 64 queries
 
 
-def test_gradients_still_go_through_pytorch(ort_engine, episode):
+def test_gradients_still_go_through_pytorch(ort_engine, kampala_episode):
     """Training and run-time tuning need gradients of the decoder's inputs: with grad enabled ``_decode`` runs
     SAM's module (the ORT runner never sees the call)."""
     engine = ort_engine
     model = ReferencePredictor(engine, mode="virefsam", adapters=ADAPTERS).model
     seen, runner = [], model.decoder_runner
     model.decoder_runner = lambda *a: seen.append(1)  # would fail the unpacking if it were called
-    ref, tiles = episode
+    ref, tiles = kampala_episode
     x, _ = engine.preprocess(tiles[0])
     plain = engine.encode(x)
     protos = model.reference_prototypes(*_ref_tensors(engine, ref))
@@ -139,7 +121,8 @@ def test_cache_key_follows_the_weights_and_a_damaged_graph_is_rebuilt(embedded_s
     fixed = ort_decoder.OrtMaskDecoder(embedded_sam, threads=1)
     assert fixed.rebuilt and fixed.path == first.path
     torch.manual_seed(0)
-    emb, sparse, dense = torch.randn(2, 256, 64, 64) * 0.3, torch.randn(2, 68, 256) * 0.3, torch.randn(2, 256, 64, 64) * 0.1
+    emb, dense = torch.randn(2, 256, 64, 64) * 0.3, torch.randn(2, 256, 64, 64) * 0.1
+    sparse = torch.randn(2, 68, 256) * 0.3
     low, iou = fixed(emb, sparse, dense)
     from core.modeling.virefsam import decode_per_image
 

@@ -183,11 +183,15 @@ class Probe:
                             probe.wrap(self.model.vcp, name, "vcp")
 
             def set_references(self, references, negatives=()):
-                probe.phase = "reference"
-                return super().set_references(references, negatives)
+                # its own predictions (exclude_found segments the reference crops) are reference work, no tile
+                probe.phase, checking, probe.checking = "reference", probe.checking, True
+                try:
+                    return super().set_references(references, negatives)
+                finally:
+                    probe.checking = checking
 
             def predict_batch(self, images):
-                if probe.checking:  # adapters auto: the check segments the reference crops, no tile
+                if probe.checking:  # the check (adapters auto) or set_references segments reference crops: no tile
                     return super().predict_batch(images)
                 probe.phase = "tiles"
                 if probe.max_tiles is not None and probe.model_tiles >= probe.max_tiles:
