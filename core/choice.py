@@ -86,8 +86,8 @@ def reference_check(predictor, shots: Sequence[Shot]) -> float:
     crops each segmented from the others, the pixel IoU over all crops. One crop has no other: it is segmented
     from itself, which every file does well, and also, as a view it was not given, mirrored and at 0.75x
     (:func:`altered_view`); the check is the mean of both IoUs. 0 when nothing is marked. The check runs the file
-    as loaded: run-time tuning (``tune_steps``) and ``exclude_found`` are held off, then restored. Leaves the predictor with the last
-    crop's references: set them again before use."""
+    as loaded: run-time tuning (``tune_steps``) and ``exclude_found`` are held off, then restored. Leaves the
+    predictor with the last crop's references: set them again before use."""
     return check_reference(predictor, shots).iou
 
 

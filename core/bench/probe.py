@@ -16,7 +16,8 @@ class Probe:
     """Install timers for one ``pipeline.run`` on ``engine``: ``with Probe(engine) as probe: pipeline.run(...)``.
 
     ``seconds[(phase, part)]`` / ``calls[(phase, part)]``: phase ``reference`` (set_references, scribble
-    densifying, the adapters check of ``adapters="auto"``) or ``tiles`` (predict); parts ``encode`` (SamEngine.encode / encode_with_stem, the frozen encoder pass),
+    densifying, the adapters check of ``adapters="auto"``) or ``tiles`` (predict); parts ``encode``
+    (SamEngine.encode / encode_with_stem, the frozen encoder pass),
     ``encoder_adapted`` (ViRefSAM's DTA encoder pass), ``vcp`` (VCPEncoder.refine/queries/mask_logits),
     ``decoder`` (SAM mask decoder; in the training-free and static-prompt modes the whole
     ``training_free.decode_prompts`` call, prompt encoder included, whose shared-image decoder does not go

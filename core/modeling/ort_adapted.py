@@ -47,7 +47,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -178,8 +178,31 @@ def export(encoder: AdaptedEncoder, path: Path, n_table: int = 6) -> Path:
     return path
 
 
+def open_cached(build: Callable[[bool], bool], open_: Callable[[], None], what: str) -> Tuple[bool, bool]:
+    """Open an exported graph from the cache: ``build(missing_only=True)`` writes what is missing (and says whether
+    it wrote), ``open_()`` opens the sessions; a cached graph ONNX Runtime cannot load (truncated, half-copied) is
+    written again (``build(False)``), once. -> (exported, rebuilt). One sentence (ModelError) when a fresh export
+    cannot be loaded either. One export at a time in this process; other processes are kept apart by the atomic
+    renames."""
+    with _LOCK:
+        exported = build(True)
+        try:
+            open_()
+            return exported, False
+        except Exception:  # noqa: BLE001 - a damaged cached graph: export it again
+            if exported:
+                raise ModelError(f"ONNX Runtime cannot load the exported {what}.") from None
+        build(False)
+        try:
+            open_()
+        except Exception:  # noqa: BLE001
+            raise ModelError(f"ONNX Runtime cannot load the exported {what}.") from None
+        return True, True
+
+
 def cpu_session(path: Path, threads: int, spinning: bool):
-    """An ONNX Runtime CPU session of ``path`` with the encoder graphs' options (:func:`.ort_encoder.session_options`)."""
+    """An ONNX Runtime CPU session of ``path`` with the encoder graphs' options
+    (:func:`.ort_encoder.session_options`)."""
     import onnxruntime as ort
 
     from .ort_encoder import session_options
@@ -211,35 +234,24 @@ class OrtAdaptedEncoder:
         self.precision = precision
         self.run_path = int8_path(self.path) if precision == "int8" else self.path
         self.threads = max(0, int(threads or 0))
-        self.exported = self.rebuilt = False
-        with _LOCK:  # one export at a time in this process; other processes are kept apart by the atomic renames
-            self._build(encoder, n_table, missing_only=True)
-            try:
-                self._open(spinning)
-            except Exception:  # noqa: BLE001 - a damaged cached graph (truncated, half-copied): export it again
-                if self.exported:
-                    raise ModelError(f"ONNX Runtime cannot load the exported adapted encoder {self.run_path.name}.")
-                self._build(encoder, n_table, missing_only=False)
-                self.rebuilt = True
-                try:
-                    self._open(spinning)
-                except Exception:  # noqa: BLE001
-                    raise ModelError(
-                        f"ONNX Runtime cannot load the exported adapted encoder {self.run_path.name}."
-                    ) from None
+        self.exported, self.rebuilt = open_cached(lambda missing_only: self._build(encoder, n_table, missing_only),
+                                                  lambda: self._open(spinning),
+                                                  f"adapted encoder {self.run_path.name}")
 
-    def _build(self, encoder: AdaptedEncoder, n_table: int, missing_only: bool) -> None:
-        """Export (and quantise) what is missing, or, ``missing_only=False``, everything again."""
+    def _build(self, encoder: AdaptedEncoder, n_table: int, missing_only: bool) -> bool:
+        """Export (and quantise) what is missing, or, ``missing_only=False``, everything again; whether it wrote."""
+        wrote = False
         if not missing_only:
             for p in (self.path, stem_path(self.path), int8_path(self.path)):
                 p.unlink(missing_ok=True)
         if not (self.path.is_file() and stem_path(self.path).is_file()):
             export(encoder, self.path, n_table)
             int8_path(self.path).unlink(missing_ok=True)  # derived from the old graph
-            self.exported = True
+            wrote = True
         if self.precision == "int8" and not int8_path(self.path).is_file():
             quantize(self.path)
-            self.exported = True
+            wrote = True
+        return wrote
 
     def _open(self, spinning: bool) -> None:
         self.session = cpu_session(self.run_path, self.threads, spinning)
@@ -280,4 +292,5 @@ def runnable(encoder: AdaptedEncoder) -> bool:
     return encoder.kind == "tinyvit" and p.device.type == "cpu" and p.dtype == torch.float32
 
 
-__all__ = ["OrtAdaptedEncoder", "atomic_export", "cpu_session", "export", "quantize", "int8_path", "PRECISIONS", "stem_path", "graph_key", "graph_path", "adapted_dir", "runnable"]
+__all__ = ["OrtAdaptedEncoder", "atomic_export", "cpu_session", "open_cached", "export", "quantize", "int8_path",
+           "PRECISIONS", "stem_path", "graph_key", "graph_path", "adapted_dir", "runnable"]

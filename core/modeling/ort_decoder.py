@@ -29,7 +29,6 @@ call on CUDA or in bf16/fp16 (:meth:`core.modeling.engine.SamEngine.mask_decoder
 from __future__ import annotations
 
 import hashlib
-import threading
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -38,11 +37,10 @@ import torch
 import torch.nn as nn
 
 from ..errors import ModelError
-from .ort_adapted import OPSET, atomic_export, cpu_session
+from .ort_adapted import OPSET, atomic_export, cpu_session, open_cached
 
 EXPORT_VERSION = 1  # bump when the exported graph changes for the same weights
 N_SPARSE = 68  # the example the graph is traced with (the token count stays dynamic)
-_LOCK = threading.Lock()
 
 
 def decoder_dir() -> Path:
@@ -111,24 +109,17 @@ class OrtMaskDecoder:
         self.key = key or graph_key(sam)
         self.path = graph_path(self.key)
         self.threads = max(0, int(threads or 0))
-        self.exported = self.rebuilt = False
-        with _LOCK:  # one export at a time in this process; other processes are kept apart by the atomic rename
-            if not self.path.is_file():
-                export(sam, self.path)
-                self.exported = True
-            try:
-                self.session = cpu_session(self.path, self.threads, spinning)
-            except Exception:  # noqa: BLE001 - a damaged cached graph (truncated, half-copied): export it again
-                if self.exported:
-                    raise ModelError(f"ONNX Runtime cannot load the exported mask decoder {self.path.name}.") from None
-                self.path.unlink(missing_ok=True)
-                export(sam, self.path)
-                self.exported = self.rebuilt = True
-                try:
-                    self.session = cpu_session(self.path, self.threads, spinning)
-                except Exception:  # noqa: BLE001
-                    raise ModelError(
-                        f"ONNX Runtime cannot load the exported mask decoder {self.path.name}.") from None
+
+        def build(missing_only: bool) -> bool:
+            if missing_only and self.path.is_file():
+                return False
+            export(sam, self.path)
+            return True
+
+        def open_() -> None:
+            self.session = cpu_session(self.path, self.threads, spinning)
+
+        self.exported, self.rebuilt = open_cached(build, open_, f"mask decoder {self.path.name}")
 
     def __call__(self, emb: torch.Tensor, sparse: torch.Tensor,
                  dense: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

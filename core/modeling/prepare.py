@@ -29,9 +29,10 @@ def run(args) -> int:
 
 
 def ensure_adapted_graph(log: Log = None) -> None:
-    """Export the shipped adapters' encoder graph for ONNX Runtime (and its int8 copy, the default) and SAM's
-    mask-decoder graph (:mod:`.ort_decoder`) now rather than on the first run (cached beside the weights; :mod:`.ort_adapted`). Skipped quietly where ONNX Runtime cannot run it; silent
-    and fast when done (``adapted/shipped.json`` records the adapters' and weights' sha256 and the graph)."""
+    """Export the shipped adapters' encoder graph for ONNX Runtime (and its int8 copy, the default;
+    :mod:`.ort_adapted`) and SAM's mask-decoder graph (:mod:`.ort_decoder`) now rather than on the first run (cached
+    beside the weights). Skipped quietly where ONNX Runtime cannot run them; silent and fast when done
+    (``adapted/shipped.json`` records the adapters' and weights' sha256 and the graphs)."""
     import json
 
     from ..paths import RESOURCES
@@ -43,11 +44,9 @@ def ensure_adapted_graph(log: Log = None) -> None:
         return
     if not adapters.is_file():
         return
-    from . import ort_adapted
+    from . import ort_adapted, ort_decoder
 
     stamp = ort_adapted.adapted_dir() / "shipped.json"
-    from . import ort_decoder
-
     want = {"adapters_sha256": _sha256(adapters), "weights_sha256": _sha256(weights_path()),
             "export_version": ort_adapted.EXPORT_VERSION, "quant_version": ort_adapted.QUANT_VERSION,
             "decoder_export_version": ort_decoder.EXPORT_VERSION}
