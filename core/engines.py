@@ -119,7 +119,8 @@ def make_predictor(engine, params: RunParams, adapters, cache=None, cache_size: 
                                                tune_ignore_found=True,  # an analyst's marks are partial
                                                tune_files=params.tune_files,
                                                zoom_views=params.zoom_views,
-                                               exclude_found=params.exclude_found)
+                                               exclude_found=params.exclude_found,
+                                               self_support=params.self_support)
 
 
 def run_predictor(engine, params: RunParams, cache=None):

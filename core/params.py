@@ -145,6 +145,9 @@ class RunParams:
     objects are left out of the background prototypes (an unmarked house is not background):
     :meth:`core.modeling.predictor.ReferencePredictor.set_references`. False in every parameters file from
     before the field.
+    ``self_support`` (trained mode): each target tile is decoded once more with its own confident objects beside
+    the reference's prototypes (self-support matching: :mod:`core.modeling.self_support`), for targets that look
+    unlike the reference's scene (another city's roofs). False in every parameters file from before the field.
     ``cluster``: where the tile loop runs: ``""`` in this process (default), ``local:N`` on N Dask worker processes
     of this computer, ``tcp://HOST:PORT`` on the workers of an existing Dask scheduler (:mod:`core.cluster`).
     """
@@ -173,6 +176,7 @@ class RunParams:
     tune_files: str = "vcp_alone"  # which files tune_steps tunes: "vcp_alone" (no DTA), "all" or "auto"
     zoom_views: bool = True  # trained mode, one reference crop: also zoomed out and in, two more shots (core.scale)
     exclude_found: bool = True  # trained mode: unmarked objects found in the reference crops are not background
+    self_support: bool = True  # trained mode: each target decoded again with its own confident objects
     cluster: str = ""  # "" this process; "local:N" N Dask worker processes here; "tcp://HOST:PORT" a scheduler
     classes: Tuple[ClassSpec, ...] = ()  # several classes in one run (see above); () = class_name + references
     allow_overlap: bool = False  # several classes: keep overlapping polygons instead of the more probable class
@@ -226,6 +230,8 @@ class RunParams:
         if not isinstance(self.exclude_found, bool):
             raise InputError("Leaving unmarked objects out of the background must be true or false, not "
                              f"{self.exclude_found!r}.")
+        if not isinstance(self.self_support, bool):
+            raise InputError(f"Self-support on the targets must be true or false, not {self.self_support!r}.")
         from .scale import parse_scale
 
         try:
@@ -271,6 +277,7 @@ class RunParams:
         d.setdefault("tune_files", "all")  # its tuning steps, if any, tuned every file
         d.setdefault("zoom_views", False)  # nor see them zoomed
         d.setdefault("exclude_found", False)  # nor leave found unmarked objects out of the background
+        d.setdefault("self_support", False)  # nor decode the targets with their own objects
         model = {"adapted_precision": "fp32", **d.get("model", {})}  # older files ran fp32
         model["adapter_weights"] = tuple(float(w) for w in model.get("adapter_weights", ()))
         d["model"] = ModelParams(**model)

@@ -210,6 +210,42 @@ def kampala_episode(shared_data):
 
 
 @pytest.fixture(scope="session")
+def check_run_switch():
+    """check(field, flag, error_match, engine, adapters, tmp_path): a trained-mode on/off field of RunParams, on by
+    default, as a run takes it: the demo's parameters, a parameters file from before the field (off), a JSON round
+    trip, a non-bool refused in one sentence, ``flag`` for segment / eval / demo, and make_predictor's predictor."""
+
+    def check(field, flag, error_match, engine, adapters, tmp_path):
+        import dataclasses
+        import json
+
+        from core.cli import build_parser
+        from core.demo import demo_params
+        from core.engines import make_predictor
+        from core.errors import InputError
+        from core.params import RunParams
+
+        params = demo_params(tmp_path)
+        assert getattr(params, field) is True
+        old = json.loads(params.to_json())
+        del old[field]  # a parameters file from before the field: the run did without it
+        assert getattr(RunParams.from_json(json.dumps(old)), field) is False
+        off = dataclasses.replace(params, **{field: False})
+        assert RunParams.from_json(off.to_json()) == off
+        with pytest.raises(InputError, match=error_match):
+            dataclasses.replace(params, **{field: "yes"})
+        args = build_parser().parse_args(["segment", "--reference", "r.tif", "--reference-geometry", "g.geojson",
+                                          "--target", "t.tif", flag])
+        assert getattr(args, field) is False
+        assert getattr(build_parser().parse_args(["eval", "--data", "d"]), field) is True
+        assert getattr(build_parser().parse_args(["demo", flag]), field) is False
+        assert getattr(make_predictor(engine, off, adapters), field) is False
+        assert getattr(make_predictor(engine, params, adapters), field) is True
+
+    return check
+
+
+@pytest.fixture(scope="session")
 def zanzibar_embedding(engine, zanzibar_tile):
     """(x 1x3x1024x1024, input_size (h, w), embedding 1x256x64x64) of the zanzibar tile, encoded once."""
     x, input_size = engine.preprocess(zanzibar_tile[0])

@@ -3,8 +3,6 @@
 the shipped adapters on a real OpenAerialMap crop of Zanzibar, its OSM buildings marked a few of many (as an analyst
 marks) or every one."""
 
-import dataclasses
-import json
 from collections import OrderedDict
 from pathlib import Path
 
@@ -102,26 +100,5 @@ def test_complete_marks_and_the_check_keep_the_background(ort_engine, crop):
     assert check.iou > 0.3 and excl.exclude_found is True and excl.found_beyond is None
 
 
-def test_exclude_found_run_parameter(tmp_path, ort_engine):
-    from core.cli import build_parser
-    from core.demo import demo_params
-    from core.engines import make_predictor
-    from core.errors import InputError
-    from core.params import RunParams
-
-    params = demo_params(tmp_path)
-    assert params.exclude_found is True
-    old = json.loads(params.to_json())
-    del old["exclude_found"]  # a parameters file from before the field: it kept them in the background
-    assert RunParams.from_json(json.dumps(old)).exclude_found is False
-    off = dataclasses.replace(params, exclude_found=False)
-    assert RunParams.from_json(off.to_json()) == off
-    with pytest.raises(InputError, match="background"):
-        dataclasses.replace(params, exclude_found="yes")
-    args = build_parser().parse_args(["segment", "--reference", "r.tif", "--reference-geometry", "g.geojson",
-                                      "--target", "t.tif", "--no-exclude-found"])
-    assert args.exclude_found is False
-    assert build_parser().parse_args(["eval", "--data", "d"]).exclude_found is True
-    assert build_parser().parse_args(["demo", "--no-exclude-found"]).exclude_found is False
-    assert make_predictor(ort_engine, off, ADAPTERS).exclude_found is False
-    assert make_predictor(ort_engine, params, ADAPTERS).exclude_found is True
+def test_exclude_found_run_parameter(tmp_path, ort_engine, check_run_switch):
+    check_run_switch("exclude_found", "--no-exclude-found", "background", ort_engine, ADAPTERS, tmp_path)

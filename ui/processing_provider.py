@@ -93,6 +93,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
     TUNE_FILES = "TUNE_FILES"
     ZOOM_VIEWS = "ZOOM_VIEWS"
     EXCLUDE_FOUND = "EXCLUDE_FOUND"
+    SELF_SUPPORT = "SELF_SUPPORT"
     CLUSTER = "CLUSTER"
     SCALE = "SCALE"
     TILE_SIZE = "TILE_SIZE"
@@ -259,6 +260,10 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             self.EXCLUDE_FOUND, "Unmarked objects found in the references are not background (trained mode)",
             defaultValue=True)
         exclude_found.setHelp(run_options.EXCLUDE_FOUND_TOOLTIP)
+        self_support = QgsProcessingParameterBoolean(
+            self.SELF_SUPPORT, "Decode each target again with its own confident objects (trained mode)",
+            defaultValue=True)
+        self_support.setHelp(run_options.SELF_SUPPORT_TOOLTIP)
         cluster = QgsProcessingParameterString(self.CLUSTER, "Dask scheduler", defaultValue="", optional=True)
         cluster.setHelp("Empty: the tiles are segmented here. An address (tcp://HOST:8786): on the workers of that "
                         "Dask scheduler (dask scheduler; dask worker tcp://HOST:8786 in the plugin's environment), "
@@ -278,6 +283,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
             tune_files,
             zoom_views,
             exclude_found,
+            self_support,
             QgsProcessingParameterNumber(
                 self.TILE_SIZE, "Tile size (pixels)", QgsProcessingParameterNumber.Integer, 1024, minValue=64
             ),
@@ -444,6 +450,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
                 tune_files=TUNE_FILES_VALUES[self.parameterAsEnum(parameters, self.TUNE_FILES, context)],
                 zoom_views=self.parameterAsBool(parameters, self.ZOOM_VIEWS, context),
                 exclude_found=self.parameterAsBool(parameters, self.EXCLUDE_FOUND, context),
+                self_support=self.parameterAsBool(parameters, self.SELF_SUPPORT, context),
                 tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context),
                 overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
                 threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),

@@ -70,6 +70,12 @@ EXCLUDE_FOUND_TOOLTIP = (
     "background prototypes: an unmarked house is not background. The run's messages say when this happened. "
     "On by default; marks that cover every object of the class in their crops are not affected."
 )
+SELF_SUPPORT_TOOLTIP = (
+    "Trained mode: each target tile is decoded a second time with its own confidently found objects and "
+    "background beside the reference's, so that a target which looks unlike the reference's scene (another "
+    "city's roofs) is matched on its own terms. About 5% more time per tile. Measured: Kampala houses from a "
+    "Zanzibar reference 0.54 -> 0.58 IoU (six reference picks); same-scene targets unchanged. On by default."
+)
 ZOOM_VIEWS_TOOLTIP = (
     "Trained mode, one reference crop: it is also matched zoomed out (0.7x) and zoomed in (1.4x), as two more "
     "references, so that objects of the class a little smaller or larger than the marked ones are found too. "

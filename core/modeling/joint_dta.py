@@ -15,7 +15,8 @@ Joint context for C classes on one tile (each class's passes 2 as in :meth:`.vir
 then ONE adapted pass (the engine's ONNX Runtime runner where there is one: the table's row count is a dynamic
 axis of its graph) and, per class, the VCP queries (Eq. 4) and the decoder on that embedding. A class with the
 K-shot ensemble (``ReferencePredictor._shots``) then decodes each of its shots on the same embedding and averages
-with that class's joint decoding (:meth:`.virefsam.ViRefSAM.shot_ensemble`, as in the class's own pass). With one
+with that class's joint decoding (:meth:`.virefsam.ViRefSAM.shot_ensemble`, as in the class's own pass), and a
+class with self-support decodes once more (:meth:`.virefsam.ViRefSAM.self_support`). With one
 class the joint context is exactly the class's own (same table, same assignment), but one-class runs never come
 here.
 
@@ -102,10 +103,11 @@ def predict_classes(predictors: Sequence, image: np.ndarray) -> np.ndarray:
     plain = t.plain
     valid = t.valid.to(device=plain.device, dtype=torch.bool)
     pe = model.sam.prompt_encoder.get_dense_pe().to(plain.dtype)
-    refined, tables = [], []
+    refined, tables, raw = [], [], []
     for p in predictors:  # pass 2 (cont.) per class: Eq. 2 refinement
         protos = p._protos.expand(1).to(device=plain.device, dtype=plain.dtype)
         table, r = model.refine(protos, plain, pe, valid)
+        raw.append(protos)
         refined.append(r)
         tables.append(table)
     ctx, per_class = joint_context(plain, refined, tables, valid)
@@ -118,10 +120,12 @@ def predict_classes(predictors: Sequence, image: np.ndarray) -> np.ndarray:
             emb = model.encoder(t.x, ctx)
     emb = emb.to(plain.dtype)
     out = []
-    for p, r, (pm, mg) in zip(predictors, refined, per_class):  # passes 4-5 per class
+    for p, protos, r, (pm, mg) in zip(predictors, raw, refined, per_class):  # passes 4-5 per class
         low = model._decode(r, pm, mg, emb, pe, valid)["low_res_logits"]
         if p._shots is not None and len(p._shots) > 1:  # the K-shot ensemble, as ViRefSAM.forward
             low = model.shot_ensemble(low, p._shots, plain, emb, pe, valid)
+        if p.self_support_applies:  # the target's own objects beside the reference, as ViRefSAM.forward
+            low = model.self_support(low, protos, plain, emb, pe, valid)
         low = low[:, :1]
         if p._neg_rows:  # as ReferencePredictor._low_res: parts like a "not this class" example go
             drop = negative_components(plain, low, p._protos, p._neg_rows, valid).to(low.device)

@@ -13,6 +13,8 @@ Modes:
   says so in :attr:`ReferencePredictor.mode` (``requested_mode`` keeps what was asked). With K > 1 shots,
   ``kshot="ensemble"`` (default) averages each shot's own decoding with the joint one
   (:meth:`.virefsam.ViRefSAM.shot_ensemble`); ``kshot="joint"`` decodes the joint prototypes alone.
+  ``self_support=True`` (the runs' default, ``RunParams.self_support``) decodes each target once more with its
+  own confident objects beside the reference (:meth:`.virefsam.ViRefSAM.self_support`).
 * ``training_free`` - prototype matching -> per-component prompts -> SAM -> prototype filter -> union
   (:mod:`.training_free`).
 * ``static_prompt`` - the reference masks' own points and boxes replayed on the target (ablation baseline).
@@ -180,6 +182,7 @@ class ReferencePredictor:
         tune_files: str = "all",
         zoom_views: bool = True,
         exclude_found: bool = False,
+        self_support: bool = False,
     ) -> None:
         if mode not in MODES:
             raise InputError(f"Unknown mode '{mode}': choose one of {', '.join(MODES)}.")
@@ -214,6 +217,11 @@ class ReferencePredictor:
         # background prototypes (set_references); ``found_beyond``: that area per marked pixel, None when not run
         self.exclude_found = bool(exclude_found)
         self.found_beyond: Optional[float] = None
+        # trained mode: each target decoded once more with its own confident objects beside the reference
+        # (:meth:`.virefsam.ViRefSAM.self_support`); not in set_references' own segmentations of its crops
+        # (exclude_found), but in core.choice's check, which predicts as the run will
+        self.self_support = bool(self_support)
+        self._referencing = False
         self._shots = None
         # tile digest -> plain embedding; pass one OrderedDict to several predictors (other classes, other modes
         # on the same engine) to share the frozen-encoder passes
@@ -341,6 +349,14 @@ class ReferencePredictor:
             self._protos = self._shots = None
             return
         self._build(images, masks, None, negatives)
+        self._referencing = True  # the reference crops' own segmentations below: without self-support
+        try:
+            self._reference_work(images, masks, negatives, originals)
+        finally:
+            self._referencing = False
+
+    def _reference_work(self, images, masks, negatives, originals) -> None:
+        """:meth:`set_references` after the first prototypes: ``exclude_found`` and run-time tuning."""
         if self.exclude_found and self.mode == "virefsam":
             found = [unmarked_found(self.predict(im), m) for im, m in zip(images, masks)]
             self.found_beyond = float(sum(int(f.sum()) for f in found) / max(1, sum(int(m.sum()) for m in masks)))
@@ -488,6 +504,11 @@ class ReferencePredictor:
         self._static = None
 
     # -- prediction -------------------------------------------------------------------------------------------
+    @property
+    def self_support_applies(self) -> bool:
+        """Targets are decoded with self-support now (asked for, trained mode, not the reference's own work)."""
+        return self.self_support and self.mode == "virefsam" and not self._referencing
+
     def _low_res(self, t: _Target) -> torch.Tensor:
         # the baselines decode many prompts per tile: under the engine's precision (bf16 / fp16), like its encoder
         if self.mode == "static_prompt":
@@ -501,7 +522,8 @@ class ReferencePredictor:
                     window_margin=self.window_margin, context=self.decoder_context,
                 )
             return low.float()
-        out = self.model(t.x, self._protos, plain=t.plain, valid=t.valid, stem=t.stem, shots=self._shots)
+        out = self.model(t.x, self._protos, plain=t.plain, valid=t.valid, stem=t.stem, shots=self._shots,
+                         self_support=self.self_support_applies)
         low = out["low_res_logits"][:, :1]
         if self._neg_rows:  # what the analyst marked "not this class": parts of the mask like a negative go
             drop = negative_components(t.plain, low, self._protos, self._neg_rows, t.valid).to(low.device)

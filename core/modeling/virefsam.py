@@ -15,6 +15,8 @@ Order of the passes for one target tile and a reference set of K shots. Costs: e
 4. VCP queries, Eq. 4, on the adapted embedding (0.04 s).
 5. SAM's prompt encoder (points + box from the pseudo-mask, the pseudo-mask as ``mask_input``) + the 64 VCP
    queries as extra sparse tokens -> SAM's mask decoder, one decoder call per target (~0.2 s).
+6. (inference, ``self_support``) the target's confident objects and background from 5. join the reference's
+   prototypes (:mod:`.self_support`); 2 (Eqs. 2-3), 4 and 5 once more on the same adapted embedding.
 
 Per tile with the plain embedding cached, passes 2-5 take 5.4 s; without the cache add one encoder pass.
 (These are PyTorch times. For inference with the embedded model on the CPU, both encoder passes run in ONNX
@@ -40,6 +42,7 @@ import torch.nn as nn
 from ..errors import ModelError
 from .dta import AdaptedEncoder, DTAContext, check_signature
 from .prototypes import GRID, Prototypes, build_prototypes, mask_to_grid, pseudo_mask
+from .self_support import self_support_prototypes
 from .vcp import VCPEncoder
 
 ADAPTER_FORMAT = "virefsam-adapters"
@@ -111,6 +114,8 @@ class ViRefSAM(nn.Module):
                 ``adapted_runner`` only; None = computed by it
       shots     K > 1 :class:`Prototypes`, each reference's own (inference only): the K-shot ensemble
                 (:meth:`shot_ensemble`); None = the joint prototypes alone
+      self_support  inference only: decode once more with the target's own confident objects beside the
+                reference (:meth:`self_support`, :mod:`.self_support`)
     returns a dict: ``low_res_logits`` B x 1 x 256 x 256, ``iou`` B x 1, ``l_reg`` (scalar), ``pseudo_mask``
     B x 64 x 64 bool, ``margin`` B x 64 x 64, ``mask_input`` B x 1 x 256 x 256.
     """
@@ -239,6 +244,7 @@ class ViRefSAM(nn.Module):
         valid: Optional[torch.Tensor] = None,
         stem: Optional[torch.Tensor] = None,
         shots: Optional[List[Prototypes]] = None,
+        self_support: bool = False,
     ) -> Dict[str, torch.Tensor]:
         b = target_x.shape[0]
         if plain is None:
@@ -270,6 +276,8 @@ class ViRefSAM(nn.Module):
         low = out["low_res_logits"]
         if shots is not None and len(shots) > 1 and not torch.is_grad_enabled():
             low = self.shot_ensemble(low, shots, plain, emb, pe, valid)
+        if self_support and not torch.is_grad_enabled():
+            low = self.self_support(low, protos, plain, emb, pe, valid)
         out["low_res_logits"] = low
         return out
 
@@ -299,6 +307,21 @@ class ViRefSAM(nn.Module):
             probs.append(torch.sigmoid(self._decode(r, pm, mg, emb, pe, valid)["low_res_logits"].float()))
         prob = torch.stack(probs).mean(0).clamp(1e-6, 1 - 1e-6)
         return torch.log(prob / (1 - prob)).to(low.dtype)
+
+    def self_support(self, low: torch.Tensor, protos: Prototypes, plain: torch.Tensor, emb: torch.Tensor,
+                     pe: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+        """One more decoding with the target's own confident objects beside the reference
+        (:func:`.self_support.self_support_prototypes`): Eq. 2 refinement, Eq. 3 pseudo-mask, queries and
+        decoder on the same adapted embedding, whose logits replace the first decoding's.
+
+        low B x M x 256 x 256 (the first decoding's logits, channel 0 used); protos the reference's
+        :class:`Prototypes` of batch B; plain, emb B x 256 x 64 x 64; pe 1 x 256 x 64 x 64; valid B x 64 x 64 bool
+        or None -> B x 1 x 256 x 256 logits. Used by :meth:`forward` and by the shared adapted pass of several
+        classes (:mod:`.joint_dta`)."""
+        fused = self_support_prototypes(plain, low, protos, valid, self.n_bg, self.seed)
+        _, r = self.refine(fused, plain, pe, valid)
+        pm, mg, _ = pseudo_mask(plain, r, valid)
+        return self._decode(r, pm, mg, emb, pe, valid)["low_res_logits"][:, :1].to(low.dtype)
 
     def _decode(self, refined: Prototypes, pmask, margin, emb, pe, valid) -> Dict[str, torch.Tensor]:
         """Passes 4-5 for B targets: VCP queries (Eq. 4) on ``emb`` within ``pmask``, SAM's prompt encoder

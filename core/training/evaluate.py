@@ -96,6 +96,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="trained modes: keep what the model finds beyond the reference's marks in the background "
                         "prototypes (as the plugin, the default leaves it out when it exceeds the marked area: "
                         "RunParams.exclude_found; evaluation files before it kept it)")
+    p.add_argument("--no-self-support", dest="self_support", action="store_false",
+                   help="trained modes: decode the query from the references alone (as the plugin, the default "
+                        "decodes it once more with its own confident objects: RunParams.self_support; evaluation "
+                        "files before it did not)")
     p.add_argument("--tune-steps", type=int, default=DEFAULT_TUNE_STEPS,
                    help="trained modes: tune VCP on the references for this many steps before the query "
                         f"(run-time tuning, core.modeling.tune; 0 = off; default {DEFAULT_TUNE_STEPS}, as the plugin)")
@@ -189,7 +193,8 @@ def _trained_kwargs(args) -> dict:
             "tune_ignore_found": getattr(args, "tune_ignore_found", False),
             "tune_files": getattr(args, "tune_files", "all"),
             "zoom_views": getattr(args, "zoom_views", True),
-            "exclude_found": getattr(args, "exclude_found", True)}
+            "exclude_found": getattr(args, "exclude_found", True),
+            "self_support": getattr(args, "self_support", True)}
 
 
 def _predictors(args, engine):
@@ -320,6 +325,7 @@ def run(args) -> int:
         decoding=getattr(args, "decoding", "local"), scale=str(getattr(args, "scale", "auto")),
         bg=getattr(args, "bg", "per_shot"), kshot=_trained_kwargs(args)["kshot"],
         zoom_views=_trained_kwargs(args)["zoom_views"], exclude_found=_trained_kwargs(args)["exclude_found"],
+        self_support=_trained_kwargs(args)["self_support"],
         tune={"steps": getattr(args, "tune_steps", 0), "lr": getattr(args, "tune_lr", 1e-4),
               "ignore_found": getattr(args, "tune_ignore_found", False), "files": getattr(args, "tune_files", "all")},
         adapters=_file_record(adapters_file(args.adapters, args.model), file_sha256)

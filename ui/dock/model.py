@@ -106,6 +106,10 @@ class ModelSection:
         self.exclude_found_check.setObjectName("exclude_found")
         self.exclude_found_check.setToolTip(run_options.EXCLUDE_FOUND_TOOLTIP)
         of.addRow("Partial marks", self.exclude_found_check)
+        self.self_support_check = QCheckBox("Decode each target again with its own confident objects")
+        self.self_support_check.setObjectName("self_support")
+        self.self_support_check.setToolTip(run_options.SELF_SUPPORT_TOOLTIP)
+        of.addRow("Self-support", self.self_support_check)
         self.tune_spin = QSpinBox()
         self.tune_spin.setObjectName("tune_steps")
         self.tune_spin.setRange(0, 500)
@@ -141,6 +145,7 @@ class ModelSection:
             w.valueChanged.connect(self.save_settings)
         self.zoom_views_check.toggled.connect(self.save_settings)
         self.exclude_found_check.toggled.connect(self.save_settings)
+        self.self_support_check.toggled.connect(self.save_settings)
         self.scale_edit.editingFinished.connect(self.save_settings)
         self.checkpoint_widget.fileChanged.connect(self.save_settings)
         self.adapters_file_widget.fileChanged.connect(self.save_settings)
@@ -159,6 +164,7 @@ class ModelSection:
         _set_combo_data(self.tune_files_combo, settings.get("tune_files"))
         self.zoom_views_check.setChecked(settings.get("zoom_views"))
         self.exclude_found_check.setChecked(settings.get("exclude_found"))
+        self.self_support_check.setChecked(settings.get("self_support"))
         self.tile_spin.setValue(settings.get("tile_size"))
         self.overlap_spin.setValue(settings.get("overlap"))
         self.threshold_spin.setValue(settings.get("threshold"))
@@ -181,6 +187,7 @@ class ModelSection:
         settings.set("tune_files", self.tune_files_combo.currentData())
         settings.set("zoom_views", self.zoom_views_check.isChecked())
         settings.set("exclude_found", self.exclude_found_check.isChecked())
+        settings.set("self_support", self.self_support_check.isChecked())
         settings.set("tile_size", self.tile_spin.value())
         settings.set("overlap", self.overlap_spin.value())
         settings.set("threshold", self.threshold_spin.value())
@@ -238,6 +245,7 @@ class ModelSection:
         self.kshot_combo.setEnabled(not training_free)  # how several references combine: the trained mode only
         self.zoom_views_check.setEnabled(not training_free)
         self.exclude_found_check.setEnabled(not training_free)
+        self.self_support_check.setEnabled(not training_free)
         self.tune_spin.setEnabled(not training_free)  # run-time tuning of VCP: the trained mode only
         self.tune_files_combo.setEnabled(not training_free)
         self.adapters_status.setText(adapter_choice.describe_choice(

@@ -200,6 +200,7 @@ class RunSection:
             tune_files=self.tune_files_combo.currentData(),
             zoom_views=self.zoom_views_check.isChecked(),
             exclude_found=self.exclude_found_check.isChecked(),
+            self_support=self.self_support_check.isChecked(),
             tile_size=self.tile_spin.value(),
             overlap=self.overlap_spin.value(),
             threshold=self.threshold_spin.value(),
