@@ -265,15 +265,17 @@ def build_references(
         return refs
 
 
-def _negative_crop(src: RasterSource, marks: Marks, window: Window, f: float, line_width: float) -> Reference:
+def _negative_crop(src: RasterSource, marks: Marks, window: Window, f: float, line_width: float,
+                   geoms: Sequence) -> Reference:
     """A negative example of ``marks`` (a negative reference) in ``window`` read at ``f`` native pixels per crop
-    pixel: ``background`` holds the marked regions, ``mask`` is empty; None when they cover no valid pixel."""
+    pixel: ``background`` holds the marked regions ``geoms`` (pixel frame; the crop's own), ``mask`` is empty;
+    None when they cover no valid pixel."""
     out_shape = (max(1, int(round(window.height / f))), max(1, int(round(window.width / f))))
     image, valid = src.read_rgb8(window, out_shape=out_shape)
     transform = src.window_transform(window, out_shape)
     sx, sy = out_shape[1] / window.width, out_shape[0] / window.height
     to_crop = [sx, 0, 0, sy, -window.col_off * sx, -window.row_off * sy]
-    bg_c = [affinity.affine_transform(g, to_crop) for g in marks.bg]
+    bg_c = [affinity.affine_transform(g, to_crop) for g in geoms]
     background = (_polygon_mask(polys_of(bg_c), out_shape) | _buffered(lines_of(bg_c), out_shape, line_width)) & valid
     if not background.any():
         return None
@@ -301,8 +303,15 @@ def negative_references(
 
     with RasterSource(spec.raster, bands=bands) as src:
         marks = read_marks(spec, src, allow_negative=True)
-        crops = plan_crops(marks.boxes(), zoom, src.width, src.height, int(crop_size), int(margin))
-        out = [_negative_crop(src, marks, Window(c0, r0, w, h), 1.0 / zoom, line_width) for c0, r0, w, h in crops]
+        boxes = marks.boxes()
+        crops = plan_crops(boxes, zoom, src.width, src.height, int(crop_size), int(margin))
+        # each marked region in one crop only (the first holding its centre): crops may overlap, and a region
+        # seen twice would be two negative prototypes and counted twice in the run's note
+        owner = [next((k for k, (c0, r0, w, h) in enumerate(crops)
+                       if c0 <= (b[0] + b[2]) / 2 < c0 + w and r0 <= (b[1] + b[3]) / 2 < r0 + h), 0) for b in boxes]
+        out = [_negative_crop(src, marks, Window(c0, r0, w, h), 1.0 / zoom, line_width,
+                              [g for g, o in zip(marks.bg, owner) if o == k])
+               for k, (c0, r0, w, h) in enumerate(crops)]
         out = [r for r in out if r is not None]
         if not out:
             raise InputError(
