@@ -211,11 +211,12 @@ def kampala_episode(shared_data):
 
 @pytest.fixture(scope="session")
 def check_run_switch():
-    """check(field, flag, error_match, engine, adapters, tmp_path): a trained-mode on/off field of RunParams, on by
-    default, as a run takes it: the demo's parameters, a parameters file from before the field (off), a JSON round
-    trip, a non-bool refused in one sentence, ``flag`` for segment / eval / demo, and make_predictor's predictor."""
+    """check(field, flag, error_match, engine, adapters, tmp_path, default=True): a trained-mode on/off field of
+    RunParams as a run takes it: ``default`` in the demo's parameters, a parameters file from before the field (off),
+    a JSON round trip, a non-bool refused in one sentence, ``flag`` (which turns the default around) for segment /
+    eval / demo, and make_predictor's predictor."""
 
-    def check(field, flag, error_match, engine, adapters, tmp_path):
+    def check(field, flag, error_match, engine, adapters, tmp_path, default=True):
         import dataclasses
         import json
 
@@ -226,21 +227,21 @@ def check_run_switch():
         from core.params import RunParams
 
         params = demo_params(tmp_path)
-        assert getattr(params, field) is True
+        assert getattr(params, field) is default
         old = json.loads(params.to_json())
         del old[field]  # a parameters file from before the field: the run did without it
         assert getattr(RunParams.from_json(json.dumps(old)), field) is False
-        off = dataclasses.replace(params, **{field: False})
-        assert RunParams.from_json(off.to_json()) == off
+        other = dataclasses.replace(params, **{field: not default})
+        assert RunParams.from_json(other.to_json()) == other
         with pytest.raises(InputError, match=error_match):
             dataclasses.replace(params, **{field: "yes"})
         args = build_parser().parse_args(["segment", "--reference", "r.tif", "--reference-geometry", "g.geojson",
                                           "--target", "t.tif", flag])
-        assert getattr(args, field) is False
-        assert getattr(build_parser().parse_args(["eval", "--data", "d"]), field) is True
-        assert getattr(build_parser().parse_args(["demo", flag]), field) is False
-        assert getattr(make_predictor(engine, off, adapters), field) is False
-        assert getattr(make_predictor(engine, params, adapters), field) is True
+        assert getattr(args, field) is (not default)
+        assert getattr(build_parser().parse_args(["eval", "--data", "d"]), field) is default
+        assert getattr(build_parser().parse_args(["demo", flag]), field) is (not default)
+        assert getattr(make_predictor(engine, other, adapters), field) is (not default)
+        assert getattr(make_predictor(engine, params, adapters), field) is default
 
     return check
 

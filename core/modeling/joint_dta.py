@@ -34,8 +34,7 @@ import numpy as np
 import torch
 
 from .dta import DTAContext
-from .prototypes import Prototypes, negative_components, pseudo_mask, similarity_maps
-from .training_free import NO_MASK_LOGIT
+from .prototypes import Prototypes, pseudo_mask, similarity_maps
 
 
 def shared_pass_applies(predictors: Sequence) -> bool:
@@ -103,11 +102,10 @@ def predict_classes(predictors: Sequence, image: np.ndarray) -> np.ndarray:
     plain = t.plain
     valid = t.valid.to(device=plain.device, dtype=torch.bool)
     pe = model.sam.prompt_encoder.get_dense_pe().to(plain.dtype)
-    refined, tables, raw = [], [], []
+    refined, tables = [], []
     for p in predictors:  # pass 2 (cont.) per class: Eq. 2 refinement
         protos = p._protos.expand(1).to(device=plain.device, dtype=plain.dtype)
         table, r = model.refine(protos, plain, pe, valid)
-        raw.append(protos)
         refined.append(r)
         tables.append(table)
     ctx, per_class = joint_context(plain, refined, tables, valid)
@@ -120,16 +118,11 @@ def predict_classes(predictors: Sequence, image: np.ndarray) -> np.ndarray:
             emb = model.encoder(t.x, ctx)
     emb = emb.to(plain.dtype)
     out = []
-    for p, protos, r, (pm, mg) in zip(predictors, raw, refined, per_class):  # passes 4-5 per class
+    for p, r, (pm, mg) in zip(predictors, refined, per_class):  # passes 4-5 per class
         low = model._decode(r, pm, mg, emb, pe, valid)["low_res_logits"]
         if p._shots is not None and len(p._shots) > 1:  # the K-shot ensemble, as ViRefSAM.forward
             low = model.shot_ensemble(low, p._shots, plain, emb, pe, valid)
-        if p.self_support_applies:  # the target's own objects beside the reference, as ViRefSAM.forward
-            low = model.self_support(low, protos, plain, emb, pe, valid)
-        low = low[:, :1]
-        if p._neg_rows:  # as ReferencePredictor._low_res: parts like a "not this class" example go
-            drop = negative_components(plain, low, p._protos, p._neg_rows, valid).to(low.device)
-            low = low.masked_fill(drop[None, None], NO_MASK_LOGIT)
+        low = p._with_self_support(t, low[:, :1], emb)  # negatives, then self-support, as the class's own pass
         logits = engine.postprocess(low.float(), t.input_size, t.original_size)
         out.append(torch.sigmoid(logits[0, 0].float()).cpu().numpy().astype(np.float32))
     return np.stack(out)

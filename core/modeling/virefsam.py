@@ -114,10 +114,9 @@ class ViRefSAM(nn.Module):
                 ``adapted_runner`` only; None = computed by it
       shots     K > 1 :class:`Prototypes`, each reference's own (inference only): the K-shot ensemble
                 (:meth:`shot_ensemble`); None = the joint prototypes alone
-      self_support  inference only: decode once more with the target's own confident objects beside the
-                reference (:meth:`self_support`, :mod:`.self_support`)
     returns a dict: ``low_res_logits`` B x 1 x 256 x 256, ``iou`` B x 1, ``l_reg`` (scalar), ``pseudo_mask``
-    B x 64 x 64 bool, ``margin`` B x 64 x 64, ``mask_input`` B x 1 x 256 x 256.
+    B x 64 x 64 bool, ``margin`` B x 64 x 64, ``mask_input`` B x 1 x 256 x 256, ``embedding`` B x 256 x 64 x 64
+    (the adapted one; for :meth:`self_support`, which callers run after their own filtering of the mask).
     """
 
     def __init__(self, sam: nn.Module, n_queries: int = 64, n_bg: int = 5, dta_dim: int = 64, seed: int = 0):
@@ -244,7 +243,6 @@ class ViRefSAM(nn.Module):
         valid: Optional[torch.Tensor] = None,
         stem: Optional[torch.Tensor] = None,
         shots: Optional[List[Prototypes]] = None,
-        self_support: bool = False,
     ) -> Dict[str, torch.Tensor]:
         b = target_x.shape[0]
         if plain is None:
@@ -276,9 +274,8 @@ class ViRefSAM(nn.Module):
         low = out["low_res_logits"]
         if shots is not None and len(shots) > 1 and not torch.is_grad_enabled():
             low = self.shot_ensemble(low, shots, plain, emb, pe, valid)
-        if self_support and not torch.is_grad_enabled():
-            low = self.self_support(low, protos, plain, emb, pe, valid)
         out["low_res_logits"] = low
+        out["embedding"] = emb  # the adapted embedding: self_support decodes on it again
         return out
 
     def refine(self, protos: Prototypes, plain: torch.Tensor, pe: torch.Tensor,
@@ -309,15 +306,21 @@ class ViRefSAM(nn.Module):
         return torch.log(prob / (1 - prob)).to(low.dtype)
 
     def self_support(self, low: torch.Tensor, protos: Prototypes, plain: torch.Tensor, emb: torch.Tensor,
-                     pe: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+                     valid: Optional[torch.Tensor]) -> torch.Tensor:
         """One more decoding with the target's own confident objects beside the reference
         (:func:`.self_support.self_support_prototypes`): Eq. 2 refinement, Eq. 3 pseudo-mask, queries and
         decoder on the same adapted embedding, whose logits replace the first decoding's.
 
-        low B x M x 256 x 256 (the first decoding's logits, channel 0 used); protos the reference's
-        :class:`Prototypes` of batch B; plain, emb B x 256 x 64 x 64; pe 1 x 256 x 64 x 64; valid B x 64 x 64 bool
-        or None -> B x 1 x 256 x 256 logits. Used by :meth:`forward` and by the shared adapted pass of several
-        classes (:mod:`.joint_dta`)."""
+        low B x M x 256 x 256 (the first decoding's logits, channel 0 used, after the caller's filtering: what an
+        analyst marked "not this class" must not become the target's own foreground); protos the reference's
+        :class:`Prototypes` of batch 1 or B; plain, emb (``forward``'s ``embedding``) B x 256 x 64 x 64; valid
+        B x 64 x 64 bool or None -> B x 1 x 256 x 256 logits. Inference only: the predictor and the shared adapted
+        pass of several classes (:mod:`.joint_dta`) call it after :meth:`forward`."""
+        b = plain.shape[0]
+        protos = protos.expand(b).to(device=plain.device, dtype=plain.dtype)
+        if valid is not None:
+            valid = valid.to(device=plain.device, dtype=torch.bool).expand(b, -1, -1)
+        pe = self.sam.prompt_encoder.get_dense_pe().to(plain.dtype)
         fused = self_support_prototypes(plain, low, protos, valid, self.n_bg, self.seed)
         _, r = self.refine(fused, plain, pe, valid)
         pm, mg, _ = pseudo_mask(plain, r, valid)
