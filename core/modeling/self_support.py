@@ -9,6 +9,7 @@ reference's. :meth:`.virefsam.ViRefSAM.self_support` then runs Eqs. 2-4 and the 
 the same adapted embedding (no encoder pass); that decoding is the result (the first one only says where the
 target's confident objects are).
 
+Opt-in (``RunParams.self_support``): with "Not <class>" corrections some marked places came back (model card).
 Measured (session 20, shipped adapters; ``resources/adapters/self_support/``): the same places as the reference
 gain nothing (NWPU fold 0 novel classes 22.4 -> 22.2 mIoU, OpenAerialMap collages 56.5 -> 56.3); another city
 does (six 3-house reference picks in Zanzibar, Kampala target: IoU 0.539 +- 0.028 -> 0.580 +- 0.013; Zanzibar
