@@ -163,3 +163,27 @@ def test_negative_geometry_through_the_cli_and_its_params_file(first_round, kamp
     assert proc.returncode == 2
     assert "lie on none of the target rasters; name their raster as" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_each_negative_region_is_one_example_when_crops_overlap():
+    """Two marks in opposite corners of the 1024-px demo reference are two clusters whose crops are both the whole
+    raster: each region must be one negative example, not one per crop it falls in."""
+    from scipy import ndimage
+
+    from core.reference import negative_references
+
+    import rasterio
+
+    with rasterio.open(DEMO / "reference.tif") as ds:
+        t = ds.transform
+
+    def square(c, r, n=20):
+        (a, b), (e, f) = t * (c, r), t * (c + n, r + n)
+        return f"POLYGON (({a} {b}, {e} {b}, {e} {f}, {a} {f}, {a} {b}))"
+
+    spec = ReferenceSpec(str(DEMO / "reference.tif"), (), (square(10, 10), square(990, 990)), crs="EPSG:3857",
+                         ref_id="not_building")
+    negs = negative_references(spec)
+    # two clusters, two crops, both the whole raster: the second holds no region of its own and is left out
+    assert len(negs) == 1
+    assert sum(ndimage.label(n.background)[1] for n in negs) == 2  # before: 2 crops x 2 regions
