@@ -37,7 +37,7 @@ def home(ort_engine, tmp_path, monkeypatch):
 
 def test_predictor_decodes_in_ort_with_the_same_masks(ort_engine, engine, kampala_episode):
     """The default predictor (ORT plain pass) decodes through the ORT graph: on real tiles, with the real shipped
-    adapters and the K-shot ensemble's four decodings (joint, reference, two zoomed views), its probabilities
+    adapters and the K-shot ensemble's four prompt sets (joint, reference, two zoomed views), its probabilities
     equal those of SAM's PyTorch decoder within 1e-4 and the masks are the same."""
     assert ReferencePredictor(engine, mode="virefsam", adapters=ADAPTERS).model.decoder_runner is None  # torch
     pred = ReferencePredictor(ort_engine, mode="virefsam", adapters=ADAPTERS)
@@ -63,8 +63,9 @@ def test_predictor_decodes_in_ort_with_the_same_masks(ort_engine, engine, kampal
         a, b = fast > 0.5, exact > 0.5
         assert b.sum() > 1000  # houses found on the tile
         assert (a & b).sum() / (a | b).sum() > 0.999
-    assert len(calls) == 2 * 4  # four decodings per tile, all in ORT
-    assert all(s[1] == 2 + 2 + 64 for s in calls)  # point pair, box corners, N_q = 64 queries
+    # one call per tile, all in ORT: the four prompt sets (joint, reference, two zoomed views) together
+    assert len(calls) == 2
+    assert all(s == (4, 2 + 2 + 64, 256) for s in calls)  # point pair, box corners, N_q = 64 queries
 
 
 def test_gradients_still_go_through_pytorch(ort_engine, kampala_episode):

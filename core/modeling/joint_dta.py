@@ -119,9 +119,10 @@ def predict_classes(predictors: Sequence, image: np.ndarray) -> np.ndarray:
     emb = emb.to(plain.dtype)
     out = []
     for p, r, (pm, mg) in zip(predictors, refined, per_class):  # passes 4-5 per class
-        low = model._decode(r, pm, mg, emb, pe, valid)["low_res_logits"]
         if p._shots is not None and len(p._shots) > 1:  # the K-shot ensemble, as ViRefSAM.forward
-            low = model.shot_ensemble(low, p._shots, plain, emb, pe, valid)
+            low = model.shot_ensemble(r, pm, mg, p._shots, plain, emb, pe, valid)["low_res_logits"]
+        else:
+            low = model._decode(r.fg, pm, mg, emb, pe, valid)["low_res_logits"]
         low = p._with_self_support(t, low[:, :1], emb)  # negatives, then self-support, as the class's own pass
         logits = engine.postprocess(low.float(), t.input_size, t.original_size)
         out.append(torch.sigmoid(logits[0, 0].float()).cpu().numpy().astype(np.float32))

@@ -8,14 +8,15 @@ ONNX Runtime, as the encoder passes are: about 1.6x faster than PyTorch on this 
 (0.044-0.055 s against 0.073-0.095 s a call), the same logits within ~1e-5.
 
     graph inputs:  emb    1 x 256 x 64 x 64 float32   (the tile's adapted embedding)
-                   sparse 1 x N x 256 float32         (points, box and queries: N = 68 with N_q = 64)
-                   dense  1 x 256 x 64 x 64 float32   (the prompt encoder's embedding of the mask input)
-    graph outputs: low    1 x 1 x 256 x 256 float32   (low-res mask logits, mask token 0)
-                   iou    1 x 1 float32
+                   sparse S x N x 256 float32         (S prompt sets: points, box and queries, N = 68 with N_q = 64)
+                   dense  S x 256 x 64 x 64 float32   (the prompt encoder's embedding of each set's mask input)
+    graph outputs: low    S x 1 x 256 x 256 float32   (low-res mask logits, mask token 0)
+                   iou    S x 1 float32
     SAM's dense positional encoding (``prompt_encoder.get_dense_pe()``) is a constant of the graph.
 
     runner = OrtMaskDecoder(sam, threads=2)            # export (or cached graph) + ORT session
-    low, iou = runner(emb, sparse, dense)              # B images, one prompt set each (one session run each)
+    low, iou = runner(emb, sparse, dense)              # B images, one prompt set each (one session run each),
+                                                       # or S prompt sets on one image (one run: the K-shot ensemble)
 
 Cache: ``cache_dir()/decoder/<key>.onnx``, written by the project on first use (``setup-model`` makes the embedded
 model's ahead of time), never shipped. ``key`` is a sha256 over the decoder's tensors and the positional
@@ -39,7 +40,7 @@ import torch.nn as nn
 from ..errors import ModelError
 from .ort_adapted import OPSET, atomic_export, cpu_session, open_cached
 
-EXPORT_VERSION = 1  # bump when the exported graph changes for the same weights
+EXPORT_VERSION = 2  # bump when the exported graph changes for the same weights (2: S prompt sets per image)
 N_SPARSE = 68  # the example the graph is traced with (the token count stays dynamic)
 
 
@@ -90,8 +91,10 @@ def export(sam: nn.Module, path: Path) -> Path:
     module = _Decode(sam).eval()
     dim = int(module.pe.shape[1])
     grid = tuple(module.pe.shape[-2:])
-    args = (torch.zeros(1, dim, *grid), torch.zeros(1, N_SPARSE, dim), torch.zeros(1, dim, *grid))
-    atomic_export(module, args, path, ["emb", "sparse", "dense"], ["low", "iou"], {"sparse": {1: "N"}})
+    # traced with two prompt sets on one image, so that the set count stays an input of the graph
+    args = (torch.zeros(1, dim, *grid), torch.zeros(2, N_SPARSE, dim), torch.zeros(2, dim, *grid))
+    dynamic = {"sparse": {0: "S", 1: "N"}, "dense": {0: "S"}, "low": {0: "S"}, "iou": {0: "S"}}
+    atomic_export(module, args, path, ["emb", "sparse", "dense"], ["low", "iou"], dynamic)
     return path
 
 
@@ -123,9 +126,14 @@ class OrtMaskDecoder:
 
     def __call__(self, emb: torch.Tensor, sparse: torch.Tensor,
                  dense: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        def arr(t: torch.Tensor, i: int) -> np.ndarray:
-            return t[i : i + 1].detach().to("cpu", torch.float32).contiguous().numpy()
+        def arr(t: torch.Tensor, i) -> np.ndarray:  # i: an index (that image alone) or a slice
+            part = t[i if isinstance(i, slice) else slice(i, i + 1)]
+            return part.detach().to("cpu", torch.float32).contiguous().numpy()
 
+        if emb.shape[0] == 1:  # S prompt sets on one image: one run (the graph repeats the image per set)
+            low, iou = self.session.run(None, {"emb": arr(emb, 0), "sparse": arr(sparse, slice(None)),
+                                               "dense": arr(dense, slice(None))})
+            return torch.from_numpy(low).to(emb.device), torch.from_numpy(iou).to(emb.device)
         lows, ious = [], []
         for i in range(emb.shape[0]):
             low, iou = self.session.run(None, {"emb": arr(emb, i), "sparse": arr(sparse, i), "dense": arr(dense, i)})

@@ -81,7 +81,7 @@ def _found_unmarked(model: ViRefSAM, view: TuneView, protos: Prototypes, emb: to
     with torch.no_grad():
         _, refined = model.refine(protos, view.plain, pe, view.valid)
         pmask, margin, _ = pseudo_mask(view.plain, refined, view.valid)
-        low = model._decode(refined, pmask, margin, emb, pe, view.valid)["low_res_logits"][:, 0].float()
+        low = model._decode(refined.fg, pmask, margin, emb, pe, view.valid)["low_res_logits"][:, 0].float()
     return ((low > IGNORE_LOGIT) & (view.frac256 < 0.5)).to(view.keep256.dtype)
 
 
@@ -130,7 +130,7 @@ def tune_vcp(model: ViRefSAM, views: List[TuneView], steps: int = 24, lr: float 
             protos = support[others[step % len(others)]]
             _, refined = tuned.refine(protos, q.plain, pe, q.valid)  # the copy's VCP: gradients reach it
             pmask, margin, _ = pseudo_mask(q.plain, refined, q.valid)
-            out = tuned._decode(refined, pmask, margin, emb[qi], pe, q.valid)
+            out = tuned._decode(refined.fg, pmask, margin, emb[qi], pe, q.valid)
             bce, dice = segmentation_loss(out["low_res_logits"], q.frac256, q.keep256)
             loss = bce + dice + reg_weight * out["l_reg"].float()
             opt.zero_grad(set_to_none=True)

@@ -125,23 +125,45 @@ class VCPEncoder(nn.Module):
         mask: torch.Tensor,
         valid: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 4. fg B x C (refined fg prototype), feats B x C x h x w (adapted target embedding), pe 1 x C x h x w,
-        mask B x h x w bool (pseudo-mask), valid B x h x w bool -> (sparse prompts B x N_q x prompt_dim, L_reg)."""
-        b = feats.shape[0]
-        q = self.query_embed[None].expand(b, -1, -1) + self.fg_proj(self.fg_norm(fg))[:, None]
+        """Eq. 4. fg S x C (refined fg prototype), feats B x C x h x w (adapted target embedding), pe 1 x C x h x w,
+        mask S x h x w bool (pseudo-mask), valid B x h x w bool -> (sparse prompts S x N_q x prompt_dim, L_reg).
+
+        B = S (one prompt set per image) or B = 1 with S >= 1 prompt sets on that one image (the K-shot ensemble
+        on one adapted embedding): the image's keys and values are then computed once for all sets."""
+        s = fg.shape[0]
+        q = self.query_embed[None].expand(s, -1, -1) + self.fg_proj(self.fg_norm(fg))[:, None]
         mem = self.norm_mem(_tokens(feats))
         key = mem + _tokens(pe).expand_as(mem)
         allowed = mask.flatten(1).to(torch.bool)
-        ok = torch.ones_like(allowed) if valid is None else valid.flatten(1).to(torch.bool)
+        ok = torch.ones_like(allowed) if valid is None else valid.flatten(1).to(torch.bool).expand_as(allowed)
         allowed = allowed & ok
         empty = ~allowed.any(dim=1, keepdim=True)
         allowed = torch.where(empty, ok, allowed)  # empty pseudo-mask: attend to every valid cell
-        blocked = ~allowed[:, None, :].expand(b, self.n_queries, allowed.shape[1])
-        blocked = blocked.repeat_interleave(self.heads, dim=0)  # (B * heads) x N_q x HW
-        out, _ = self.cross_attn(self.norm_cross(q), key, mem, attn_mask=blocked, need_weights=False)
-        q = q + out
+        q = q + _cross_attention(self.cross_attn, self.norm_cross(q), key, mem, allowed)
         x = self.norm_self(q)
         out, _ = self.self_attn(x, x, x, need_weights=False)
         q = q + out
         q = q + self.ffn(self.norm_ffn(q))
         return self.out_proj(self.norm_out(q)), query_regularizer(q)
+
+
+def _cross_attention(attn: nn.MultiheadAttention, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     allowed: torch.Tensor) -> torch.Tensor:
+    """``attn(q, key, value)`` (its weights, the same math as ``nn.MultiheadAttention``) with each query row
+    attending only to the cells ``allowed``: q S x N x C, key/value B x HW x C (B = S, or 1: one image's keys and
+    values projected once and shared by the S query sets), allowed S x HW bool (at least one True per row)
+    -> S x N x C."""
+    s, n, c = q.shape
+    h = attn.num_heads
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+
+    def heads(x: torch.Tensor) -> torch.Tensor:  # B x L x C -> B x heads x L x C/heads
+        return x.unflatten(-1, (h, c // h)).transpose(1, 2)
+
+    qh = heads(F.linear(q, w_q, b_q))
+    kh, vh = heads(F.linear(key, w_k, b_k)), heads(F.linear(value, w_v, b_v))
+    if kh.shape[0] != s:
+        kh, vh = kh.expand(s, -1, -1, -1), vh.expand(s, -1, -1, -1)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed[:, None, None, :])
+    return attn.out_proj(out.transpose(1, 2).reshape(s, n, c))

@@ -85,8 +85,12 @@ def prompts_from_pseudo_mask(
 
 def decode_per_image(sam, emb: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, multimask=False):
     """SAM's mask decoder for B images with one prompt set each (the decoder broadcasts a batch-1 embedding
-    over the prompts, so images go one at a time). -> (low-res logits B x K x 256 x 256, iou B x K)."""
+    over the prompts, so images go one at a time), or for S prompt sets on one image (emb of batch 1, sparse
+    and dense of batch S: one call). -> (low-res logits B x K x 256 x 256, iou B x K)."""
     pe = sam.prompt_encoder.get_dense_pe()
+    if emb.shape[0] == 1:
+        return sam.mask_decoder(image_embeddings=emb, image_pe=pe, sparse_prompt_embeddings=sparse,
+                                dense_prompt_embeddings=dense, multimask_output=multimask)
     lows, ious = [], []
     for i in range(emb.shape[0]):
         low, iou = sam.mask_decoder(
@@ -269,12 +273,11 @@ class ViRefSAM(nn.Module):
         else:
             emb = plain
 
-        # passes 4-5 on the joint prototypes
-        out = self._decode(refined, pmask, margin, emb, pe, valid)
-        low = out["low_res_logits"]
+        # passes 4-5 on the joint prototypes (with K shots at inference: and on each shot's, batched)
         if shots is not None and len(shots) > 1 and not torch.is_grad_enabled():
-            low = self.shot_ensemble(low, shots, plain, emb, pe, valid)
-        out["low_res_logits"] = low
+            out = self.shot_ensemble(refined, pmask, margin, shots, plain, emb, pe, valid)
+        else:
+            out = self._decode(refined.fg, pmask, margin, emb, pe, valid)
         out["embedding"] = emb  # the adapted embedding: self_support decodes on it again
         return out
 
@@ -286,24 +289,41 @@ class ViRefSAM(nn.Module):
         table = self.vcp.refine(protos.table(), plain, pe, valid)
         return table, Prototypes(table[:, 0], protos.fg_valid, table[:, 1:], protos.bg_valid)
 
-    def shot_ensemble(self, low: torch.Tensor, shots: List[Prototypes], plain: torch.Tensor, emb: torch.Tensor,
-                      pe: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    def shot_ensemble(self, refined: Prototypes, pmask: torch.Tensor, margin: torch.Tensor, shots: List[Prototypes],
+                      plain: torch.Tensor, emb: torch.Tensor, pe: torch.Tensor,
+                      valid: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """K-shot ensemble on one adapted embedding: each shot's own prototypes (1 fg + its N_b bg, as in 1-shot)
         refined on ``plain`` (Eq. 2), its pseudo-mask (Eq. 3), queries and decoding on ``emb`` (passes 4-5); the
         K probabilities averaged with the joint decoding's.
 
-        low B x M x 256 x 256 (the joint decoding's logits); shots K :class:`Prototypes` of batch 1 or B; plain,
-        emb B x 256 x 64 x 64; pe 1 x 256 x 64 x 64; valid B x 64 x 64 bool or None -> logits like ``low``.
-        Used by :meth:`forward` and by the shared adapted pass of several classes (:mod:`.joint_dta`)."""
+        refined, pmask, margin: the joint prototypes after Eq. 2 and their pseudo-mask (batch B); shots K
+        :class:`Prototypes` of batch 1 or B; plain, emb B x 256 x 64 x 64; pe 1 x 256 x 64 x 64; valid B x 64 x 64
+        bool or None -> :meth:`_decode`'s dict for the joint prototypes with ``low_res_logits`` B x 1 x 256 x 256
+        the ensemble's. Per target the K + 1 prompt sets share the work on its image: the K shots' prototype
+        tables are refined in one call (each row attends to the image alone), the image's keys and values for the
+        queries are projected once and the mask decoder takes the K + 1 prompt sets in one call (the same numbers
+        as decoding them one by one, to float rounding). Used by :meth:`forward` and by the shared adapted pass
+        of several classes (:mod:`.joint_dta`)."""
         b = plain.shape[0]
-        probs = [torch.sigmoid(low.float())]
-        for p in shots:
-            p = p.expand(b).to(device=plain.device, dtype=plain.dtype)
-            _, r = self.refine(p, plain, pe, valid)
-            pm, mg, _ = pseudo_mask(plain, r, valid)
-            probs.append(torch.sigmoid(self._decode(r, pm, mg, emb, pe, valid)["low_res_logits"].float()))
-        prob = torch.stack(probs).mean(0).clamp(1e-6, 1 - 1e-6)
-        return torch.log(prob / (1 - prob)).to(low.dtype)
+        outs = []
+        for i in range(b):
+            one = slice(i, i + 1)
+            vi = None if valid is None else valid[one]
+            ps = [p.expand(b).to(device=plain.device, dtype=plain.dtype) for p in shots]
+            ps = [Prototypes(p.fg[one], p.fg_valid[one], p.bg[one], p.bg_valid[one]) for p in ps]
+            table = self.vcp.refine(torch.cat([p.table() for p in ps], dim=1), plain[one], pe, vi)
+            fgs, pms, mgs = [refined.fg[one]], [pmask[one]], [margin[one]]
+            for p, t in zip(ps, table.split([p.table().shape[1] for p in ps], dim=1)):
+                pm, mg, _ = pseudo_mask(plain[one], Prototypes(t[:, 0], p.fg_valid, t[:, 1:], p.bg_valid), vi)
+                fgs.append(t[:, 0])
+                pms.append(pm)
+                mgs.append(mg)
+            out = self._decode(torch.cat(fgs), torch.cat(pms), torch.cat(mgs), emb[one], pe, vi)
+            prob = torch.sigmoid(out["low_res_logits"][:, :1].float()).mean(0, keepdim=True).clamp(1e-6, 1 - 1e-6)
+            out = {k: t[:1] if k != "l_reg" else t for k, t in out.items()}  # the joint prototypes' entries
+            out["low_res_logits"] = torch.log(prob / (1 - prob)).to(emb.dtype)
+            outs.append(out)
+        return {k: torch.cat([o[k] for o in outs]) if k != "l_reg" else outs[0][k] for k in outs[0]}
 
     def self_support(self, low: torch.Tensor, protos: Prototypes, plain: torch.Tensor, emb: torch.Tensor,
                      valid: Optional[torch.Tensor]) -> torch.Tensor:
@@ -324,12 +344,14 @@ class ViRefSAM(nn.Module):
         fused = self_support_prototypes(plain, low, protos, valid, self.n_bg, self.seed)
         _, r = self.refine(fused, plain, pe, valid)
         pm, mg, _ = pseudo_mask(plain, r, valid)
-        return self._decode(r, pm, mg, emb, pe, valid)["low_res_logits"][:, :1].to(low.dtype)
+        return self._decode(r.fg, pm, mg, emb, pe, valid)["low_res_logits"][:, :1].to(low.dtype)
 
-    def _decode(self, refined: Prototypes, pmask, margin, emb, pe, valid) -> Dict[str, torch.Tensor]:
+    def _decode(self, fg: torch.Tensor, pmask, margin, emb, pe, valid) -> Dict[str, torch.Tensor]:
         """Passes 4-5 for B targets: VCP queries (Eq. 4) on ``emb`` within ``pmask``, SAM's prompt encoder
-        (prompts derived from the pseudo-mask) + the queries -> mask decoder."""
-        queries, l_reg = self.vcp.queries(refined.fg, emb, pe, pmask, valid)
+        (prompts derived from the pseudo-mask) + the queries -> mask decoder. fg B x C (the refined foreground
+        prototypes), pmask and margin B x 64 x 64, emb B x 256 x 64 x 64, valid B x 64 x 64 or None; or S prompt
+        sets on one image: fg, pmask and margin of batch S with emb and valid of batch 1 (:meth:`shot_ensemble`)."""
+        queries, l_reg = self.vcp.queries(fg, emb, pe, pmask, valid)
 
         # pass 5: SAM's prompt encoder (prompts derived from the pseudo-mask) + queries -> mask decoder
         penc = self.sam.prompt_encoder
