@@ -47,6 +47,31 @@ def test_the_target_s_confident_cells_become_prototypes():
     valid[0, :4, :4] = True
     part = self_support_prototypes(plain, low, ref, valid, n_bg=3)
     assert part.bg_valid[0, 2:].any() and torch.allclose(part.fg, out.fg)
+    # cells like a negative example (``exclude``) are none of the target's own objects: here all of them
+    objects = torch.zeros(1, g, g, dtype=torch.bool)
+    objects[0, :2, :2] = True
+    assert torch.equal(self_support_prototypes(plain, low, ref, None, n_bg=3, exclude=objects).fg, ref.fg)
+
+
+def test_negative_cells_are_those_more_like_a_negative_than_the_class():
+    """:func:`negative_cells`: a cell more similar to a valid negative row than to the foreground; an invalid
+    negative row counts for nothing, padding cells are never negative."""
+    from core.modeling.prototypes import negative_cells, with_negatives
+
+    g, c = 4, 4
+    plain = torch.zeros(1, c, g, g)
+    plain[0, 0] = 1.0  # every cell like the class ...
+    plain[0, :, 0, 0] = torch.tensor([0.0, 0.0, 0.0, 1.0])  # ... but one, like the negative example
+    ref = _reference(c, n_bg=2)
+    neg = torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]])
+    protos = with_negatives(ref, neg, torch.tensor([True, True]))
+    cells = negative_cells(plain, protos, 2)
+    assert cells.shape == (1, g, g) and int(cells.sum()) == 1 and bool(cells[0, 0, 0])
+    assert not negative_cells(plain, with_negatives(ref, neg, torch.tensor([False, True])), 2).any()
+    valid = torch.ones(1, g, g, dtype=torch.bool)
+    valid[0, 0, 0] = False
+    assert not negative_cells(plain, protos, 2, valid).any()
+    assert not negative_cells(plain, protos, 0).any()
 
 
 @pytest.fixture(scope="module")

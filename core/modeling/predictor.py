@@ -44,6 +44,7 @@ from .prototypes import (
     GRID,
     Prototypes,
     build_prototypes,
+    negative_cells,
     negative_components,
     negative_prototypes,
     valid_grid,
@@ -528,20 +529,29 @@ class ReferencePredictor:
     def _with_self_support(self, t: _Target, low: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """The trained mode's last steps on a tile's first decoding ``low`` (1 x 1 x 256 x 256) and adapted
         embedding: what the analyst marked "not this class" goes (the components of the mask more like a negative
-        example), then self-support, whose target foreground is taken after that filter, and the filtered places
-        stay empty. The negatives are background rows of its decoding too. Kampala corrections window, IoU after
-        five negatives (0.523 before): 0.545 so, 0.467 filtering the second decoding's components again (whole
-        merged groups of houses dropped), 0.566 without re-emptying the pixels; in every variant but the component
-        filter 2 of the 5 marked places came back, which is why self-support is opt-in."""
+        example), then self-support, and what the negatives filter took stays out of it. The negatives are
+        background rows of its decoding too; with negatives, self-support's own foreground leaves out the cells
+        more like a negative example than like the class (:func:`.prototypes.negative_cells`), the filtered
+        places stay empty, and the objects self-support adds where the first decoding had none go through the
+        negatives' filter once more. Kampala corrections window, five negatives, self-support on: IoU 0.523 ->
+        0.552 and 1 of the 5 marked places back (before session 21: 0.545 and 2 back; filtering every pixel it
+        adds in a negative-like cell: 0.420, none back; its added pixels as components: 0.409; without
+        self-support: 0 back), which is one reason self-support stays opt-in."""
         drop = None
         if self._neg_rows:
             drop = negative_components(t.plain, low, self._protos, self._neg_rows, t.valid).to(low.device)
             low = low.masked_fill(drop[None, None], NO_MASK_LOGIT)
-        if self.self_support_applies:
-            low = self.model.self_support(low, self._protos, t.plain, emb, t.valid)
-            if drop is not None:
-                low = low.masked_fill(drop[None, None], NO_MASK_LOGIT)
-        return low
+        if not self.self_support_applies:
+            return low
+        if drop is None:
+            return self.model.self_support(low, self._protos, t.plain, emb, t.valid)
+        unlike = negative_cells(t.plain, self._protos, self._neg_rows, t.valid)
+        first = (low[0, 0] > 0).cpu().numpy()
+        low = self.model.self_support(low, self._protos, t.plain, emb, t.valid, exclude=unlike)
+        new = unmarked_found((low[0, 0] > 0).cpu().numpy().astype(np.float32), first)  # objects touching none
+        only_new = low.masked_fill(~torch.from_numpy(new).to(low.device)[None, None], NO_MASK_LOGIT)
+        again = negative_components(t.plain, only_new, self._protos, self._neg_rows, t.valid).to(low.device)
+        return low.masked_fill((drop | again)[None, None], NO_MASK_LOGIT)
 
     def predict_batch(self, images: Sequence[np.ndarray]) -> List[np.ndarray]:
         """HxW float32 probabilities in [0, 1] for each tile (one batched frozen-encoder pass for the batch)."""

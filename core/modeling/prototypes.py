@@ -297,6 +297,28 @@ def with_negatives(protos: Prototypes, neg: torch.Tensor, neg_valid: torch.Tenso
                       torch.cat([protos.bg_valid, neg_valid.to(protos.bg_valid.device)[None]], dim=1))
 
 
+def negative_cells(feats: torch.Tensor, protos: Prototypes, n_neg: int,
+                   valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Which embedding cells look like a negative example: feats B x C x h x w (plain embedding), ``protos`` of
+    batch 1 or B whose last ``n_neg`` background rows are negatives (:func:`with_negatives`) -> B x h x w bool,
+    the valid cells more similar to a valid negative prototype than to the foreground prototype (the cell-level
+    form of :func:`negative_components`)."""
+    b, _, h, w = feats.shape
+    out = torch.zeros(b, h, w, dtype=torch.bool, device=feats.device)
+    if n_neg <= 0:
+        return out
+    protos = protos.expand(b).to(device=feats.device, dtype=feats.dtype)
+    f = F.normalize(feats, dim=1)
+    fg_sim = torch.einsum("bchw,bc->bhw", f, F.normalize(protos.fg, dim=-1))
+    neg = F.normalize(protos.bg[:, -n_neg:], dim=-1)
+    neg_sim = torch.einsum("bchw,bnc->bnhw", f, neg).masked_fill(~protos.bg_valid[:, -n_neg:, None, None],
+                                                                 float("-inf"))
+    out = neg_sim.max(dim=1).values > fg_sim
+    if valid is not None:
+        out = out & valid.to(torch.bool).expand_as(out)
+    return out
+
+
 def negative_components(feats: torch.Tensor, low: torch.Tensor, protos: Prototypes, n_neg: int,
                         valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Which parts of a predicted mask look like a negative example: feats 1 x C x h x w (plain embedding),

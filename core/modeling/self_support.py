@@ -9,7 +9,10 @@ reference's. :meth:`.virefsam.ViRefSAM.self_support` then runs Eqs. 2-4 and the 
 the same adapted embedding (no encoder pass); that decoding is the result (the first one only says where the
 target's confident objects are).
 
-Opt-in (``RunParams.self_support``): with "Not <class>" corrections some marked places came back (model card).
+Opt-in (``RunParams.self_support``): with "Not <class>" corrections some marked places came back (model card; 2 of
+5 on the Kampala corrections window in session 20, 1 of 5 since session 21 leaves the cells more like a negative
+example out of the target's foreground, ``exclude``, and filters the objects it adds: the predictor's
+``_with_self_support``).
 Measured (session 20, shipped adapters; ``resources/adapters/self_support/``): the same places as the reference
 gain nothing (NWPU fold 0 novel classes 22.4 -> 22.2 mIoU, OpenAerialMap collages 56.5 -> 56.3); another city
 does (six 3-house reference picks in Zanzibar, Kampala target: IoU 0.539 +- 0.028 -> 0.580 +- 0.013; Zanzibar
@@ -39,19 +42,22 @@ def cell_probability(low: torch.Tensor, grid: int) -> torch.Tensor:
 
 def self_support_prototypes(
     plain: torch.Tensor, low: torch.Tensor, protos: Prototypes, valid: Optional[torch.Tensor], n_bg: int,
-    seed: int = 0,
+    seed: int = 0, exclude: Optional[torch.Tensor] = None,
 ) -> Prototypes:
     """The reference prototypes fused with the target's own (see module doc).
 
     plain B x C x g x g (the target's frozen embedding); low B x 1 x 4g x 4g (the first decoding's logits);
     protos :class:`Prototypes` of batch B (the reference's, on plain's device); valid B x g x g bool or None
     -> :class:`Prototypes` of batch B with ``N_b + n_bg`` background rows (the reference's first). A target
-    without a confident foreground cell keeps the reference's foreground prototype.
+    without a confident foreground cell keeps the reference's foreground prototype. ``exclude`` B x g x g bool or
+    None: cells never taken as the target's foreground (those more like an analyst's negative example).
     """
     b, _, g, _ = plain.shape
     cell = cell_probability(low, g).to(plain.dtype)
     ok = torch.ones_like(cell, dtype=torch.bool) if valid is None else valid.to(torch.bool).expand_as(cell)
     fg_cells = cell >= FG_CONFIDENT
+    if exclude is not None:
+        fg_cells = fg_cells & ~exclude.to(torch.bool).expand_as(fg_cells)
     sure = ok & (fg_cells | (cell <= BG_CONFIDENT))
     fgs, bgs, bg_oks = [], [], []
     for i in range(b):

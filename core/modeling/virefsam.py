@@ -326,7 +326,7 @@ class ViRefSAM(nn.Module):
         return {k: torch.cat([o[k] for o in outs]) if k != "l_reg" else outs[0][k] for k in outs[0]}
 
     def self_support(self, low: torch.Tensor, protos: Prototypes, plain: torch.Tensor, emb: torch.Tensor,
-                     valid: Optional[torch.Tensor]) -> torch.Tensor:
+                     valid: Optional[torch.Tensor], exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One more decoding with the target's own confident objects beside the reference
         (:func:`.self_support.self_support_prototypes`): Eq. 2 refinement, Eq. 3 pseudo-mask, queries and
         decoder on the same adapted embedding, whose logits replace the first decoding's.
@@ -334,14 +334,15 @@ class ViRefSAM(nn.Module):
         low B x M x 256 x 256 (the first decoding's logits, channel 0 used, after the caller's filtering: what an
         analyst marked "not this class" must not become the target's own foreground); protos the reference's
         :class:`Prototypes` of batch 1 or B; plain, emb (``forward``'s ``embedding``) B x 256 x 64 x 64; valid
-        B x 64 x 64 bool or None -> B x 1 x 256 x 256 logits. Inference only: the predictor and the shared adapted
+        B x 64 x 64 bool or None; exclude B x 64 x 64 bool or None (cells never the target's own foreground)
+        -> B x 1 x 256 x 256 logits. Inference only: the predictor and the shared adapted
         pass of several classes (:mod:`.joint_dta`) call it after :meth:`forward`."""
         b = plain.shape[0]
         protos = protos.expand(b).to(device=plain.device, dtype=plain.dtype)
         if valid is not None:
             valid = valid.to(device=plain.device, dtype=torch.bool).expand(b, -1, -1)
         pe = self.sam.prompt_encoder.get_dense_pe().to(plain.dtype)
-        fused = self_support_prototypes(plain, low, protos, valid, self.n_bg, self.seed)
+        fused = self_support_prototypes(plain, low, protos, valid, self.n_bg, self.seed, exclude=exclude)
         _, r = self.refine(fused, plain, pe, valid)
         pm, mg, _ = pseudo_mask(plain, r, valid)
         return self._decode(r.fg, pm, mg, emb, pe, valid)["low_res_logits"][:, :1].to(low.dtype)
