@@ -196,3 +196,29 @@ def test_unknown_adapted_precision_is_one_sentence(int8_engine):
     model = ViRefSAM.from_adapters(int8_engine.sam, ADAPTERS).eval()
     with pytest.raises(ModelError, match="Unknown adapted-pass precision 'int4'"):
         ort_adapted.OrtAdaptedEncoder(model.encoder, precision="int4")
+
+
+def test_second_run_reuses_the_plain_pass_of_the_default_path(embedded_sam, kampala_episode):
+    """The default path (plain and adapted passes in ONNX Runtime, the stem shared) keeps its plain passes in the
+    engine's cache too: a second run on the same engine (a new predictor, as the dock's next run makes) encodes
+    neither the reference crops nor the targets again, its adapted pass makes its own stem, and the
+    probabilities equal the first run's within 1e-4."""
+    eng = SamEngine(embedded_sam, device="cpu", precision="fp32", encoder_backend="auto")
+    ref, tiles = kampala_episode
+    first = ReferencePredictor(eng, mode="virefsam", adapters=ADAPTERS)
+    first.set_references([ref])
+    cold = first.predict_batch(tiles)
+    kept = len(eng.embeddings)
+    assert kept == 3 + len(tiles)  # the reference, its two zoomed views and the targets
+    calls = []
+    real = eng.encode_with_stem
+    eng.encode_with_stem = lambda x: calls.append(x.shape) or real(x)
+    try:
+        second = ReferencePredictor(eng, mode="virefsam", adapters=ADAPTERS)
+        second.set_references([ref])
+        warm = second.predict_batch(tiles)
+    finally:
+        del eng.encode_with_stem
+    assert calls == []  # no plain pass
+    for a, b in zip(cold, warm):
+        assert float(np.abs(a - b).max()) < 1e-4

@@ -285,10 +285,13 @@ class ReferencePredictor:
             stems = None
             if all(k is not None for k in known):
                 plain = torch.cat(known).to(self._device())
-            elif self.model is not None and self.model.adapted_runner is not None:  # keep the shared stem
-                plain, stems = self.engine.encode_with_stem(xs)
             else:
-                plain = self.engine.encode(xs)
+                if self.model is not None and self.model.adapted_runner is not None:  # keep the shared stem
+                    plain, stems = self.engine.encode_with_stem(xs)
+                else:
+                    plain = self.engine.encode(xs)
+                # the plain pass for later runs (the stem is not kept: 8 MB a tile; the adapted pass of a later
+                # run makes its own, about 40% of a plain pass)
                 if shared is not None:
                     for j, i in enumerate(todo):
                         shared.put(keys[i], plain[j : j + 1])
