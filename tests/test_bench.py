@@ -122,6 +122,7 @@ def test_quick_bench_report_has_every_section(quick_report):
     lat = r["latency"]["seconds"]
     assert lat["adapted graph int8 quantisation (cold)"] > 0 and lat["first tile"] > 0
     assert lat["engine (second run)"] < 0.5 and lat["predictor, second run"] < 0.5
+    assert lat["references, second run (plain passes kept)"] > 0 and lat["first tile, second run (plain pass kept)"] > 0
     # the cluster row: the same objects as in-process, what travels per tile, the overhead per tile
     local, cluster = r["cluster"]
     assert cluster["run"] == "local:2" and cluster["objects"] == local["objects"]
