@@ -45,9 +45,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-exclude-found", dest="exclude_found", action="store_false",
                    help="trained mode: keep unmarked objects found in the reference crop in the background (as for "
                         "segment)")
-    p.add_argument("--self-support", dest="self_support", action="store_true",
-                   help="trained mode: decode the targets once more with their own confident objects (as for "
-                        "segment)")
+    p.add_argument("--no-self-support", dest="self_support", action="store_false",
+                   help="trained mode: decode the targets from the reference alone (as for segment)")
     p.add_argument("--adapted-precision", default="int8", choices=("int8", "fp32"),
                    help="weights of the adapted (DTA) pass where it runs in ONNX Runtime: int8 (default, about 1.5x faster on a CPU, masks at IoU >= 0.99 with fp32) or fp32")
     p.add_argument("--quiet", action="store_true")
@@ -56,7 +55,7 @@ def add_arguments(p) -> None:
 def demo_params(out: Path, mode: str = "virefsam", device: str = "auto", scale: str = "auto",
                 spread: bool = False, precision: str = "fp32", adapters: str = "auto",
                 adapted_precision: str = "int8", tune_steps: int = DEFAULT_TUNE_STEPS, zoom_views: bool = True,
-                tune_files: str = "vcp_alone", exclude_found: bool = True, self_support: bool = False) -> RunParams:
+                tune_files: str = "vcp_alone", exclude_found: bool = True, self_support: bool = True) -> RunParams:
     from .segment_cli import read_geometries
 
     fg, bg, crs = read_geometries(str(DEMO / "reference_houses.geojson"))
@@ -204,7 +203,7 @@ def run(args) -> int:
                          getattr(args, "adapters", "auto"), getattr(args, "adapted_precision", "int8"),
                          getattr(args, "tune_steps", DEFAULT_TUNE_STEPS), getattr(args, "zoom_views", True),
                          getattr(args, "tune_files", "vcp_alone"), getattr(args, "exclude_found", True),
-                         self_support=getattr(args, "self_support", False))
+                         self_support=getattr(args, "self_support", True))
     from .pipeline import vector_writing_available
 
     if not vector_writing_available():  # a bare pip environment (e.g. a CUDA machine): score in memory

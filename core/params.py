@@ -147,8 +147,9 @@ class RunParams:
     before the field.
     ``self_support`` (trained mode): each target tile is decoded once more with its own confident objects beside
     the reference's prototypes (self-support matching: :mod:`core.modeling.self_support`), for targets that look
-    unlike the reference's scene (another city's roofs). Opt-in: with "Not <class>" corrections the marked places
-    were found again. False in every parameters file from before the field.
+    unlike the reference's scene (another city's roofs). On by default since session 21 (opt-in in session 20,
+    when "Not <class>" corrections let marked places back; they stay out now). False in every parameters file
+    from before the field.
     ``cluster``: where the tile loop runs: ``""`` in this process (default), ``local:N`` on N Dask worker processes
     of this computer, ``tcp://HOST:PORT`` on the workers of an existing Dask scheduler (:mod:`core.cluster`).
     """
@@ -177,7 +178,7 @@ class RunParams:
     tune_files: str = "vcp_alone"  # which files tune_steps tunes: "vcp_alone" (no DTA), "all" or "auto"
     zoom_views: bool = True  # trained mode, one reference crop: also zoomed out and in, two more shots (core.scale)
     exclude_found: bool = True  # trained mode: unmarked objects found in the reference crops are not background
-    self_support: bool = False  # trained mode: each target decoded again with its own confident objects (opt-in)
+    self_support: bool = True  # trained mode: each target decoded again with its own confident objects
     cluster: str = ""  # "" this process; "local:N" N Dask worker processes here; "tcp://HOST:PORT" a scheduler
     classes: Tuple[ClassSpec, ...] = ()  # several classes in one run (see above); () = class_name + references
     allow_overlap: bool = False  # several classes: keep overlapping polygons instead of the more probable class

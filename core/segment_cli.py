@@ -88,11 +88,10 @@ def add_arguments(p) -> None:
                    help="trained mode: keep the objects the model finds in the reference crops beyond the marks in the "
                         "background prototypes (by default they are left out of it when they exceed the marked area: "
                         "an analyst marks a few of many objects, and an unmarked one is not background)")
-    p.add_argument("--self-support", dest="self_support", action="store_true",
-                   help="trained mode: decode each target tile once more with its own confident objects beside the "
-                        "reference (targets unlike the reference's scene gain: another city's buildings +0.03 to "
-                        "+0.05 IoU; about 8%% more time; off by default: with 'Not <class>' corrections some marked "
-                        "places are found again)")
+    p.add_argument("--no-self-support", dest="self_support", action="store_false",
+                   help="trained mode: decode each target tile from the reference alone (by default it is decoded "
+                        "once more with its own confident objects beside the reference: targets unlike the "
+                        "reference's scene gain, another city's buildings +0.03 to +0.05 IoU; about 5%% more time)")
     p.add_argument("--bands", help="1-based bands to use as RGB, e.g. 4,3,2 (default: the first three)")
     p.add_argument("--scale", default="auto",
                    help="working resolution as a zoom of the reference raster's native one: auto (default: from "
@@ -331,7 +330,7 @@ def params_from_args(args) -> RunParams:
         tune_files=getattr(args, "tune_files", TUNE_FILES[0]),
         zoom_views=getattr(args, "zoom_views", True),
         exclude_found=getattr(args, "exclude_found", True),
-        self_support=getattr(args, "self_support", False),
+        self_support=getattr(args, "self_support", True),
         scale=str(getattr(args, "scale", "auto")),
         match_resolution=not args.no_resample,
         seed=args.seed,

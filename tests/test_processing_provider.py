@@ -159,9 +159,9 @@ def test_precision_and_decoding_become_run_params(provider, paths, qgis_project,
     assert run.exclude_found is True  # found unmarked objects of the references: not background, by default
     params["EXCLUDE_FOUND"] = False
     assert alg.build_params(params, context).exclude_found is False
-    assert run.self_support is False  # the targets decoded again with their own objects: opt-in
-    params["SELF_SUPPORT"] = True
-    assert alg.build_params(params, context).self_support is True
+    assert run.self_support is True  # the targets decoded again with their own objects: on by default
+    params["SELF_SUPPORT"] = False
+    assert alg.build_params(params, context).self_support is False
 
 
 def test_a_precision_the_device_cannot_run_is_one_sentence(provider, paths, qgis_processing):

@@ -103,4 +103,4 @@ def test_self_support_decodes_the_targets_not_the_reference(ort_engine, kampala_
 
 
 def test_self_support_run_parameter(tmp_path, ort_engine, check_run_switch):
-    check_run_switch("self_support", "--self-support", "Self-support", ort_engine, ADAPTERS, tmp_path, default=False)
+    check_run_switch("self_support", "--no-self-support", "Self-support", ort_engine, ADAPTERS, tmp_path)

@@ -333,9 +333,9 @@ def test_build_params_copies_plain_values(dock, kampala, qgis_iface, qgis_projec
     assert p.exclude_found and not dock.exclude_found_check.isEnabled()  # on by default, trained runs only
     dock.exclude_found_check.setChecked(False)
     assert dock.build_params().exclude_found is False
-    assert not p.self_support and not dock.self_support_check.isEnabled()  # opt-in, trained runs only
-    dock.self_support_check.setChecked(True)
-    assert dock.build_params().self_support is True
+    assert p.self_support and not dock.self_support_check.isEnabled()  # on by default, trained runs only
+    dock.self_support_check.setChecked(False)
+    assert dock.build_params().self_support is False
     # a checkpoint model needs its file; a file output gets its format from the suffix
     dock.model_combo.setCurrentIndex(dock.model_combo.findData("vit_b"))
     with pytest.raises(InputError, match="checkpoint"):

@@ -262,7 +262,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
         exclude_found.setHelp(run_options.EXCLUDE_FOUND_TOOLTIP)
         self_support = QgsProcessingParameterBoolean(
             self.SELF_SUPPORT, "Decode each target again with its own confident objects (trained mode)",
-            defaultValue=False)
+            defaultValue=True)
         self_support.setHelp(run_options.SELF_SUPPORT_TOOLTIP)
         cluster = QgsProcessingParameterString(self.CLUSTER, "Dask scheduler", defaultValue="", optional=True)
         cluster.setHelp("Empty: the tiles are segmented here. An address (tcp://HOST:8786): on the workers of that "

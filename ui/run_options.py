@@ -73,9 +73,9 @@ EXCLUDE_FOUND_TOOLTIP = (
 SELF_SUPPORT_TOOLTIP = (
     "Trained mode: each target tile is decoded a second time with its own confidently found objects and "
     "background beside the reference's, so that a target which looks unlike the reference's scene (another "
-    "city's roofs) is matched on its own terms. About 8% more time per tile. Measured: Kampala houses from a "
-    "Zanzibar reference 0.54 -> 0.58 IoU (six reference picks); same-scene targets unchanged. Off by default: "
-    "with 'Not <class>' corrections, some of the places you marked are found again."
+    "city's roofs) is matched on its own terms. About 5% more time. Measured: Kampala houses from a "
+    "Zanzibar reference 0.54 -> 0.58 IoU (six reference picks); same-scene targets unchanged. On by default; "
+    "places you mark 'Not <class>' stay out."
 )
 ZOOM_VIEWS_TOOLTIP = (
     "Trained mode, one reference crop: it is also matched zoomed out (0.7x) and zoomed in (1.4x), as two more "

@@ -22,7 +22,7 @@ DEFAULTS = {
     "precision": ("fp32", str),  # fp32 | bf16 | fp16 (ui/run_options.py)
     "decoding": ("local", str),  # local | exact
     "kshot": ("ensemble", str),  # ensemble | joint (ui/run_options.py)
-    "self_support": (False, bool),  # trained mode: targets decoded again with their own objects (RunParams.self_support)
+    "self_support": (True, bool),  # trained mode: targets decoded again with their own objects (RunParams.self_support)
     "exclude_found": (True, bool),  # trained mode: found unmarked objects not background (RunParams.exclude_found)
     "zoom_views": (True, bool),  # trained mode: zoomed views of each reference (RunParams.zoom_views)
     "tune_steps": (DEFAULT_TUNE_STEPS, int),  # run-time tuning of VCP on the references (RunParams.tune_steps), 0 = off

@@ -74,9 +74,9 @@ variant("default_fp32", "the default run with the adapted pass's ONNX graph in f
 variant("default_no_views", "the default run without the zoomed views of its one-crop reference "
         "(RunParams.zoom_views False: one decoding per tile instead of four, as before them)",
         params=lambda a, p: dataclasses.replace(_model(p, adapters="default"), mode="virefsam", zoom_views=False))
-variant("auto_self_support", "the default run (adapters auto) with self-support on the targets (RunParams.self_support "
-        "True, opt-in: one more decoding and VCP set per tile)",
-        params=lambda a, p: dataclasses.replace(_model(p, adapters="auto"), mode="virefsam", self_support=True))
+variant("auto_no_self_support", "the default run (adapters auto) without self-support on the targets "
+        "(RunParams.self_support False: one decoding and VCP set fewer per tile, the default before session 21)",
+        params=lambda a, p: dataclasses.replace(_model(p, adapters="auto"), mode="virefsam", self_support=False))
 variant("baseline", "the pipeline as it is (encoder backend auto: ORT for the embedded model on the CPU)",
         threads_kind="auto")
 def _two_classes(args, params):

@@ -96,9 +96,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="trained modes: keep what the model finds beyond the reference's marks in the background "
                         "prototypes (as the plugin, the default leaves it out when it exceeds the marked area: "
                         "RunParams.exclude_found; evaluation files before it kept it)")
-    p.add_argument("--self-support", dest="self_support", action="store_true",
-                   help="trained modes: decode the query once more with its own confident objects beside the "
-                        "references (RunParams.self_support, opt-in as in the plugin)")
+    p.add_argument("--no-self-support", dest="self_support", action="store_false",
+                   help="trained modes: decode the query from the references alone (the plugin's default decodes it "
+                        "once more with its own confident objects: RunParams.self_support; evaluation files before "
+                        "session 21 did not)")
     p.add_argument("--tune-steps", type=int, default=DEFAULT_TUNE_STEPS,
                    help="trained modes: tune VCP on the references for this many steps before the query "
                         f"(run-time tuning, core.modeling.tune; 0 = off; default {DEFAULT_TUNE_STEPS}, as the plugin)")
@@ -193,7 +194,7 @@ def _trained_kwargs(args) -> dict:
             "tune_files": getattr(args, "tune_files", "all"),
             "zoom_views": getattr(args, "zoom_views", True),
             "exclude_found": getattr(args, "exclude_found", True),
-            "self_support": getattr(args, "self_support", False)}
+            "self_support": getattr(args, "self_support", True)}
 
 
 def _predictors(args, engine):
