@@ -85,6 +85,10 @@ class CachedEngine:
         self.cache = cache
         self.hits = 0
         self.misses = 0
+        # no in-memory cache of plain passes beside the disk one: the trained mode's own fresh passes (which hand
+        # their stem to the adapted pass) would otherwise reach the other modes unrounded, so that a mode's
+        # numbers would depend on which mode ran first
+        self.embeddings = None
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
