@@ -122,6 +122,9 @@ class RunParams:
 
     Sizes are in pixels of the target raster after resampling to the reference's ground resolution.
     ``min_area`` is in square pixels of the reference's resolution; ``simplify`` a tolerance in pixels.
+    ``min_object_share``: a polygon smaller than this share of the class's smallest marked object (its area in
+    the reference crops) is dropped too, where that is more than ``min_area`` (0: ``min_area`` alone, as every
+    parameters file from before the field).
     ``decoding`` (training-free mode): ``local`` (default) decodes each candidate object on a crop of the tile's
     embedding around its box (:data:`core.modeling.training_free.DEFAULT_CONTEXT`), ``exact`` on the whole
     tile as SAM does (about 8x slower on CPU, masks IoU ~0.95 with local, the same accuracy against truth).
@@ -167,6 +170,7 @@ class RunParams:
     overlap: int = 128
     threshold: float = 0.5
     min_area: float = 16.0
+    min_object_share: float = 0.05  # polygons under this share of the smallest marked object's area are dropped
     simplify: float = 1.0
     fill_holes: bool = True
     match_resolution: bool = True
@@ -232,6 +236,10 @@ class RunParams:
         if not isinstance(self.exclude_found, bool):
             raise InputError("Leaving unmarked objects out of the background must be true or false, not "
                              f"{self.exclude_found!r}.")
+        if isinstance(self.min_object_share, bool) or not isinstance(self.min_object_share, (int, float)) \
+                or not 0 <= self.min_object_share < 1:
+            raise InputError("The smallest object's share of the smallest marked one must be a number from 0 to "
+                             f"below 1, not {self.min_object_share!r}.")
         if not isinstance(self.self_support, bool):
             raise InputError(f"Self-support on the targets must be true or false, not {self.self_support!r}.")
         from .scale import parse_scale
@@ -280,6 +288,7 @@ class RunParams:
         d.setdefault("zoom_views", False)  # nor see them zoomed
         d.setdefault("exclude_found", False)  # nor leave found unmarked objects out of the background
         d.setdefault("self_support", False)  # nor decode the targets with their own objects
+        d.setdefault("min_object_share", 0.0)  # nor drop polygons by the marked objects' size
         model = {"adapted_precision": "fp32", **d.get("model", {})}  # older files ran fp32
         model["adapter_weights"] = tuple(float(w) for w in model.get("adapter_weights", ()))
         d["model"] = ModelParams(**model)

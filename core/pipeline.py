@@ -53,7 +53,7 @@ from .engines import (adapter_candidates, check_precision, default_adapters, loa
                       resolve_adapters, run_predictor)
 from .params import RunParams
 from .results import Feature, RunResult, TargetResult
-from .scale import ZOOM_VIEWS
+from .scale import ZOOM_VIEWS, smallest_object_area
 
 Progress = Callable[[float, str], None]
 IsCancelled = Callable[[], bool]
@@ -364,6 +364,9 @@ def run(params: RunParams, progress: Optional[Progress] = None,
                              f"The negative examples were not used: the {pred.mode} mode has no prototypes.")
         ref_pixel_size = refs[0].pixel_size
         ref_ids = [",".join(r.ref_id for r in rs.refs) for rs in ref_sets]
+        # per class, in working pixels: min_area, or the share of its smallest marked object when that is larger
+        min_areas = [max(params.min_area, params.min_object_share * smallest_object_area([r.mask for r in rs.refs]))
+                     for rs in ref_sets]
         check_cancel()
 
         # 3. + 4. targets ---------------------------------------------------------------------------------------
@@ -414,10 +417,10 @@ def run(params: RunParams, progress: Optional[Progress] = None,
                         if len(maps) > 1 and not params.allow_overlap:
                             keep_most_probable(maps)
                         per_class = []
-                        for c, prob_map, ids in zip(classes, maps, ref_ids):
+                        for c, prob_map, ids, min_area in zip(classes, maps, ref_ids, min_areas):
                             detections = vectorize(
                                 prob_map, src.transform, crs=src.crs, threshold=params.threshold,
-                                min_area=params.min_area * grid.scale ** 2, simplify=params.simplify * grid.scale,
+                                min_area=min_area * grid.scale ** 2, simplify=params.simplify * grid.scale,
                                 fill_holes=params.fill_holes, is_cancelled=cancelled,
                             )
                             per_class.append(to_features(

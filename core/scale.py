@@ -70,6 +70,14 @@ def object_sizes(mask: np.ndarray) -> np.ndarray:
     return np.sqrt(areas.astype(np.float64))
 
 
+def smallest_object_area(masks: Sequence[np.ndarray]) -> float:
+    """Area in pixels of the smallest 8-connected marked object over the masks (0.0 when nothing is marked): what
+    ``RunParams.min_object_share`` is a share of."""
+    sizes = [object_sizes(m) for m in masks]
+    sizes = [s for s in sizes if s.size]
+    return float(min(s.min() for s in sizes) ** 2) if sizes else 0.0
+
+
 def object_boxes(mask: np.ndarray) -> List[Box]:
     """Pixel boxes (x0, y0, x1, y1; x1/y1 exclusive) of the 8-connected objects of a bool mask."""
     from scipy import ndimage

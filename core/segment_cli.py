@@ -100,6 +100,9 @@ def add_arguments(p) -> None:
     p.add_argument("--overlap", type=int, default=128)
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--min-area", type=float, default=16.0, help="smallest polygon kept, in pixels")
+    p.add_argument("--min-object-share", type=float, default=0.05,
+                   help="also drop polygons smaller than this share of the smallest marked object's area (default "
+                        "0.05: specks; 0 keeps every polygon above --min-area)")
     p.add_argument("--simplify", type=float, default=1.0, help="simplification tolerance in pixels (0: off)")
     p.add_argument("--keep-holes", action="store_true", help="do not fill holes in polygons")
     p.add_argument("--no-resample", action="store_true",
@@ -321,7 +324,7 @@ def params_from_args(args) -> RunParams:
         tile_size=args.tile_size,
         overlap=args.overlap,
         threshold=args.threshold,
-        min_area=args.min_area,
+        min_area=args.min_area, min_object_share=args.min_object_share,
         simplify=args.simplify,
         fill_holes=not args.keep_holes,
         decoding=getattr(args, "decoding", "local"),

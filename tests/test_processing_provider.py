@@ -159,6 +159,9 @@ def test_precision_and_decoding_become_run_params(provider, paths, qgis_project,
     assert run.exclude_found is True  # found unmarked objects of the references: not background, by default
     params["EXCLUDE_FOUND"] = False
     assert alg.build_params(params, context).exclude_found is False
+    assert run.min_object_share == 0.05  # specks under 5% of the smallest marked object go
+    params["MIN_OBJECT_SHARE"] = 0.0
+    assert alg.build_params(params, context).min_object_share == 0.0
     assert run.self_support is True  # the targets decoded again with their own objects: on by default
     params["SELF_SUPPORT"] = False
     assert alg.build_params(params, context).self_support is False

@@ -333,6 +333,9 @@ def test_build_params_copies_plain_values(dock, kampala, qgis_iface, qgis_projec
     assert p.exclude_found and not dock.exclude_found_check.isEnabled()  # on by default, trained runs only
     dock.exclude_found_check.setChecked(False)
     assert dock.build_params().exclude_found is False
+    assert p.min_object_share == 0.05  # specks under 5% of the smallest marked object go
+    dock.min_share_spin.setValue(0.0)
+    assert dock.build_params().min_object_share == 0.0
     assert p.self_support and not dock.self_support_check.isEnabled()  # on by default, trained runs only
     dock.self_support_check.setChecked(False)
     assert dock.build_params().self_support is False

@@ -100,6 +100,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
     OVERLAP = "OVERLAP"
     THRESHOLD = "THRESHOLD"
     MIN_AREA = "MIN_AREA"
+    MIN_OBJECT_SHARE = "MIN_OBJECT_SHARE"
     SIMPLIFY = "SIMPLIFY"
     FILL_HOLES = "FILL_HOLES"
     CLASSES = "CLASSES"
@@ -298,6 +299,10 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
                 self.MIN_AREA, "Minimum area (pixels²)", QgsProcessingParameterNumber.Double, 16.0, minValue=0
             ),
             QgsProcessingParameterNumber(
+                self.MIN_OBJECT_SHARE, "Smallest polygon kept, as a share of the smallest marked object's area",
+                QgsProcessingParameterNumber.Double, 0.05, minValue=0, maxValue=0.99,
+            ),
+            QgsProcessingParameterNumber(
                 self.SIMPLIFY, "Simplification tolerance (pixels)", QgsProcessingParameterNumber.Double, 1.0,
                 minValue=0,
             ),
@@ -455,6 +460,7 @@ class SegmentFromReferenceAlgorithm(QgsProcessingAlgorithm):
                 overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
                 threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),
                 min_area=self.parameterAsDouble(parameters, self.MIN_AREA, context),
+                min_object_share=self.parameterAsDouble(parameters, self.MIN_OBJECT_SHARE, context),
                 simplify=self.parameterAsDouble(parameters, self.SIMPLIFY, context),
                 fill_holes=self.parameterAsBool(parameters, self.FILL_HOLES, context),
                 cluster=(self.parameterAsString(parameters, self.CLUSTER, context) or "").strip(),

@@ -31,6 +31,7 @@ DEFAULTS = {
     "overlap": (128, int),
     "threshold": (0.5, float),
     "min_area": (16.0, float),
+    "min_object_share": (0.05, float),  # polygons under this share of the smallest marked object are dropped
     "simplify": (1.0, float),
     "scale": ("auto", str),
     "output_to_file": (False, bool),

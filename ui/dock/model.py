@@ -86,6 +86,15 @@ class ModelSection:
         self.min_area_spin.setDecimals(1)
         self.min_area_spin.setSuffix(" px²")
         of.addRow("Minimum area", self.min_area_spin)
+        self.min_share_spin = QDoubleSpinBox()
+        self.min_share_spin.setRange(0, 0.99)
+        self.min_share_spin.setDecimals(2)
+        self.min_share_spin.setSingleStep(0.05)
+        self.min_share_spin.setSuffix(" × smallest mark")
+        self.min_share_spin.setToolTip(
+            "Polygons smaller than this share of the smallest marked object's area are dropped (specks of a few "
+            "pixels). 0 keeps every polygon above the minimum area.")
+        of.addRow("Smallest object", self.min_share_spin)
         self.simplify_spin = QDoubleSpinBox()
         self.simplify_spin.setRange(0, 100)
         self.simplify_spin.setDecimals(2)
@@ -140,8 +149,8 @@ class ModelSection:
         for w in (self.model_combo, self.mode_combo, self.adapters_combo, self.device_combo, self.precision_combo,
                   self.decoding_combo, self.kshot_combo, self.tune_files_combo):
             w.currentIndexChanged.connect(self.save_settings)
-        for w in (self.tile_spin, self.overlap_spin, self.threshold_spin, self.min_area_spin, self.simplify_spin,
-                  self.tune_spin):
+        for w in (self.tile_spin, self.overlap_spin, self.threshold_spin, self.min_area_spin, self.min_share_spin,
+                  self.simplify_spin, self.tune_spin):
             w.valueChanged.connect(self.save_settings)
         self.zoom_views_check.toggled.connect(self.save_settings)
         self.exclude_found_check.toggled.connect(self.save_settings)
@@ -169,6 +178,7 @@ class ModelSection:
         self.overlap_spin.setValue(settings.get("overlap"))
         self.threshold_spin.setValue(settings.get("threshold"))
         self.min_area_spin.setValue(settings.get("min_area"))
+        self.min_share_spin.setValue(settings.get("min_object_share"))
         self.simplify_spin.setValue(settings.get("simplify"))
         self.scale_edit.setText(settings.get("scale"))
         self._model_changed()
@@ -192,6 +202,7 @@ class ModelSection:
         settings.set("overlap", self.overlap_spin.value())
         settings.set("threshold", self.threshold_spin.value())
         settings.set("min_area", self.min_area_spin.value())
+        settings.set("min_object_share", self.min_share_spin.value())
         settings.set("simplify", self.simplify_spin.value())
         settings.set("scale", self.scale_text())
 

@@ -205,6 +205,7 @@ class RunSection:
             overlap=self.overlap_spin.value(),
             threshold=self.threshold_spin.value(),
             min_area=self.min_area_spin.value(),
+            min_object_share=self.min_share_spin.value(),
             simplify=self.simplify_spin.value(),
             scale=self.scale_text(),
             cluster=self.run_on.cluster(),  # "" = this computer (ui/run_on.py)
