@@ -123,7 +123,8 @@ def test_marked_false_positives_are_gone_in_the_next_run(first_round):
     hits = sum(1 for g in picked if any(g.buffer(-0.05).intersects(a) for a in after))
     assert hits <= 1, hits  # measured: 0 of 5
     assert any("5 negative examples" in n for n in again.notes)
-    assert len(after) > 0.5 * len(before)  # the class is still found
+    # the class is still found: most of the area (polygon counts move with merges and the speck filter)
+    assert sum(g.area for g in after) > 0.5 * sum(g.area for g in before)
 
 
 def test_marked_places_stay_out_without_self_support(first_round):
@@ -140,7 +141,7 @@ def test_marked_places_stay_out_without_self_support(first_round):
     after = [f.geometry for f in again.targets[0].features]
     hits = sum(1 for g in picked if any(g.buffer(-0.05).intersects(a) for a in after))
     assert hits <= 1, hits
-    assert len(after) > 0.5 * len(result.targets[0].features)
+    assert sum(g.area for g in after) > 0.5 * sum(f.geometry.area for f in result.targets[0].features)
 
 
 def test_one_round_of_corrections_raises_precision_without_lowering_iou(kampala, houses):
