@@ -151,7 +151,8 @@ class RunParams:
     ``self_support`` (trained mode): each target tile is decoded once more with its own confident objects beside
     the reference's prototypes (self-support matching: :mod:`core.modeling.self_support`), for targets that look
     unlike the reference's scene (another city's roofs). On by default since session 21 (opt-in in session 20,
-    when "Not <class>" corrections let marked places back; they stay out now). False in every parameters file
+    when "Not <class>" corrections let marked places back; they stay out now). A reference set of one crop only:
+    with several, the K-shot ensemble's decoding stays the result (session 22). False in every parameters file
     from before the field.
     ``cluster``: where the tile loop runs: ``""`` in this process (default), ``local:N`` on N Dask worker processes
     of this computer, ``tcp://HOST:PORT`` on the workers of an existing Dask scheduler (:mod:`core.cluster`).

@@ -91,7 +91,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-self-support", dest="self_support", action="store_false",
                    help="trained mode: decode each target tile from the reference alone (by default it is decoded "
                         "once more with its own confident objects beside the reference: targets unlike the "
-                        "reference's scene gain, another city's buildings +0.03 to +0.05 IoU; about 5%% more time)")
+                        "reference's scene gain, another city's buildings +0.03 to +0.05 IoU; about 5%% more time; "
+                        "a reference of one crop only: several crops keep the K-shot ensemble's decoding)")
     p.add_argument("--bands", help="1-based bands to use as RGB, e.g. 4,3,2 (default: the first three)")
     p.add_argument("--scale", default="auto",
                    help="working resolution as a zoom of the reference raster's native one: auto (default: from "

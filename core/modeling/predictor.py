@@ -13,8 +13,9 @@ Modes:
   says so in :attr:`ReferencePredictor.mode` (``requested_mode`` keeps what was asked). With K > 1 shots,
   ``kshot="ensemble"`` (default) averages each shot's own decoding with the joint one
   (:meth:`.virefsam.ViRefSAM.shot_ensemble`); ``kshot="joint"`` decodes the joint prototypes alone.
-  ``self_support=True`` (opt-in, ``RunParams.self_support``) decodes each target once more with its
-  own confident objects beside the reference (:meth:`.virefsam.ViRefSAM.self_support`).
+  ``self_support=True`` (``RunParams.self_support``, on in a run by default) decodes each target once more with
+  its own confident objects beside the reference (:meth:`.virefsam.ViRefSAM.self_support`), for a reference set
+  of one crop (:attr:`ReferencePredictor.self_support_applies`).
 * ``training_free`` - prototype matching -> per-component prompts -> SAM -> prototype filter -> union
   (:mod:`.training_free`).
 * ``static_prompt`` - the reference masks' own points and boxes replayed on the target (ablation baseline).
@@ -220,8 +221,10 @@ class ReferencePredictor:
         self.found_beyond: Optional[float] = None
         # trained mode: each target decoded once more with its own confident objects beside the reference
         # (:meth:`.virefsam.ViRefSAM.self_support`); not in set_references' own segmentations of its crops
-        # (exclude_found), but in core.choice's check, which predicts as the run will
+        # (exclude_found), but in core.choice's check, which predicts as the run will; with one reference crop only
+        # (``n_crops``, :attr:`self_support_applies`)
         self.self_support = bool(self_support)
+        self.n_crops = 0  # reference crops as given to set_references (its zoomed views not counted)
         self._referencing = False
         self._shots = None
         # tile digest -> plain embedding; pass one OrderedDict to several predictors (other classes, other modes
@@ -345,6 +348,7 @@ class ReferencePredictor:
             images.append(image)
             masks.append(mask)
         originals = (images, masks)  # run-time tuning learns from the references as marked
+        self.n_crops = len(images)
         self.found_beyond = None
         self.model = self._base_model
         if self.mode == "static_prompt":
@@ -473,7 +477,8 @@ class ReferencePredictor:
             return {"mode": self.mode, "points": self._static[0], "boxes": self._static[1]}
         if self._protos is None:
             raise InputError("Set the references before predicting.")
-        state = {"mode": self.mode, "neg_rows": self._neg_rows, **_proto_arrays(self._protos)}
+        state = {"mode": self.mode, "neg_rows": self._neg_rows, "crops": self.n_crops,
+                 **_proto_arrays(self._protos)}
         if self._shots is not None:  # the K-shot ensemble's per-shot prototypes
             state["shots"] = [_proto_arrays(p) for p in self._shots]
         if self.model is not None and self.model is not self._base_model:  # VCP tuned on the references
@@ -494,6 +499,7 @@ class ReferencePredictor:
         shots = state.get("shots")
         self._shots = [_proto_tensors(p, dev, dtype) for p in shots] if shots else None
         self._neg_rows = int(state.get("neg_rows", 0))
+        self.n_crops = int(state.get("crops", 1))
         self.model = self._base_model
         if state.get("vcp") is not None and self.model is not None:  # the tuned VCP of the run's references
             import copy
@@ -510,8 +516,12 @@ class ReferencePredictor:
     # -- prediction -------------------------------------------------------------------------------------------
     @property
     def self_support_applies(self) -> bool:
-        """Targets are decoded with self-support now (asked for, trained mode, not the reference's own work)."""
-        return self.self_support and self.mode == "virefsam" and not self._referencing
+        """Targets are decoded with self-support now: asked for, trained mode, not the reference's own work, and
+        one reference crop. With several crops the K-shot ensemble's decoding stays the result: self-support's one
+        decoding from the fused prototypes would replace the ensemble of the crops' own decodings, and on the three
+        NWPU folds 5-shot fell from 28.4 to 26.4 mIoU with it, below 1-shot (26.6); averaging the two gave 27.3
+        (model card, "Session 22")."""
+        return self.self_support and self.mode == "virefsam" and not self._referencing and self.n_crops == 1
 
     def _low_res(self, t: _Target) -> torch.Tensor:
         # the baselines decode many prompts per tile: under the engine's precision (bf16 / fp16), like its encoder
