@@ -204,7 +204,7 @@ def run(args) -> int:
                          getattr(args, "tune_steps", DEFAULT_TUNE_STEPS), getattr(args, "zoom_views", True),
                          getattr(args, "tune_files", "vcp_alone"), getattr(args, "exclude_found", True),
                          self_support=getattr(args, "self_support", True))
-    from .pipeline import vector_writing_available
+    from .run_output import vector_writing_available
 
     if not vector_writing_available():  # a bare pip environment (e.g. a CUDA machine): score in memory
         print("GDAL's Python bindings (osgeo) are missing: the polygons are scored in memory, demo.gpkg is "

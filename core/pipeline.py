@@ -28,6 +28,11 @@ result per target holds every class's polygons (``class_name``). Negative refere
 
 Nothing here imports QGIS or Qt; ``progress(fraction, message)`` and ``is_cancelled()`` are plain callables.
 
+The stages' helpers have files of their own (their names stay importable from here): :mod:`core.run_output` (the
+output file, checked in 0.), :mod:`core.run_references` (the classes' reference sets, the cache held for them, the
+check that weighs adapters files in 2.), :mod:`core.densify` (scribbles), :mod:`core.gpu_fallback` (out of GPU
+memory) and :mod:`core.class_overlap` (several classes without overlap, in 4.).
+
 Out of GPU memory: when CUDA runs out of memory while encoding the references or predicting a tile, the CUDA
 cache is emptied and the run goes on with the same model on the CPU (the tile is predicted again there); the
 run's result says so in ``RunResult.notes`` (and therefore in its summary), and the progress message too.
@@ -39,153 +44,27 @@ cached model, which is only read, and nothing else.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import time
 from collections import OrderedDict, defaultdict
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from .errors import CancelledError, InputError
+from .class_overlap import cut_enclosed, keep_most_probable
+from .densify import DENSIFY_CPU_NOTE, make_densifier  # noqa: F401  (DENSIFY_CPU_NOTE: named here before)
+from .errors import CancelledError
 from .engines import (adapter_candidates, check_precision, default_adapters, load_engine, make_predictor,  # noqa: F401
                       resolve_adapters, run_predictor)
+from .gpu_fallback import CPU_FALLBACK_NOTE, _empty_cuda_cache, _is_cuda_oom
 from .params import RunParams
 from .results import Feature, RunResult, TargetResult
+from .run_output import _check_output, _layer_classes, vector_writing_available  # noqa: F401  (named here before)
+from .run_references import _class_references, _hold_cache, _weigh_adapters, tuning_choice
 from .scale import ZOOM_VIEWS, smallest_object_area
 
 Progress = Callable[[float, str], None]
 IsCancelled = Callable[[], bool]
-
-def make_densifier(engine):
-    """``densify(image, fg_points, bg_points) -> mask``: SAM prompted with points along a scribble.
-
-    The crop's embedding is computed once and reused for every scribble on it (``SamEngine.embed`` caches it).
-    Of SAM's three candidate masks the one with the highest predicted IoU is kept.
-
-    Out of GPU memory: when CUDA runs out of memory while densifying, the CUDA cache is emptied and the scribble
-    is densified again on the CPU, by a CPU engine holding the same SAM weights (copied tensor by tensor, never
-    through the GPU); later scribbles stay on the CPU. ``densify.on_cpu`` then says so, and ``densify.note`` is
-    the sentence for the user (:data:`DENSIFY_CPU_NOTE`). A second out-of-memory error is raised as it is.
-    """
-    current = [engine]
-
-    def predict(image, points, labels):
-        return current[0].predict(image, points=points, labels=labels, multimask=len(points) == 1)
-
-    def densify(image: np.ndarray, fg_points: np.ndarray, bg_points: np.ndarray) -> np.ndarray:
-        # SAM is trained with a handful of clicks: at most 8 points along the scribble, 8 background points
-        fg = _spread(fg_points, 8)
-        bg = _spread(bg_points, 8)
-        points = np.concatenate([fg, bg]) if len(bg) else fg
-        labels = np.concatenate([np.ones(len(fg)), np.zeros(len(bg))])
-        try:
-            masks, iou, _ = predict(image, points, labels)
-        except Exception as exc:  # noqa: BLE001 - only CUDA's out-of-memory is handled here
-            if densify.on_cpu or not _is_cuda_oom(exc):
-                raise
-            # leaving the except block drops the failed frames and the GPU tensors they hold
-        else:
-            return masks[int(np.argmax(iou))]
-        _empty_cuda_cache()
-        current[0] = _cpu_engine_like(engine)
-        _empty_cuda_cache()
-        densify.on_cpu, densify.note = True, DENSIFY_CPU_NOTE
-        masks, iou, _ = predict(image, points, labels)
-        return masks[int(np.argmax(iou))]
-
-    densify.on_cpu, densify.note = False, ""
-    return densify
-
-
-DENSIFY_CPU_NOTE = (
-    "The GPU ran out of memory while densifying the scribbles, so they were densified on the CPU (slower)."
-)
-
-
-def _cpu_engine_like(engine):
-    """A CPU SamEngine (fp32, PyTorch encoder) with the SAM weights of ``engine``, copied to the CPU tensor by
-    tensor: the model is not moved (other runs may share ``engine``) and nothing new is put on the GPU."""
-    import copy
-
-    import torch
-
-    from .modeling.engine import SamEngine
-
-    sam = engine.sam
-    memo = {}
-    for t in list(sam.parameters()) + list(sam.buffers()):
-        cpu = t.detach().to("cpu", copy=True)
-        memo[id(t)] = torch.nn.Parameter(cpu, requires_grad=False) if isinstance(t, torch.nn.Parameter) else cpu
-    return SamEngine(copy.deepcopy(sam, memo), device="cpu", precision="fp32")
-
-
-def _spread(points: np.ndarray, n: int) -> np.ndarray:
-    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    if len(points) <= n:
-        return points
-    return points[np.linspace(0, len(points) - 1, n).round().astype(int)]
-
-
-def vector_writing_available() -> bool:
-    """Whether GDAL's Python bindings (osgeo), which write GeoPackage and Shapefile, can be imported. A run
-    without an output file needs neither them nor :mod:`.writers` (the dock's memory layers, a bare CUDA
-    machine's pip environment)."""
-    try:
-        from osgeo import ogr  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _check_output(params: RunParams) -> None:
-    """Refuse an existing output file or an unwritable folder before any work is done."""
-    if not params.output:
-        return
-    if not vector_writing_available():
-        raise InputError(f"Writing {params.output} needs GDAL's Python bindings (osgeo), which are not installed: "
-                         "install them (Debian: python3-gdal) or run without an output file.")
-    from .writers import layer_names, output_paths
-
-    names = layer_names(params.targets, _layer_classes(params))
-    for path in output_paths(params.output, names, params.output_format):
-        if os.path.exists(path) and not params.overwrite:
-            raise InputError(f"The output file {path} exists already: choose another name or allow overwriting.")
-    folder = Path(params.output).resolve().parent
-    if not folder.is_dir():
-        raise InputError(f"The output folder {folder} does not exist: choose an existing folder.")
-    try:  # os.access says yes to root on read-only places (/proc, read-only mounts): try to write instead
-        fd, probe = tempfile.mkstemp(prefix=".virefsam_probe_", dir=str(folder))
-        os.close(fd)
-        os.remove(probe)
-    except OSError:
-        raise InputError(f"The output folder {folder} is not writable: choose another folder.") from None
-
-
-CPU_FALLBACK_NOTE = (
-    "The GPU ran out of memory, so the run went on on the CPU (slower); choose a smaller tile size or a smaller "
-    "model to stay on the GPU."
-)
-
-
-def _is_cuda_oom(exc: BaseException) -> bool:
-    """torch.cuda.OutOfMemoryError (torch >= 1.13), or the RuntimeError older versions raise for it."""
-    import torch
-
-    oom = getattr(torch.cuda, "OutOfMemoryError", None)
-    if oom is not None and isinstance(exc, oom):
-        return True
-    return isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
-
-
-def _empty_cuda_cache() -> None:
-    import torch
-
-    try:
-        torch.cuda.empty_cache()  # a no-op when CUDA was never initialised
-    except Exception:  # noqa: BLE001 - a broken driver: nothing to free
-        pass
 
 
 class _Stage:
@@ -455,101 +334,6 @@ def run(params: RunParams, progress: Optional[Progress] = None,
     say(1.0, "done")
     return RunResult(params=params, targets=results, output=output, seconds=time.perf_counter() - t_start,
                      timings=dict(timings), notes=notes, scale=scale_note)
-
-
-def _hold_cache(predictors, size: Optional[int]) -> List[Tuple[object, int]]:
-    """Let each predictor (a blend's parts too) keep at least ``size`` entries of the shared cache; returns
-    (predictor, its own size) to restore. ``size`` None: nothing changed."""
-    if size is None:
-        return []
-    held = [(q, q.cache_size) for p in predictors for q in getattr(p, "predictors", [p]) if hasattr(q, "cache_size")]
-    for q, own in held:
-        q.cache_size = max(own, size) if own > 0 else own
-    return held
-
-
-def _weigh_adapters(engine, params: RunParams, shots, candidates, cache, hold: Optional[int] = None):
-    """(weights, :class:`core.choice.Check` of each, note): the candidate files weighed by the check on the
-    reference crops (:mod:`core.choice`), and a note for the message bar with every candidate's check and weight.
-    ``cache``: the run's embedding cache (the candidates and the run's predictors encode each reference crop once);
-    ``hold``: how many of its entries each candidate keeps."""
-    from .choice import weigh_checks
-
-    weights, checks = weigh_checks(
-        candidates, lambda path: make_predictor(engine, params, path, cache=cache, cache_size=hold), shots)
-    told = ", ".join(f"{p.name} {c.iou:.2f}" for p, c in zip(candidates, checks))
-    used = [f"{p.name} {w:.0%}" for p, w in zip(candidates, weights) if w > 0]
-    what = used[0].rsplit(" ", 1)[0] + " alone" if len(used) == 1 else "a blend of " + " and ".join(used)
-    return weights, checks, f"Adapters auto: {what}, by the check on the reference ({told})."
-
-
-def tuning_choice(weights, checks) -> Tuple[str, str]:
-    """``tune_files`` "auto" resolved by the check (:func:`core.choice.marks_complete`): ("all" or "vcp_alone",
-    a note for the message bar)."""
-    from .choice import beyond_marks, marks_complete
-
-    beyond = beyond_marks(weights, checks)
-    if marks_complete(weights, checks):
-        return "all", (f"Tuning every adapters file on the references: the marks look complete (the adapters find "
-                       f"{beyond:.2f}x the marked area beyond them).")
-    return "vcp_alone", (f"Tuning only a file without DTA on the references: the marks look like a few of many (the "
-                         f"adapters find {beyond:.1f}x the marked area beyond them).")
-
-
-def _layer_classes(params: RunParams) -> Optional[List[str]]:
-    """The class names when the output has one layer per class (``layer_per_class``), else None."""
-    return [c.name for c in params.class_specs()] if params.layer_per_class else None
-
-
-def _class_references(params: RunParams, classes, densify=None) -> List:
-    """One :class:`core.reference.ReferenceSet` per class, all at the first class's working resolution (so that
-    every class sees the same tiles)."""
-    from .reference import reference_set
-
-    kw = dict(densify=densify, crop_size=params.tile_size, bands=params.bands)
-    first = reference_set(classes[0].references, params.scale, **kw)
-    out = [first]
-    for c in classes[1:]:
-        if first.working_gsd:
-            out.append(reference_set(c.references, working_gsd=first.working_gsd, **kw))
-        else:  # rasters without CRS: the same zoom
-            out.append(reference_set(c.references, str(first.scale.zoom), **kw))
-    return out
-
-
-def keep_most_probable(maps: List[np.ndarray], block_rows: int = 512) -> None:
-    """Several classes' probability maps (H x W each, changed in place): where classes overlap, each pixel keeps
-    only the most probable class's probability (the others get 0; ties go to the first class)."""
-    h = maps[0].shape[0]
-    for r in range(0, h, block_rows):
-        stack = np.stack([np.asarray(m[r : r + block_rows]) for m in maps])
-        best = stack.argmax(axis=0)
-        for k, m in enumerate(maps):
-            m[r : r + block_rows] = np.where(best == k, stack[k], 0.0).astype(m.dtype)
-
-
-def cut_enclosed(per_class: List[List[Feature]]) -> None:
-    """Several classes without overlap: a polygon whose filled holes hold another class's polygons gets those
-    holes back (in place; ``area`` scaled to the new geometry). Only polygons of other classes whose
-    representative point lies inside it and which are smaller are cut out."""
-    from shapely.ops import unary_union
-
-    flat = [(k, f) for k, feats in enumerate(per_class) for f in feats]
-    geoms = [f.geometry for _, f in flat]
-    if not geoms:
-        return
-    b = np.asarray([g.bounds for g in geoms], np.float64)  # boxes first (shapely 1.8's STRtree can crash here)
-    for k, f in flat:
-        g = f.geometry
-        x0, y0, x1, y1 = g.bounds
-        near = np.nonzero((b[:, 0] <= x1) & (b[:, 2] >= x0) & (b[:, 1] <= y1) & (b[:, 3] >= y0))[0]
-        inner = [geoms[j] for j in near if flat[j][0] != k and geoms[j].area < g.area
-                 and g.contains(geoms[j].representative_point())]
-        if inner:
-            cut = g.difference(unary_union(inner))
-            if not cut.is_empty and cut.area > 0:
-                f.attributes["area"] = f.attributes.get("area", 0.0) * cut.area / g.area
-                f.geometry = cut
 
 
 def _tiles_before(grids, grid) -> int:

@@ -115,7 +115,7 @@ def cmd_demo(args) -> None:
 
     from core.demo import demo_params, spread_reference
     from core.engines import load_engine, make_predictor
-    from core.pipeline import _class_references
+    from core.run_references import _class_references
 
     torch.set_num_threads(args.threads)
     out = {}

@@ -158,7 +158,8 @@ class MaskPreviewTask(QgsTask):
 
         try:
             guard_engine_imports()
-            from ..core.pipeline import load_engine, make_densifier
+            from ..core.densify import make_densifier
+            from ..core.engines import load_engine
             from .overlay import mask_wkt
 
             densify = make_densifier(load_engine(self.model))
