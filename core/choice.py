@@ -51,7 +51,7 @@ def touching_counts(prob: np.ndarray, marks: np.ndarray, threshold: float = 0.5)
     """(intersection, union, outside, marked): :func:`touching_iou`'s two counts, the predicted pixels in objects
     that touch no mark (what the file finds beyond the marks: other objects of the class when the analyst marked a
     few of many, or its false positives) and the marked pixels."""
-    from .modeling.predictor import unmarked_found
+    from .modeling.reference_prototypes import unmarked_found
 
     outside = unmarked_found(prob, marks, threshold)
     kept = (prob > threshold) & ~outside

@@ -228,7 +228,7 @@ def run(params: RunParams, progress: Optional[Progress] = None,
             cuda_safe(set_references, again=False)
         for part, size in held:  # the tiles: each predictor's own cache size again
             part.cache_size = size
-        from .modeling.predictor import PARTIAL_MARKS
+        from .modeling.reference_prototypes import PARTIAL_MARKS
 
         for c, pred, negs in zip(classes, predictors, negatives):
             found = [p.found_beyond for p in getattr(pred, "predictors", [pred])

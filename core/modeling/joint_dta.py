@@ -92,7 +92,7 @@ def joint_context(plain: torch.Tensor, refined: Sequence[Prototypes], tables: Se
 def predict_classes(predictors: Sequence, image: np.ndarray) -> np.ndarray:
     """C x H x W float32 probabilities of a tile for the C predictors' classes, with one plain and one adapted
     encoder pass (:func:`shared_pass_applies` must hold)."""
-    from .predictor import _check_image
+    from .tile_encoding import _check_image
 
     image = _check_image(image, "target tile")
     first = predictors[0]

@@ -192,7 +192,7 @@ def prepare_image(engine, image, mask=None, ignore=None):
     """
     import torch
 
-    from ..modeling.predictor import mask_fraction_grid
+    from ..modeling.reference_prototypes import mask_fraction_grid
     from ..modeling.prototypes import valid_grid
 
     x, input_size = engine.preprocess(image)
