@@ -24,7 +24,6 @@ references keep the default file alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, List, Sequence, Tuple
 
 import numpy as np

@@ -144,7 +144,7 @@ def render_markdown(r: dict) -> str:
         for part in e2e[0]["split"]:
             L.append(f"| {part} s | " + " | ".join(
                 f"{e['split'][part]:.2f} ({100 * e['split'][part] / e['seconds']:.0f}%)" for e in e2e) + " |")
-        L.append(f"| encoder calls (reference / tiles / adapted) | " + " | ".join(
+        L.append("| encoder calls (reference / tiles / adapted) | " + " | ".join(
             f"{e['encoder_calls']['reference']} / {e['encoder_calls']['tiles']} / {e['encoder_calls']['adapted']}"
             for e in e2e) + " |")
         if len(e2e) > 1:

@@ -394,6 +394,6 @@ def run(args) -> int:
     tmp.replace(path)
     digest = file_sha256(path)
     (out / "adapters.pt.sha256").write_text(f"{digest}  adapters.pt\n")
-    state = "done" if step >= sched["steps"] else f"partial: continue with --resume"
+    state = "done" if step >= sched["steps"] else "partial: continue with --resume"
     print(f"adapters: {path} (sha256 {digest}); step {step}/{sched['steps']} ({state}), {n_done} episodes this run")
     return 0
