@@ -37,6 +37,9 @@ EXCLUDE_PARTS = {"__pycache__", ".pytest_cache", ".hypothesis", ".venv", "venv",
 EXCLUDE_NAMES = ("*.pyc", "*.pyo", "*.orig", "*.rej", "*.swp", "*~", ".DS_Store", "*.part")
 WEIGHTS = ("*.pt", "*.pth", "*.onnx", "*.safetensors", "*.bin", "*.ckpt")
 ALLOWED_WEIGHTS = ("resources/adapters/*.pt",)
+# the adapters' evaluation records (eval JSON, experiment patches and scripts in resources/adapters/<folder>/) stay
+# in the repository: the plugin needs the weights and the model card beside them, not the research trail
+RECORDS = "resources/adapters/"
 
 # plugins.qgis.org: mandatory metadata (its validator refuses a package without them) and recommended ones.
 REQUIRED = ("name", "qgisMinimumVersion", "description", "about", "version", "author", "email", "repository",
@@ -89,6 +92,8 @@ def wanted(name: str) -> bool:
     if not name.startswith(INCLUDE) or any(p in EXCLUDE_PARTS for p in parts[:-1]):
         return False
     if any(p.startswith(".") for p in parts) or any(fnmatch.fnmatch(parts[-1], pat) for pat in EXCLUDE_NAMES):
+        return False
+    if name.startswith(RECORDS) and len(parts) > 3:
         return False
     if any(fnmatch.fnmatch(parts[-1], pat) for pat in WEIGHTS):
         return any(fnmatch.fnmatch(name, pat) for pat in ALLOWED_WEIGHTS)

@@ -50,6 +50,9 @@ def test_zip_holds_the_plugin_and_nothing_else(plugin_zip):
         assert needed in rel, needed
     assert not [n for n in rel if n.startswith(("tests/", "scripts/", "docs/", ".venv", "out/", "dist/", "."))]
     assert not [n for n in rel if "__pycache__" in n or n.endswith((".pyc", ".part"))]
+    # the adapters' evaluation records stay in the repository; the model card travels with the weights
+    assert "resources/adapters/MODEL_CARD.md" in rel
+    assert not [n for n in rel if n.startswith("resources/adapters/") and n.count("/") > 2]
     weights = [n for n in rel if n.endswith((".pt", ".pth", ".onnx", ".safetensors", ".ckpt"))]
     assert weights and all(n.startswith("resources/adapters/") and n.endswith(".pt") for n in weights)
 
