@@ -3,8 +3,8 @@
 Writes ``dist/virefsam-<version>.zip`` (version from metadata.txt) with one top folder ``virefsam/``: the plugin
 code (``__init__.py``, ``plugin.py``, ``core/``, ``ui/``), ``metadata.txt``, ``LICENSE``, ``README.md``,
 ``requirements.txt`` (the in-QGIS installer reads it) and ``resources/`` (icon, shipped adapters, demo samples).
-Never: tests, scripts, docs, caches, virtual environments, build outputs, and no weights but
-``resources/adapters/*.pt``. The metadata is checked against what the official plugin repository
+Never: tests, scripts, docs, caches, virtual environments, build outputs, the adapters' evaluation records
+(``resources/adapters/<folder>/``), and no weights but ``resources/adapters/*.pt``. The metadata is checked against what the official plugin repository
 (plugins.qgis.org) requires before anything is written.
 
 Why not qgis-plugin-ci: it packages ``git archive`` of a plugin *sub*folder and renames paths with
