@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     p.add_argument("--adapters", default="default")
     p.add_argument("--kshot", default="ensemble")
     p.add_argument("--tune-steps", type=int, default=0)
+    p.add_argument("--no-zoom-views", dest="zoom_views", action="store_false",
+                   help="no zoomed views of a one-crop reference (RunParams.zoom_views False)")
     p.add_argument("--json", type=Path, required=True)
     a = p.parse_args(argv)
     import rasterio
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
             ref = ReferenceSpec(raster=str(MOSAIC), foreground=tuple(houses[j].wkt for j in pick),
                                 crs=crs.to_string(), ref_id=f"pick{i}")
             params = dataclasses.replace(demo_params(Path(tmp), adapters=a.adapters), references=(ref,),
-                                         kshot=a.kshot, tune_steps=a.tune_steps, output=str(Path(tmp) / f"p{i}.gpkg"))
+                                         kshot=a.kshot, tune_steps=a.tune_steps, zoom_views=a.zoom_views, output=str(Path(tmp) / f"p{i}.gpkg"))
             result = run_pipeline(params)
             row = {"pick": i, "houses": pick, "scale": result.scale}
             for (name, raster), t in zip(TARGETS.items(), result.targets):

@@ -77,6 +77,11 @@ variant("default_no_views", "the default run without the zoomed views of its one
 variant("auto_no_self_support", "the default run (adapters auto) without self-support on the targets "
         "(RunParams.self_support False: one decoding and VCP set fewer per tile, the default before session 21)",
         params=lambda a, p: dataclasses.replace(_model(p, adapters="auto"), mode="virefsam", self_support=False))
+variant("auto_lean", "the default run (adapters auto) without self-support and without the zoomed views: one "
+        "decoding and VCP set per tile instead of five, two plain passes fewer per reference (what #21's speed "
+        "would cost #20's accuracy: model card, 'Zoomed views' and 'Session 20')",
+        params=lambda a, p: dataclasses.replace(_model(p, adapters="auto"), mode="virefsam", self_support=False,
+                                                zoom_views=False))
 variant("baseline", "the pipeline as it is (encoder backend auto: ORT for the embedded model on the CPU)",
         threads_kind="auto")
 def _two_classes(args, params):
